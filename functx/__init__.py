@@ -1,0 +1,36 @@
+"""functx: pure functional transforms for PyTorch, on arbitrary pytrees.
+
+Transforms (JAX / torch.func conventions): :func:`grad`, :func:`value_and_grad`,
+:func:`vjp`, :func:`jvp`, :func:`linearize`, :func:`jacrev`, :func:`jacfwd`,
+:func:`hessian`, :func:`hvp` and :func:`vmap`. They compose with each other and with
+``torch.vmap`` to any depth, and trace under ``torch.compile(fullgraph=True)``.
+
+Pytree policy: arguments are flattened with optree in the ``"functx"`` namespace, which
+includes optree's global registry; register your own classes with
+``@optree.dataclasses.dataclass(namespace="functx")`` (or globally). ``None`` is an empty
+subtree.
+"""
+
+from ._grad import grad as grad, value_and_grad as value_and_grad
+from ._hessian import hessian as hessian, hvp as hvp
+from ._jacobian import jacfwd as jacfwd, jacrev as jacrev
+from ._tree import NAMESPACE as NAMESPACE, ravel_pytree as ravel_pytree
+from ._vjp_jvp import jvp as jvp, linearize as linearize, vjp as vjp
+from ._vmap import vmap as vmap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NAMESPACE",
+    "grad",
+    "hessian",
+    "hvp",
+    "jacfwd",
+    "jacrev",
+    "jvp",
+    "linearize",
+    "ravel_pytree",
+    "value_and_grad",
+    "vjp",
+    "vmap",
+]

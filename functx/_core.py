@@ -1,0 +1,335 @@
+"""The small core every transform is built on.
+
+A transform call goes through the same few steps:
+
+1. validate the transform's options once, when the transform is created
+   (:func:`check_callable`, :func:`check_argnums`, :func:`check_bool`, :func:`check_chunk_size`);
+2. at call time build a :class:`Call`: resolve ``argnums``, select the differentiated
+   arguments, flatten them to tensor leaves with optree and validate those leaves;
+3. hand ``Call.flat_fn`` (a function of flat tensors returning flat tensors) to a
+   ``torch.func`` primitive;
+4. rebuild pytrees with the ``Call``'s stored structures.
+
+``Call.flat_fn`` records the output structure and any non-tensor ``aux`` values on the
+``Call`` itself while it runs (a side channel that also traces under ``torch.compile``),
+so ``aux`` may hold arbitrary Python objects and only tensors cross into ``torch.func``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ._tree import (
+    PyTree,
+    TreeSpec,
+    describe,
+    leaf_paths,
+    structure_mismatch,
+    tree_flatten,
+    tree_unflatten,
+)
+
+Argnums = "int | tuple[int, ...]"
+
+_RANGES: list[tuple[int, ...]] = [tuple(range(n)) for n in range(64)]
+
+
+def all_argnums(n: int) -> tuple[int, ...]:
+    """``(0, 1, ..., n - 1)``, cached for small ``n``."""
+    return _RANGES[n] if n < len(_RANGES) else tuple(range(n))
+
+
+# --------------------------------------------------------------------------------------
+# Option validation, done once when a transform is created.
+
+
+def check_callable(func: Any, api: str) -> None:
+    if not callable(func):
+        raise TypeError(f"`functx.{api}`: `func` must be callable, got {type(func).__name__}.")
+
+
+def check_bool(value: Any, name: str, api: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`functx.{api}`: `{name}` must be a bool, got {value!r}.")
+
+
+def check_argnums(argnums: Any, api: str) -> int | tuple[int, ...]:
+    """Validate the form of ``argnums`` (an int or a non-empty sequence of distinct ints)."""
+    if isinstance(argnums, int) and not isinstance(argnums, bool):
+        return argnums
+    if isinstance(argnums, (tuple, list)):
+        if not argnums:
+            raise ValueError(f"`functx.{api}`: `argnums` must not be empty.")
+        for a in argnums:
+            if not isinstance(a, int) or isinstance(a, bool):
+                raise TypeError(
+                    f"`functx.{api}`: `argnums` must be an int or a tuple of ints, got {argnums!r}."
+                )
+        return tuple(argnums)
+    raise TypeError(f"`functx.{api}`: `argnums` must be an int or a tuple of ints, got {argnums!r}.")
+
+
+def check_chunk_size(chunk_size: Any, api: str) -> int | None:
+    if chunk_size is None:
+        return None
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+        raise TypeError(f"`functx.{api}`: `chunk_size` must be None or an int, got {chunk_size!r}.")
+    if chunk_size < 1:
+        raise ValueError(f"`functx.{api}`: `chunk_size` must be a positive int, got {chunk_size}.")
+    return chunk_size
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str], api: str) -> str:
+    if value not in choices:
+        raise ValueError(f"`functx.{api}`: `{name}` must be one of {list(choices)}, got {value!r}.")
+    return value
+
+
+def _resolve_argnum(a: int, nargs: int, api: str) -> int:
+    i = a + nargs if a < 0 else a
+    if not 0 <= i < nargs:
+        raise ValueError(
+            f"`functx.{api}`: argnums={a} is out of range: the function was called with "
+            f"{nargs} positional argument(s)."
+        )
+    return i
+
+
+def resolve_argnums(argnums: int | tuple[int, ...], nargs: int, api: str) -> int | tuple[int, ...]:
+    """Turn a validated ``argnums`` into non-negative indices for a call with ``nargs`` arguments."""
+    if isinstance(argnums, int):
+        return _resolve_argnum(argnums, nargs, api)
+    resolved = tuple(_resolve_argnum(a, nargs, api) for a in argnums)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"`functx.{api}`: `argnums` must not repeat an argument, got {argnums!r}.")
+    return resolved
+
+
+def arg_root(func: Callable[..., Any], index: int, base: str = "args") -> str:
+    """Name positional argument ``index`` of ``func`` for messages: its parameter name if known."""
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    if index < len(params) and params[index].kind in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        return params[index].name
+    return f"{base}[{index}]"
+
+
+def is_differentiable(leaf: Any) -> bool:
+    return isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex())
+
+
+def check_out_leaves(leaves: Sequence[Any], out: PyTree, api: str) -> None:
+    """Every output leaf must be a floating-point or complex tensor."""
+    for k, leaf in enumerate(leaves):
+        if not is_differentiable(leaf):
+            path = leaf_paths(out, "output")[k]
+            raise TypeError(
+                f"`functx.{api}`: every output of `func` must be a floating-point or complex "
+                f"tensor, but {path} is {describe(leaf)}."
+            )
+
+
+# --------------------------------------------------------------------------------------
+# One call of a transform.
+
+
+class Call:
+    """Bookkeeping for one call of a transform.
+
+    ``argnums=None`` means "all positional arguments, as a tuple" (``vjp``/``jvp`` style);
+    an int selects one argument (its pytree is the differentiated structure); a tuple
+    selects several (a tuple of their pytrees).
+    """
+
+    __slots__ = (
+        "api", "func", "args", "kwargs", "argnums", "has_aux", "roots",
+        "leaves", "in_spec", "out_spec", "aux_spec", "aux_static",
+    )
+
+    def __init__(
+        self,
+        api: str,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        argnums: int | tuple[int, ...] | None,
+        has_aux: bool,
+        roots: Sequence[str] | None = None,
+    ) -> None:
+        self.api, self.func, self.args, self.kwargs, self.has_aux = api, func, args, kwargs, has_aux
+        self.roots = roots
+        if argnums is None:
+            selected: Any = args
+        else:
+            argnums = resolve_argnums(argnums, len(args), api)
+            selected = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+        self.argnums = argnums
+        self.leaves, self.in_spec = tree_flatten(selected)
+        for k, leaf in enumerate(self.leaves):
+            if not is_differentiable(leaf):
+                self._bad_input(k, leaf)
+        self.out_spec: TreeSpec | None = None
+        self.aux_spec: TreeSpec | None = None
+        self.aux_static: list[Any] = []
+
+    # -- naming, for errors -----------------------------------------------------------
+    def _selected_indices(self) -> tuple[int, ...]:
+        if self.argnums is None:
+            return all_argnums(len(self.args))
+        return (self.argnums,) if isinstance(self.argnums, int) else self.argnums
+
+    def _root(self, i: int) -> str:
+        if self.roots is not None:
+            return f"{self.roots[0]}[{i}]"
+        return arg_root(self.func, i)
+
+    def input_paths(self) -> list[str]:
+        """Key paths of the differentiated leaves, e.g. ``["params['w']", "x"]``."""
+        return [p for i in self._selected_indices() for p in leaf_paths(self.args[i], self._root(i))]
+
+    def _bad_input(self, k: int, leaf: Any) -> None:
+        path = self.input_paths()[k]
+        raise TypeError(
+            f"`functx.{self.api}`: differentiated input {path} must be a floating-point or complex "
+            f"tensor, got {describe(leaf)}. {input_hint(leaf)}"
+        )
+
+    # -- the function torch.func sees -------------------------------------------------
+    def call_func(self, leaves: Sequence[torch.Tensor]) -> Any:
+        selected = tree_unflatten(self.in_spec, leaves)
+        argnums = self.argnums
+        if argnums is None:
+            return self.func(*selected, **self.kwargs)
+        args = list(self.args)
+        if isinstance(argnums, int):
+            args[argnums] = selected
+        else:
+            for i, sub in zip(argnums, selected):
+                args[i] = sub
+        return self.func(*args, **self.kwargs)
+
+    def flat_fn(self, *leaves: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """``func`` as a function of flat tensors: returns ``(output_leaves, aux_tensors)``."""
+        out, aux_tensors = self._split_aux(self.call_func(leaves))
+        out_leaves, self.out_spec = tree_flatten(out)
+        if not out_leaves:
+            raise ValueError(f"`functx.{self.api}`: `func` returned no tensors to differentiate (got {out!r}).")
+        for leaf in out_leaves:
+            if not is_differentiable(leaf):
+                check_out_leaves(out_leaves, out, self.api)
+        return tuple(out_leaves), aux_tensors
+
+    def scalar_fn(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Like :meth:`flat_fn` for a function that must return a real scalar tensor."""
+        out, aux_tensors = self._split_aux(self.call_func(leaves))
+        check_scalar(out, self.api)
+        return out, aux_tensors
+
+    def _split_aux(self, result: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        if not self.has_aux:
+            return result, ()
+        if not isinstance(result, (tuple, list)):
+            raise TypeError(
+                f"`functx.{self.api}`: with has_aux=True, `func` must return a pair (output, aux), "
+                f"got {describe(result)}."
+            )
+        if len(result) != 2:
+            raise ValueError(
+                f"`functx.{self.api}`: with has_aux=True, `func` must return a pair (output, aux), "
+                f"got a {type(result).__name__} of length {len(result)}."
+            )
+        out, aux = result
+        aux_leaves, self.aux_spec = tree_flatten(aux)
+        self.aux_static = [None if isinstance(a, torch.Tensor) else a for a in aux_leaves]
+        return out, tuple(a for a in aux_leaves if isinstance(a, torch.Tensor))
+
+    # -- rebuilding -------------------------------------------------------------------
+    def unflatten_in(self, leaves: Sequence[Any]) -> PyTree:
+        return tree_unflatten(self.in_spec, leaves)
+
+    def unflatten_out(self, leaves: Sequence[Any]) -> PyTree:
+        return tree_unflatten(self.out_spec, leaves)
+
+    def aux(self, aux_tensors: Sequence[torch.Tensor]) -> PyTree:
+        tensors = iter(aux_tensors)
+        return tree_unflatten(self.aux_spec, [next(tensors) if a is None else a for a in self.aux_static])
+
+    def with_aux(self, result: Any, aux_tensors: Sequence[torch.Tensor]) -> Any:
+        """``result`` or ``(result, aux)`` depending on ``has_aux``."""
+        return (result, self.aux(aux_tensors)) if self.has_aux else result
+
+
+def input_hint(leaf: Any) -> str:
+    """How to fix a leaf that cannot be differentiated."""
+    if isinstance(leaf, torch.Tensor):
+        return "Convert it with `.float()`, or pass it in an argument not listed in `argnums`."
+    if isinstance(leaf, torch.nn.Module):
+        return "Use `functx.nn.make_functional(module)` to get its parameters as a dict of tensors."
+    if dataclasses.is_dataclass(leaf):
+        return (
+            "Dataclasses are pytrees only when registered: decorate the class with "
+            "`@optree.dataclasses.dataclass(namespace='functx')`."
+        )
+    return "Pass non-tensor values in an argument not listed in `argnums`, or close over them."
+
+
+def check_scalar(out: Any, api: str) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"`functx.{api}`: `func` must return a scalar tensor, got {describe(out)}.")
+    if out.dim() != 0:
+        raise ValueError(
+            f"`functx.{api}`: `func` must return a scalar (0-dimensional) tensor, got a tensor of "
+            f"shape {tuple(out.shape)}. Reduce it (e.g. `.sum()`), or use `functx.vjp`/`functx.jacrev` "
+            f"for non-scalar outputs."
+        )
+    if not out.is_floating_point():
+        raise TypeError(
+            f"`functx.{api}`: `func` must return a real floating-point scalar, got {describe(out)}."
+        )
+
+
+def flatten_like(
+    tree: PyTree, spec: TreeSpec, like: Sequence[torch.Tensor], name: str, api: str
+) -> list[torch.Tensor]:
+    """Flatten ``tree`` (tangents or cotangents) and check it matches ``spec`` and the
+    shapes and dtypes of the reference leaves ``like``."""
+    leaves, got = tree_flatten(tree)
+    if got != spec:
+        raise ValueError(
+            f"`functx.{api}`: `{name}` must have the same tree structure as the "
+            f"{'outputs' if name == 'cotangents' else 'primals'}: {structure_mismatch(spec, tree, name)}. "
+            f"Expected {spec}, got {got}."
+        )
+    for k, (leaf, ref) in enumerate(zip(leaves, like)):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"`functx.{api}`: {leaf_paths(tree, name)[k]} must be a tensor, got {describe(leaf)}.")
+        if leaf.shape != ref.shape:
+            raise ValueError(
+                f"`functx.{api}`: {leaf_paths(tree, name)[k]} has shape {tuple(leaf.shape)} but the "
+                f"corresponding {'output' if name == 'cotangents' else 'primal'} has shape {tuple(ref.shape)}."
+            )
+        if leaf.dtype != ref.dtype:
+            raise TypeError(
+                f"`functx.{api}`: {leaf_paths(tree, name)[k]} has dtype {leaf.dtype} but the "
+                f"corresponding {'output' if name == 'cotangents' else 'primal'} has dtype {ref.dtype}; "
+                f"cast it with `.to({ref.dtype})`."
+            )
+    return leaves
+
+
+def check_primals(primals: Any, name: str, api: str) -> tuple[Any, ...]:
+    if not isinstance(primals, (tuple, list)):
+        raise TypeError(
+            f"`functx.{api}`: `{name}` must be a tuple with one entry per positional argument of "
+            f"`func`, got {describe(primals)}. Wrap a single argument as `({name[:-1]},)`."
+        )
+    return tuple(primals)

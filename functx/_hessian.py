@@ -1,0 +1,188 @@
+"""``hessian`` and ``hvp``: second-order compositions of the first-order engines.
+
+Both take a ``mode`` naming the composition outer-inner: ``"rev-rev"`` (reverse over
+reverse: the Jacobian/VJP of the gradient), ``"fwd-rev"`` (forward over reverse, what
+``torch.func.hessian`` and the ``jvp(grad(f))`` recipe use), and for ``hvp`` also
+``"rev-fwd"`` (the gradient of a JVP).
+
+``"auto"`` picks per call, from the device of the inputs:
+
+* ``hessian``: ``"rev-rev"`` on CPU, where it measures 2-5x faster than forward over
+  reverse for dense and per-sample Hessians; ``"fwd-rev"`` elsewhere (torch.func's choice),
+  falling back to ``"rev-rev"`` in eager mode when an operation has no forward-mode
+  derivative of its backward (``F.huber_loss``, ``F.mse_loss`` in torch 2.13).
+* ``hvp``: ``"rev-rev"`` everywhere: it costs about two gradients, and it works for the
+  losses where ``jvp(grad(f))`` crashes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ._core import (
+    Call,
+    all_argnums,
+    check_argnums,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_chunk_size,
+    check_primals,
+    flatten_like,
+)
+from ._jacobian import Tensors, jacobian_flat
+
+HESSIAN_MODES = ("auto", "rev-rev", "fwd-rev")
+HVP_MODES = ("auto", "rev-rev", "fwd-rev", "rev-fwd")
+
+
+def hessian(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    has_aux: bool = False,
+    *,
+    chunk_size: int | None = None,
+    mode: str = "auto",
+) -> Callable[..., Any]:
+    """Hessian of ``func``: the Jacobian of its Jacobian, dense.
+
+    Args:
+        func: a function returning a pytree of floating-point tensors, usually a scalar
+            (or ``(output, aux)`` when ``has_aux=True``).
+        argnums: the argument(s) to differentiate with respect to. (default: ``0``)
+        has_aux: whether ``func`` returns ``(output, aux)``. (default: ``False``)
+        chunk_size: how many Hessian rows to compute at once; bounds memory.
+            (default: ``None``, all at once)
+        mode: ``"auto"``, ``"rev-rev"`` or ``"fwd-rev"``; see the module notes.
+            (default: ``"auto"``: reverse-over-reverse on CPU)
+
+    Returns:
+        A function returning the Hessian (or ``(hessian, aux)``): output structure, then
+        input structure twice, each leaf of shape ``out.shape + in_i.shape + in_j.shape``.
+
+    Example:
+        >>> import torch, functx
+        >>> f = lambda p: (p["x"] ** 2 * p["y"]).sum()
+        >>> H = functx.hessian(f)({"x": torch.tensor([1.0]), "y": torch.tensor([3.0])})
+        >>> H["x"]["x"], H["x"]["y"]
+        (tensor([[6.]]), tensor([[2.]]))
+    """
+    check_callable(func, "hessian")
+    argnums = check_argnums(argnums, "hessian")
+    check_bool(has_aux, "has_aux", "hessian")
+    chunk_size = check_chunk_size(chunk_size, "hessian")
+    check_choice(mode, "mode", HESSIAN_MODES, "hessian")
+
+    @functools.wraps(func)
+    def hessian_fn(*args: Any, **kwargs: Any) -> Any:
+        call = Call("hessian", func, args, kwargs, argnums, has_aux)
+
+        def jac(*leaves: torch.Tensor) -> tuple[Tensors, Tensors]:
+            _, blocks, aux = jacobian_flat(call.flat_fn, leaves, rev=True, chunk_size=chunk_size)
+            return tuple(b for row in blocks for b in row), aux
+
+        outer = lambda rev: jacobian_flat(jac, call.leaves, rev=rev, chunk_size=chunk_size)
+        _, blocks, aux = _with_mode(mode, call.leaves, rev_rev=lambda: outer(True), fwd_rev=lambda: outer(False))
+        n = len(call.leaves)
+        rows = [call.unflatten_in([call.unflatten_in(blocks[o * n + i]) for i in range(n)]) for o in range(len(blocks) // max(n, 1))]
+        return call.with_aux(call.unflatten_out(rows), aux)
+
+    return hessian_fn
+
+
+def hvp(
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = False, *, mode: str = "auto"
+) -> tuple[Any, ...]:
+    """Hessian-vector product of a scalar ``func`` at ``primals``, without forming the Hessian.
+
+    Args:
+        func: a function of ``len(primals)`` positional arguments returning a real scalar
+            tensor (or ``(scalar, aux)`` when ``has_aux=True``).
+        primals: a tuple with one pytree per positional argument of ``func``.
+        tangents: a tuple with the structure, shapes and dtypes of ``primals``.
+        has_aux: whether ``func`` returns ``(output, aux)``. (default: ``False``)
+        mode: ``"auto"``, ``"rev-rev"``, ``"fwd-rev"`` or ``"rev-fwd"``; see the module
+            notes. (default: ``"auto"``: reverse over reverse)
+
+    Returns:
+        ``(grads, hvp_out)`` or ``(grads, hvp_out, aux)``: the gradient at ``primals``
+        and the Hessian applied to ``tangents``, both tuples shaped like ``primals``.
+
+    Example:
+        >>> import torch, functx
+        >>> f = lambda x: (x ** 3).sum()
+        >>> x = torch.tensor([1.0, 2.0])
+        >>> functx.hvp(f, (x,), (torch.ones(2),))
+        ((tensor([ 3., 12.]),), (tensor([ 6., 12.]),))
+    """
+    check_callable(func, "hvp")
+    check_bool(has_aux, "has_aux", "hvp")
+    check_choice(mode, "mode", HVP_MODES, "hvp")
+    primals = check_primals(primals, "primals", "hvp")
+    tangents = check_primals(tangents, "tangents", "hvp")
+    call = Call("hvp", func, primals, {}, None, has_aux, roots=("primals",))
+    flat_tangents = tuple(flatten_like(tangents, call.in_spec, call.leaves, "tangents", "hvp"))
+    if not call.leaves:
+        _, aux = call.scalar_fn()
+        grads, products = (), ()
+    else:
+        run = {"auto": _hvp_rev_rev, "rev-rev": _hvp_rev_rev, "fwd-rev": _hvp_fwd_rev, "rev-fwd": _hvp_rev_fwd}[mode]
+        grads, products, aux = run(call, flat_tangents)
+    result = (call.unflatten_in(grads), call.unflatten_in(products))
+    return result + (call.aux(aux),) if has_aux else result
+
+
+def _with_mode(mode: str, leaves: Sequence[torch.Tensor], *, rev_rev: Callable[[], Any], fwd_rev: Callable[[], Any]) -> Any:
+    """Run the ``mode`` composition; ``"auto"`` chooses by device (see the module notes)."""
+    if mode == "rev-rev" or (mode == "auto" and _prefers_rev_rev(leaves)):
+        return rev_rev()
+    if mode == "fwd-rev" or torch.compiler.is_compiling():
+        return fwd_rev()
+    try:
+        return fwd_rev()
+    except (NotImplementedError, RuntimeError) as err:
+        if not _is_missing_forward_ad(err):
+            raise
+        return rev_rev()
+
+
+def _prefers_rev_rev(leaves: Sequence[torch.Tensor]) -> bool:
+    return not leaves or leaves[0].device.type == "cpu"
+
+
+def _is_missing_forward_ad(err: Exception) -> bool:
+    text = str(err)
+    return "forward AD" in text or "ZeroTensors are immutable" in text
+
+
+def _grad_fn(call: Call) -> Callable[..., tuple[Tensors, Tensors]]:
+    """The gradient of ``call.scalar_fn`` as a flat function ``leaves -> (grads, aux)``."""
+    argnums = all_argnums(len(call.leaves))
+
+    def grad_fn(*leaves: torch.Tensor) -> tuple[Tensors, Tensors]:
+        grads, (_, aux) = torch.func.grad_and_value(call.scalar_fn, argnums=argnums, has_aux=True)(*leaves)
+        return grads, aux
+
+    return grad_fn
+
+
+def _hvp_rev_rev(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
+    grads, pullback, aux = torch.func.vjp(_grad_fn(call), *call.leaves, has_aux=True)
+    return grads, pullback(tangents), aux
+
+
+def _hvp_fwd_rev(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
+    return torch.func.jvp(_grad_fn(call), tuple(call.leaves), tangents, has_aux=True)
+
+
+def _hvp_rev_fwd(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
+    def value_and_slope(*leaves: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], Tensors]:
+        value, slope, aux = torch.func.jvp(call.scalar_fn, leaves, tangents, has_aux=True)
+        return (value, slope), aux
+
+    (value, slope), pullback, aux = torch.func.vjp(value_and_slope, *call.leaves, has_aux=True)
+    one, zero = torch.ones_like(value), torch.zeros_like(slope)
+    return pullback((one, zero)), pullback((zero, one)), aux

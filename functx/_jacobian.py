@@ -1,0 +1,178 @@
+"""``jacrev`` and ``jacfwd``: one engine, a reverse and a forward flavour.
+
+The engine works on flat functions ``fn(*leaves) -> (out_leaves, aux_tensors)`` and
+returns ``jac[o][i]`` of shape ``out_leaves[o].shape + leaves[i].shape`` (JAX's layout).
+It pulls back (reverse) or pushes forward (forward) the rows of an identity basis with
+``torch.func.vmap``, ``chunk_size`` rows at a time, and skips ``vmap`` entirely when the
+basis has a single row (scalar outputs in reverse mode, scalar inputs in forward mode).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ._core import Call, check_argnums, check_bool, check_callable, check_chunk_size
+
+Tensors = tuple[torch.Tensor, ...]
+FlatFn = Callable[..., tuple[Tensors, Tensors]]
+
+
+def jacobian_flat(
+    fn: FlatFn, leaves: Sequence[torch.Tensor], *, rev: bool, chunk_size: int | None
+) -> tuple[Tensors, list[list[torch.Tensor]], Tensors]:
+    """Jacobian of a flat function: ``(out_leaves, jac, aux_tensors)``; see the module doc."""
+    leaves = tuple(leaves)
+    if rev:
+        outs, pullback, aux = torch.func.vjp(fn, *leaves, has_aux=True)
+        rows, _ = _apply_basis(lambda cot: (pullback(cot), ()), outs, chunk_size)
+        return outs, _blocks(rows, outs, leaves, rev=True), aux
+
+    def push(tangents: Tensors) -> tuple[Tensors, tuple[Tensors, Tensors]]:
+        outs, tangents_out, aux = torch.func.jvp(fn, leaves, tangents, has_aux=True)
+        return tangents_out, (outs, aux)
+
+    cols, (outs, aux) = _apply_basis(push, leaves, chunk_size)
+    return outs, _blocks(cols, leaves, outs, rev=False), aux
+
+
+def _apply_basis(
+    fn: Callable[[Tensors], tuple[Tensors, Any]], refs: Tensors, chunk_size: int | None
+) -> tuple[Tensors, Any]:
+    """Apply ``fn`` to every standard basis vector of the space of ``refs``.
+
+    ``fn(v)`` returns ``(linear_part, extra)``; ``extra`` must not depend on ``v``. Returns
+    the linear parts stacked along a new leading dimension of size ``sum(r.numel())``,
+    and ``extra`` from one evaluation.
+    """
+    sizes = [r.numel() for r in refs]
+    total = sum(sizes)
+    if total <= 1:  # one basis vector (or none, when every ref is empty): no vmap needed
+        linear, extra = fn(tuple(torch.ones_like(r) for r in refs))
+        return tuple(t.unsqueeze(0)[:total] for t in linear), extra
+    step = total if chunk_size is None else min(chunk_size, total)
+    batched = torch.func.vmap(fn, out_dims=(0, None))
+    chunks = [batched(_basis(refs, sizes, start, min(start + step, total))) for start in range(0, total, step)]
+    if len(chunks) == 1:
+        return chunks[0]
+    linear = tuple(torch.cat(parts) for parts in zip(*(c[0] for c in chunks)))
+    return linear, chunks[0][1]
+
+
+def _basis(refs: Tensors, sizes: list[int], start: int, stop: int) -> Tensors:
+    """Rows ``start:stop`` of the identity, split column-wise and shaped like ``refs``."""
+    pieces, offset = [], 0
+    for ref, n in zip(refs, sizes):
+        piece = torch.zeros((stop - start, n), dtype=ref.dtype, device=ref.device)
+        piece.diagonal(start - offset).fill_(1)
+        pieces.append(piece.view((stop - start,) + tuple(ref.shape)))
+        offset += n
+    return tuple(pieces)
+
+
+def _blocks(stacked: Tensors, basis_refs: Tensors, other_refs: Tensors, *, rev: bool) -> list[list[torch.Tensor]]:
+    """Cut stacked products into Jacobian blocks ``jac[o][i]`` of shape ``out.shape + in.shape``.
+
+    ``stacked[k]`` has shape ``(sum(numel(basis_refs)), *other_refs[k].shape)``. In reverse
+    mode the basis spans the outputs; in forward mode it spans the inputs and each block
+    is transposed so that output dimensions come first.
+    """
+    sizes = [r.numel() for r in basis_refs]
+    # pieces[k][b]: the rows of stacked[k] that belong to basis_refs[b]
+    pieces = [torch.split(s, sizes) for s in stacked]
+    if rev:  # basis = outputs (o), other = inputs (i)
+        return [
+            [pieces[i][o].reshape(basis_refs[o].shape + other_refs[i].shape) for i in range(len(other_refs))]
+            for o in range(len(basis_refs))
+        ]
+    return [  # basis = inputs (i), other = outputs (o)
+        [
+            pieces[o][i].movedim(0, -1).reshape(other_refs[o].shape + basis_refs[i].shape)
+            for i in range(len(basis_refs))
+        ]
+        for o in range(len(other_refs))
+    ]
+
+
+def jacrev(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    has_aux: bool = False,
+    *,
+    chunk_size: int | None = None,
+) -> Callable[..., Any]:
+    """Jacobian of ``func`` by reverse mode (one vector-Jacobian product per output element).
+
+    Best when outputs are fewer than inputs.
+
+    Args:
+        func: a function returning a pytree of floating-point tensors (or
+            ``(output, aux)`` when ``has_aux=True``).
+        argnums: the argument(s) to differentiate with respect to. (default: ``0``)
+        has_aux: whether ``func`` returns ``(output, aux)``. (default: ``False``)
+        chunk_size: how many vector-Jacobian products to batch at once; ``None`` does all
+            at once, smaller values bound memory. (default: ``None``)
+
+    Returns:
+        A function returning the Jacobian (or ``(jacobian, aux)``): a pytree with the
+        output's structure whose leaves are pytrees with the input's structure, each leaf
+        of shape ``out_leaf.shape + in_leaf.shape``.
+
+    Example:
+        >>> import torch, functx
+        >>> jac = functx.jacrev(lambda p: {"y": p["a"] * p["b"]})({"a": torch.ones(2), "b": torch.full((2,), 3.0)})
+        >>> jac["y"]["b"]
+        tensor([[1., 0.],
+                [0., 1.]])
+    """
+    return _jacobian(func, argnums, has_aux, chunk_size, rev=True, api="jacrev")
+
+
+def jacfwd(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = 0,
+    has_aux: bool = False,
+    *,
+    chunk_size: int | None = None,
+) -> Callable[..., Any]:
+    """Jacobian of ``func`` by forward mode (one Jacobian-vector product per input element).
+
+    Best when inputs are fewer than outputs. Same arguments and result layout as
+    :func:`jacrev`.
+
+    Args:
+        func: a function returning a pytree of floating-point tensors (or
+            ``(output, aux)`` when ``has_aux=True``).
+        argnums: the argument(s) to differentiate with respect to. (default: ``0``)
+        has_aux: whether ``func`` returns ``(output, aux)``. (default: ``False``)
+        chunk_size: how many Jacobian-vector products to batch at once. (default: ``None``)
+
+    Returns:
+        A function returning the Jacobian (or ``(jacobian, aux)``).
+
+    Example:
+        >>> import torch, functx
+        >>> functx.jacfwd(torch.sin)(torch.zeros(2))
+        tensor([[1., 0.],
+                [0., 1.]])
+    """
+    return _jacobian(func, argnums, has_aux, chunk_size, rev=False, api="jacfwd")
+
+
+def _jacobian(
+    func: Callable[..., Any], argnums: Any, has_aux: bool, chunk_size: Any, *, rev: bool, api: str
+) -> Callable[..., Any]:
+    check_callable(func, api)
+    argnums = check_argnums(argnums, api)
+    check_bool(has_aux, "has_aux", api)
+    chunk_size = check_chunk_size(chunk_size, api)
+
+    @functools.wraps(func)
+    def jacobian_fn(*args: Any, **kwargs: Any) -> Any:
+        call = Call(api, func, args, kwargs, argnums, has_aux)
+        _, jac, aux = jacobian_flat(call.flat_fn, call.leaves, rev=rev, chunk_size=chunk_size)
+        return call.with_aux(call.unflatten_out([call.unflatten_in(row) for row in jac]), aux)
+
+    return jacobian_fn

@@ -1,0 +1,115 @@
+"""``vjp``, ``jvp`` and ``linearize``: the two primitive products on pytrees."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ._core import Call, check_bool, check_callable, check_primals, flatten_like
+
+
+def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
+    """Evaluate ``func`` at ``primals`` and return its vector-Jacobian product function.
+
+    Args:
+        func: a function of the positional ``primals`` returning a pytree of
+            floating-point tensors (or ``(output, aux)`` when ``has_aux=True``).
+        *primals: the point, one pytree of floating-point tensors per positional argument.
+        has_aux: whether ``func`` returns ``(output, aux)``. (default: ``False``)
+
+    Returns:
+        ``(output, vjp_fn)``, or ``(output, vjp_fn, aux)`` when ``has_aux=True``.
+        ``vjp_fn(cotangents)`` takes a pytree shaped like ``output`` and returns a tuple
+        with one cotangent pytree per primal. It may be called many times and composes
+        with :func:`functx.vmap`.
+
+    Example:
+        >>> import torch, functx
+        >>> out, vjp_fn = functx.vjp(lambda x, y: {"s": x * y}, torch.tensor(2.0), torch.tensor(3.0))
+        >>> vjp_fn({"s": torch.tensor(1.0)})
+        (tensor(3.), tensor(2.))
+    """
+    check_callable(func, "vjp")
+    check_bool(has_aux, "has_aux", "vjp")
+    call = Call("vjp", func, primals, {}, None, has_aux, roots=("primals",))
+    out, pullback, aux = torch.func.vjp(call.flat_fn, *call.leaves, has_aux=True)
+
+    def vjp_fn(cotangents: Any) -> tuple[Any, ...]:
+        flat = flatten_like(cotangents, call.out_spec, out, "cotangents", "vjp")
+        return call.unflatten_in(pullback(tuple(flat)))
+
+    result = (call.unflatten_out(out), vjp_fn)
+    return result + (call.aux(aux),) if has_aux else result
+
+
+def jvp(
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = False
+) -> tuple[Any, ...]:
+    """Jacobian-vector product of ``func`` at ``primals`` along ``tangents`` (forward mode).
+
+    Args:
+        func: a function of ``len(primals)`` positional arguments returning a pytree of
+            floating-point tensors (or ``(output, aux)`` when ``has_aux=True``).
+        primals: a tuple with one pytree per positional argument of ``func``.
+        tangents: a tuple with the same structure, shapes and dtypes as ``primals``.
+        has_aux: whether ``func`` returns ``(output, aux)``. (default: ``False``)
+
+    Returns:
+        ``(output, tangents_out)``, or ``(output, tangents_out, aux)``, where
+        ``tangents_out`` has the structure of ``output``.
+
+    Example:
+        >>> import torch, functx
+        >>> functx.jvp(torch.sin, (torch.tensor(0.0),), (torch.tensor(2.0),))
+        (tensor(0.), tensor(2.))
+    """
+    check_callable(func, "jvp")
+    check_bool(has_aux, "has_aux", "jvp")
+    primals = check_primals(primals, "primals", "jvp")
+    tangents = check_primals(tangents, "tangents", "jvp")
+    call = Call("jvp", func, primals, {}, None, has_aux, roots=("primals",))
+    flat_tangents = flatten_like(tangents, call.in_spec, call.leaves, "tangents", "jvp")
+    out, tangents_out, aux = torch.func.jvp(
+        call.flat_fn, tuple(call.leaves), tuple(flat_tangents), has_aux=True
+    )
+    result = (call.unflatten_out(out), call.unflatten_out(tangents_out))
+    return result + (call.aux(aux),) if has_aux else result
+
+
+def linearize(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
+    """Evaluate ``func`` at ``primals`` and return its linearization there.
+
+    Unlike ``torch.func.linearize`` (which traces with ``make_fx``), the returned
+    ``jvp_fn`` is an ordinary forward-mode product, so it composes with every transform
+    and with :func:`functx.vmap`; under ``vmap`` over tangents the primal computation
+    runs once per batch.
+
+    Args:
+        func: a function of the positional ``primals`` returning a pytree of tensors
+            (or ``(output, aux)`` when ``has_aux=True``).
+        *primals: the point, one pytree per positional argument.
+        has_aux: whether ``func`` returns ``(output, aux)``. (default: ``False``)
+
+    Returns:
+        ``(output, jvp_fn)`` or ``(output, jvp_fn, aux)``; ``jvp_fn(*tangents)`` returns
+        the tangent of the output for tangents shaped like ``primals``.
+
+    Example:
+        >>> import torch, functx
+        >>> out, jvp_fn = functx.linearize(torch.exp, torch.tensor(0.0))
+        >>> jvp_fn(torch.tensor(3.0))
+        tensor(3.)
+    """
+    check_callable(func, "linearize")
+    check_bool(has_aux, "has_aux", "linearize")
+    call = Call("linearize", func, primals, {}, None, has_aux, roots=("primals",))
+    out, aux = call.flat_fn(*call.leaves)
+
+    def jvp_fn(*tangents: Any) -> Any:
+        flat = flatten_like(tangents, call.in_spec, call.leaves, "tangents", "linearize")
+        _, tangents_out, _ = torch.func.jvp(call.flat_fn, tuple(call.leaves), tuple(flat), has_aux=True)
+        return call.unflatten_out(tangents_out)
+
+    result = (call.unflatten_out(out), jvp_fn)
+    return result + (call.aux(aux),) if has_aux else result
