@@ -85,9 +85,15 @@ def hessian(
             return tuple(b for row in blocks for b in row), aux
 
         outer = lambda rev: jacobian_flat(jac, call.leaves, rev=rev, chunk_size=chunk_size)
-        _, blocks, aux = _with_mode(mode, call.leaves, rev_rev=lambda: outer(True), fwd_rev=lambda: outer(False))
+        if call.leaves:
+            _, blocks, aux = _with_mode(mode, call.leaves, rev_rev=lambda: outer(True), fwd_rev=lambda: outer(False))
+        else:  # nothing to differentiate: empty Hessian blocks
+            (_, aux), blocks = call.flat_fn(), []
         n = len(call.leaves)
-        rows = [call.unflatten_in([call.unflatten_in(blocks[o * n + i]) for i in range(n)]) for o in range(len(blocks) // max(n, 1))]
+        rows = [
+            call.unflatten_in([call.unflatten_in(blocks[o * n + i]) for i in range(n)])
+            for o in range(call.out_spec.num_leaves)
+        ]
         return call.with_aux(call.unflatten_out(rows), aux)
 
     return hessian_fn
