@@ -234,6 +234,12 @@ class Call:
         check_scalar(out, self.api)
         return out, aux_tensors
 
+    def scalar_fn_no_aux(self, *leaves: torch.Tensor) -> torch.Tensor:
+        """:meth:`scalar_fn` for ``has_aux=False``: returns the scalar alone."""
+        out = self.call_func(leaves)
+        check_scalar(out, self.api)
+        return out
+
     def _split_aux(self, result: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
         if not self.has_aux:
             return result, ()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -85,12 +85,40 @@ def _value_and_grad(
     @functools.wraps(func)
     def value_and_grad_fn(*args: Any, **kwargs: Any) -> Any:
         call = Call(api, func, args, kwargs, argnums, has_aux)
-        if call.leaves:
-            grads, (value, aux) = torch.func.grad_and_value(
-                call.scalar_fn, argnums=all_argnums(len(call.leaves)), has_aux=True
-            )(*call.leaves)
-        else:  # nothing to differentiate: an empty structure of gradients
-            grads, (value, aux) = (), call.scalar_fn()
+        grads, value, aux = grad_and_value_flat(call, call.leaves)
         return call.with_aux(value, aux), call.unflatten_in(grads)
 
     return value_and_grad_fn
+
+
+def grad_and_value_flat(call: Call, leaves: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, Any]:
+    """``(grads, value, aux_tensors)`` of ``call.scalar_fn`` at ``leaves``.
+
+    This is the hot path of every gradient, so it uses the cheapest calling convention of
+    ``torch.func.grad_and_value``: an int ``argnums`` for a single leaf and ``has_aux`` only
+    when asked for (each costs torch.func a few microseconds of pytree work otherwise).
+    """
+    if not leaves:  # nothing to differentiate: an empty structure of gradients
+        value, aux = call.scalar_fn()
+        return (), value, aux
+    fn = call.scalar_fn if call.has_aux else call.scalar_fn_no_aux
+    if len(leaves) == 1:
+        grad, result = _grad_and_value(fn, 0, call.has_aux, (leaves[0],))
+        grads: tuple[torch.Tensor, ...] = (grad,)
+    else:
+        grads, result = _grad_and_value(fn, all_argnums(len(leaves)), call.has_aux, tuple(leaves))
+    return (grads, *result) if call.has_aux else (grads, result, ())
+
+
+def _grad_and_value(fn: Callable[..., Any], argnums: Any, has_aux: bool, args: tuple[Any, ...]) -> Any:
+    # Eager calls skip the wrapper that `torch.func.grad_and_value` builds on every call
+    # (same implementation underneath); under torch.compile the public API is traced.
+    if _grad_and_value_impl is not None and not torch.compiler.is_compiling():
+        return _grad_and_value_impl(fn, argnums, has_aux, args, {})
+    return torch.func.grad_and_value(fn, argnums=argnums, has_aux=has_aux)(*args)
+
+
+try:  # present since torch 2.0; the public API is the fallback
+    from torch._functorch.eager_transforms import grad_and_value_impl as _grad_and_value_impl
+except ImportError:  # pragma: no cover
+    _grad_and_value_impl = None

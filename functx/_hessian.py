@@ -24,7 +24,6 @@ import torch
 
 from ._core import (
     Call,
-    all_argnums,
     check_argnums,
     check_bool,
     check_callable,
@@ -33,6 +32,7 @@ from ._core import (
     check_primals,
     flatten_like,
 )
+from ._grad import grad_and_value_flat
 from ._jacobian import Tensors, jacobian_flat
 
 HESSIAN_MODES = ("auto", "rev-rev", "fwd-rev")
@@ -166,10 +166,9 @@ def _is_missing_forward_ad(err: Exception) -> bool:
 
 def _grad_fn(call: Call) -> Callable[..., tuple[Tensors, Tensors]]:
     """The gradient of ``call.scalar_fn`` as a flat function ``leaves -> (grads, aux)``."""
-    argnums = all_argnums(len(call.leaves))
 
     def grad_fn(*leaves: torch.Tensor) -> tuple[Tensors, Tensors]:
-        grads, (_, aux) = torch.func.grad_and_value(call.scalar_fn, argnums=argnums, has_aux=True)(*leaves)
+        grads, _, aux = grad_and_value_flat(call, leaves)
         return grads, aux
 
     return grad_fn

@@ -41,7 +41,7 @@ def tree_flatten(tree: PyTree) -> tuple[list[Any], TreeSpec]:
 
 def tree_unflatten(treespec: TreeSpec, leaves: Any) -> PyTree:
     """Inverse of :func:`tree_flatten`."""
-    return optree.tree_unflatten(treespec, leaves)
+    return treespec.unflatten(leaves)
 
 
 def tree_leaves(tree: PyTree) -> list[Any]:
