@@ -14,32 +14,32 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._core import Call, check_argnums, check_bool, check_callable, check_chunk_size
+from ._core import Call, check_argnums, check_bool, check_callable, check_choice, check_chunk_size
 
 Tensors = tuple[torch.Tensor, ...]
 FlatFn = Callable[..., tuple[Tensors, Tensors]]
 
 
 def jacobian_flat(
-    fn: FlatFn, leaves: Sequence[torch.Tensor], *, rev: bool, chunk_size: int | None
+    fn: FlatFn, leaves: Sequence[torch.Tensor], *, rev: bool, chunk_size: int | None, randomness: str = "error"
 ) -> tuple[Tensors, list[list[torch.Tensor]], Tensors]:
     """Jacobian of a flat function: ``(out_leaves, jac, aux_tensors)``; see the module doc."""
     leaves = tuple(leaves)
     if rev:
         outs, pullback, aux = torch.func.vjp(fn, *leaves, has_aux=True)
-        rows, _ = _apply_basis(lambda cot: (pullback(cot), ()), outs, chunk_size)
+        rows, _ = _apply_basis(lambda cot: (pullback(cot), ()), outs, chunk_size, randomness)
         return outs, _blocks(rows, outs, leaves, rev=True), aux
 
     def push(tangents: Tensors) -> tuple[Tensors, tuple[Tensors, Tensors]]:
         outs, tangents_out, aux = torch.func.jvp(fn, leaves, tangents, has_aux=True)
         return tangents_out, (outs, aux)
 
-    cols, (outs, aux) = _apply_basis(push, leaves, chunk_size)
+    cols, (outs, aux) = _apply_basis(push, leaves, chunk_size, randomness)
     return outs, _blocks(cols, leaves, outs, rev=False), aux
 
 
 def _apply_basis(
-    fn: Callable[[Tensors], tuple[Tensors, Any]], refs: Tensors, chunk_size: int | None
+    fn: Callable[[Tensors], tuple[Tensors, Any]], refs: Tensors, chunk_size: int | None, randomness: str
 ) -> tuple[Tensors, Any]:
     """Apply ``fn`` to every standard basis vector of the space of ``refs``.
 
@@ -53,7 +53,7 @@ def _apply_basis(
         linear, extra = fn(tuple(torch.ones_like(r) for r in refs))
         return tuple(t.unsqueeze(0)[:total] for t in linear), extra
     step = total if chunk_size is None else min(chunk_size, total)
-    batched = torch.func.vmap(fn, out_dims=(0, None))
+    batched = torch.func.vmap(fn, out_dims=(0, None), randomness=randomness)
     chunks = [batched(_basis(refs, sizes, start, min(start + step, total))) for start in range(0, total, step)]
     if len(chunks) == 1:
         return chunks[0]
@@ -136,6 +136,7 @@ def jacfwd(
     has_aux: bool = False,
     *,
     chunk_size: int | None = None,
+    randomness: str = "error",
 ) -> Callable[..., Any]:
     """Jacobian of ``func`` by forward mode (one Jacobian-vector product per input element).
 
@@ -148,6 +149,8 @@ def jacfwd(
         argnums: the argument(s) to differentiate with respect to. (default: ``0``)
         has_aux: whether ``func`` returns ``(output, aux)``. (default: ``False``)
         chunk_size: how many Jacobian-vector products to batch at once. (default: ``None``)
+        randomness: how random operations behave across the batched products, as in
+            ``torch.func.jacfwd``: ``"error"``, ``"different"`` or ``"same"``. (default: ``"error"``)
 
     Returns:
         A function returning the Jacobian (or ``(jacobian, aux)``).
@@ -158,13 +161,15 @@ def jacfwd(
         tensor([[1., 0.],
                 [0., 1.]])
     """
-    return _jacobian(func, argnums, has_aux, chunk_size, rev=False, api="jacfwd")
+    return _jacobian(func, argnums, has_aux, chunk_size, rev=False, api="jacfwd", randomness=randomness)
 
 
 def _jacobian(
-    func: Callable[..., Any], argnums: Any, has_aux: bool, chunk_size: Any, *, rev: bool, api: str
+    func: Callable[..., Any], argnums: Any, has_aux: bool, chunk_size: Any, *, rev: bool, api: str,
+    randomness: str = "error",
 ) -> Callable[..., Any]:
     check_callable(func, api)
+    check_choice(randomness, "randomness", ("error", "different", "same"), api)
     argnums = check_argnums(argnums, api)
     check_bool(has_aux, "has_aux", api)
     chunk_size = check_chunk_size(chunk_size, api)
@@ -172,7 +177,7 @@ def _jacobian(
     @functools.wraps(func)
     def jacobian_fn(*args: Any, **kwargs: Any) -> Any:
         call = Call(api, func, args, kwargs, argnums, has_aux)
-        _, jac, aux = jacobian_flat(call.flat_fn, call.leaves, rev=rev, chunk_size=chunk_size)
+        _, jac, aux = jacobian_flat(call.flat_fn, call.leaves, rev=rev, chunk_size=chunk_size, randomness=randomness)
         return call.with_aux(call.unflatten_out([call.unflatten_in(row) for row in jac]), aux)
 
     return jacobian_fn

@@ -20,6 +20,7 @@ import functx
 from functx._tree import tree_flatten, tree_unflatten
 
 CATALOGUE = list(tree_catalogue())
+D = torch.float64
 
 
 def scalar_fn(tree):
@@ -307,3 +308,14 @@ def test_dataclass_static_field_and_complex_outputs():
     out, vjp_fn = functx.vjp(lambda z: z * z, z)
     (gz,) = vjp_fn(torch.ones(3, dtype=torch.complex128))
     torch.testing.assert_close(gz, 2 * z.conj())
+
+
+def test_jacfwd_randomness_same_and_error():
+    x = torch.randn(3, dtype=D)
+    noise = lambda x: x * torch.rand((), dtype=D)
+    J = functx.jacfwd(noise, randomness="same")(x)
+    assert torch.allclose(J, J[0, 0] * torch.eye(3, dtype=D))
+    with pytest.raises(RuntimeError):
+        functx.jacfwd(noise)(x)
+    with pytest.raises(ValueError, match="randomness"):
+        functx.jacfwd(noise, randomness="sometimes")
