@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ._core import Call, check_argnums, check_bool, check_callable, check_choice, check_chunk_size
+from ._tree import tree_map
 
 Tensors = tuple[torch.Tensor, ...]
 FlatFn = Callable[..., tuple[Tensors, Tensors]]
@@ -53,12 +54,12 @@ def _apply_basis(
         linear, extra = fn(tuple(torch.ones_like(r) for r in refs))
         return tuple(t.unsqueeze(0)[:total] for t in linear), extra
     step = total if chunk_size is None else min(chunk_size, total)
-    batched = torch.func.vmap(fn, out_dims=(0, None), randomness=randomness)
+    # `extra` comes out batched (an expanded view) and we keep row 0: torch.vmap refuses
+    # out_dims=None for tensors batched by an enclosing vmap.
+    batched = torch.func.vmap(fn, randomness=randomness)
     chunks = [batched(_basis(refs, sizes, start, min(start + step, total))) for start in range(0, total, step)]
-    if len(chunks) == 1:
-        return chunks[0]
-    linear = tuple(torch.cat(parts) for parts in zip(*(c[0] for c in chunks)))
-    return linear, chunks[0][1]
+    linear = chunks[0][0] if len(chunks) == 1 else tuple(torch.cat(parts) for parts in zip(*(c[0] for c in chunks)))
+    return linear, tree_map(lambda t: t[0], chunks[0][1])
 
 
 def _basis(refs: Tensors, sizes: list[int], start: int, stop: int) -> Tensors:

@@ -166,3 +166,47 @@ def test_jvp_vjp_adjoint_identity_under_vmap():
     tout = functx.vmap(lambda A, x, t: functx.jvp(lambda x: f(A, x), (x,), (t,))[1])(A, x, t)
     vc = functx.vmap(lambda A, x, c: functx.vjp(lambda x: f(A, x), x)[1](c)[0])(A, x, c)
     torch.testing.assert_close((t * vc).sum(-1), (tout * c).sum(-1))
+
+
+def _transforms():
+    """Every transform as a function (p, x) -> pytree, differentiating w.r.t. p."""
+    f = lambda p, x: (torch.tanh(p["w"] @ x) ** 2).sum() + (p["b"] * x[:2]).prod()
+    vec = lambda p, x: {"y": torch.tanh(p["w"] @ x) * p["b"].sum()}
+    ones = lambda p: tree_map(torch.ones_like, p)
+    cases = {
+        "grad": lambda p, x: functx.grad(f)(p, x),
+        "value_and_grad": lambda p, x: functx.value_and_grad(f)(p, x),
+        "jacrev": lambda p, x: functx.jacrev(vec)(p, x),
+        "jacfwd": lambda p, x: functx.jacfwd(vec)(p, x),
+        "jacfwd-chunked": lambda p, x: functx.jacfwd(vec, chunk_size=2)(p, x),
+        "vjp": lambda p, x: functx.vjp(lambda p: vec(p, x), p)[1]({"y": torch.ones(2, dtype=D)}),
+        "jvp": lambda p, x: functx.jvp(lambda p: vec(p, x), (p,), (ones(p),)),
+        "linearize": lambda p, x: functx.linearize(lambda p: vec(p, x), p)[1](ones(p)),
+    }
+    for mode in ("rev-rev", "fwd-rev"):
+        cases[f"hessian-{mode}"] = lambda p, x, m=mode: functx.hessian(f, mode=m)(p, x)
+    for mode in ("rev-rev", "fwd-rev", "rev-fwd"):
+        cases[f"hvp-{mode}"] = lambda p, x, m=mode: functx.hvp(lambda p: f(p, x), (p,), (ones(p),), mode=m)
+    return cases
+
+
+TRANSFORMS = _transforms()
+
+
+@pytest.mark.parametrize("vmap", [functx.vmap, torch.vmap], ids=["functx.vmap", "torch.vmap"])
+@pytest.mark.parametrize("batched", ["data", "params"])
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_vmap_of_every_transform_matches_loop(name, batched, vmap):
+    g = torch.Generator().manual_seed(3)
+    transform = TRANSFORMS[name]
+    p = {"w": torch.randn(2, 3, dtype=D, generator=g), "b": torch.randn(2, dtype=D, generator=g)}
+    x = torch.randn(4, 3, dtype=D, generator=g)
+    if batched == "data":
+        out = vmap(transform, in_dims=(None, 0))(p, x)
+        expected = [transform(p, x[n]) for n in range(4)]
+    else:
+        ps = tree_map(lambda t: torch.stack([t * (1 + 0.1 * n) for n in range(4)]), p)
+        out = vmap(transform, in_dims=(0, None))(ps, x[0])
+        expected = [transform(tree_map(lambda t: t[n], ps), x[0]) for n in range(4)]
+    for n in range(4):
+        assert_tree_allclose(tree_map(lambda t: t[n], out), expected[n])
