@@ -28,6 +28,9 @@ def jacobian_flat(
     leaves = tuple(leaves)
     if rev:
         outs, pullback, aux = torch.func.vjp(fn, *leaves, has_aux=True)
+        if len(outs) == 1 and outs[0].numel() == 1:  # scalar output: one pullback, nothing to cut
+            grads = pullback((torch.ones_like(outs[0]),))
+            return outs, [[_reshaped(g, outs[0].shape + x.shape) for g, x in zip(grads, leaves)]], aux
         rows, _ = _apply_basis(lambda cot: (pullback(cot), ()), outs, chunk_size, randomness)
         return outs, _blocks(rows, outs, leaves, rev=True), aux
 
@@ -37,6 +40,10 @@ def jacobian_flat(
 
     cols, (outs, aux) = _apply_basis(push, leaves, chunk_size, randomness)
     return outs, _blocks(cols, leaves, outs, rev=False), aux
+
+
+def _reshaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return t if t.shape == shape else t.reshape(shape)
 
 
 def _apply_basis(
