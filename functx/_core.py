@@ -228,6 +228,14 @@ class Call:
                 check_out_leaves(out_leaves, out, self.api)
         return tuple(out_leaves), aux_tensors
 
+    def torch_fn(self, *leaves: torch.Tensor) -> Any:
+        """``func`` in torch.func's own convention: flat tensors in; one tensor (or a tuple for
+        several outputs) out, paired with the aux tensors only when ``has_aux``.
+
+        Bare tensors and no aux spare torch.func's Python pytree work on every call.
+        """
+        return torch_result(*self.flat_fn(*leaves), self.has_aux)
+
     def scalar_fn(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Like :meth:`flat_fn` for a function that must return a real scalar tensor."""
         out, aux_tensors = self._split_aux(self.call_func(leaves))
@@ -272,6 +280,27 @@ class Call:
     def with_aux(self, result: Any, aux_tensors: Sequence[torch.Tensor]) -> Any:
         """``result`` or ``(result, aux)`` depending on ``has_aux``."""
         return (result, self.aux(aux_tensors)) if self.has_aux else result
+
+
+def torch_result(outs: Sequence[torch.Tensor], aux: Any, has_aux: bool) -> Any:
+    """Pack flat outputs in torch.func's convention (see :meth:`Call.torch_fn`)."""
+    out = outs[0] if len(outs) == 1 else tuple(outs)
+    return (out, aux) if has_aux else out
+
+
+def as_leaves(out: Any) -> tuple[torch.Tensor, ...]:
+    """Inverse of the packing in :func:`torch_result` (without aux)."""
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+
+def pack_like(leaves: Sequence[torch.Tensor], like: Any) -> Any:
+    """Pack cotangents/tangents the way the matching torch.func output ``like`` was packed."""
+    return leaves[0] if isinstance(like, torch.Tensor) else tuple(leaves)
+
+
+def unpack(result: tuple[Any, ...], has_aux: bool) -> tuple[Any, ...]:
+    """A torch.func result ``(a, b[, aux])`` as ``(a, b, aux)``, with ``aux=()`` when absent."""
+    return result if has_aux else (*result, ())
 
 
 def input_hint(leaf: Any) -> str:

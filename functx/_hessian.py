@@ -24,6 +24,7 @@ import torch
 
 from ._core import (
     Call,
+    as_leaves,
     check_argnums,
     check_bool,
     check_callable,
@@ -31,6 +32,9 @@ from ._core import (
     check_chunk_size,
     check_primals,
     flatten_like,
+    pack_like,
+    torch_result,
+    unpack,
 )
 from ._grad import grad_and_value_flat
 from ._jacobian import Tensors, jacobian_flat
@@ -80,15 +84,15 @@ def hessian(
     def hessian_fn(*args: Any, **kwargs: Any) -> Any:
         call = Call("hessian", func, args, kwargs, argnums, has_aux)
 
-        def jac(*leaves: torch.Tensor) -> tuple[Tensors, Tensors]:
-            _, blocks, aux = jacobian_flat(call.flat_fn, leaves, rev=True, chunk_size=chunk_size)
-            return tuple(b for row in blocks for b in row), aux
+        def jac(*leaves: torch.Tensor) -> Any:
+            _, blocks, aux = jacobian_flat(call.torch_fn, leaves, has_aux=has_aux, rev=True, chunk_size=chunk_size)
+            return torch_result([b for row in blocks for b in row], aux, has_aux)
 
-        outer = lambda rev: jacobian_flat(jac, call.leaves, rev=rev, chunk_size=chunk_size)
+        outer = lambda rev: jacobian_flat(jac, call.leaves, has_aux=has_aux, rev=rev, chunk_size=chunk_size)
         if call.leaves:
             _, blocks, aux = _with_mode(mode, call.leaves, rev_rev=lambda: outer(True), fwd_rev=lambda: outer(False))
         else:  # nothing to differentiate: empty Hessian blocks
-            (_, aux), blocks = call.flat_fn(), []
+            (_, aux), blocks = call.flat_fn(), []  # evaluated for the output structure and aux
         n = len(call.leaves)
         rows = [
             call.unflatten_in([call.unflatten_in(blocks[o * n + i]) for i in range(n)])
@@ -164,23 +168,25 @@ def _is_missing_forward_ad(err: Exception) -> bool:
     return "forward AD" in text or "ZeroTensors are immutable" in text
 
 
-def _grad_fn(call: Call) -> Callable[..., tuple[Tensors, Tensors]]:
-    """The gradient of ``call.scalar_fn`` as a flat function ``leaves -> (grads, aux)``."""
+def _grad_fn(call: Call) -> Callable[..., Any]:
+    """The gradient of ``call.scalar_fn`` as a flat function in torch.func's convention."""
 
-    def grad_fn(*leaves: torch.Tensor) -> tuple[Tensors, Tensors]:
+    def grad_fn(*leaves: torch.Tensor) -> Any:
         grads, _, aux = grad_and_value_flat(call, leaves)
-        return grads, aux
+        return torch_result(grads, aux, call.has_aux)
 
     return grad_fn
 
 
 def _hvp_rev_rev(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
-    grads, pullback, aux = torch.func.vjp(_grad_fn(call), *call.leaves, has_aux=True)
-    return grads, pullback(tangents), aux
+    grads, pullback, aux = unpack(torch.func.vjp(_grad_fn(call), *call.leaves, has_aux=call.has_aux), call.has_aux)
+    return as_leaves(grads), pullback(pack_like(tangents, grads)), aux
 
 
 def _hvp_fwd_rev(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
-    return torch.func.jvp(_grad_fn(call), tuple(call.leaves), tangents, has_aux=True)
+    result = torch.func.jvp(_grad_fn(call), tuple(call.leaves), tangents, has_aux=call.has_aux)
+    grads, products, aux = unpack(result, call.has_aux)
+    return as_leaves(grads), as_leaves(products), aux
 
 
 def _hvp_rev_fwd(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:

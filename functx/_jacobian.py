@@ -1,6 +1,6 @@
 """``jacrev`` and ``jacfwd``: one engine, a reverse and a forward flavour.
 
-The engine works on flat functions ``fn(*leaves) -> (out_leaves, aux_tensors)`` and
+The engine works on flat functions in torch.func's convention (see ``Call.torch_fn``) and
 returns ``jac[o][i]`` of shape ``out_leaves[o].shape + leaves[i].shape`` (JAX's layout).
 It pulls back (reverse) or pushes forward (forward) the rows of an identity basis with
 ``torch.func.vmap``, ``chunk_size`` rows at a time, and skips ``vmap`` entirely when the
@@ -14,29 +14,41 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._core import Call, check_argnums, check_bool, check_callable, check_choice, check_chunk_size
-from ._tree import tree_map
+from ._core import (
+    Call,
+    as_leaves,
+    check_argnums,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_chunk_size,
+    pack_like,
+    unpack,
+)
+from ._tree import tree_flatten, tree_unflatten
 
 Tensors = tuple[torch.Tensor, ...]
 FlatFn = Callable[..., tuple[Tensors, Tensors]]
 
 
 def jacobian_flat(
-    fn: FlatFn, leaves: Sequence[torch.Tensor], *, rev: bool, chunk_size: int | None, randomness: str = "error"
+    fn: FlatFn, leaves: Sequence[torch.Tensor], *, has_aux: bool, rev: bool, chunk_size: int | None,
+    randomness: str = "error",
 ) -> tuple[Tensors, list[list[torch.Tensor]], Tensors]:
     """Jacobian of a flat function: ``(out_leaves, jac, aux_tensors)``; see the module doc."""
     leaves = tuple(leaves)
     if rev:
-        outs, pullback, aux = torch.func.vjp(fn, *leaves, has_aux=True)
+        out, pullback, aux = unpack(torch.func.vjp(fn, *leaves, has_aux=has_aux), has_aux)
+        outs = as_leaves(out)
         if len(outs) == 1 and outs[0].numel() == 1:  # scalar output: one pullback, nothing to cut
-            grads = pullback((torch.ones_like(outs[0]),))
+            grads = pullback(torch.ones_like(outs[0]))
             return outs, [[_reshaped(g, outs[0].shape + x.shape) for g, x in zip(grads, leaves)]], aux
-        rows, _ = _apply_basis(lambda cot: (pullback(cot), ()), outs, chunk_size, randomness)
+        rows, _ = _apply_basis(lambda cot: (pullback(pack_like(cot, out)), ()), outs, chunk_size, randomness)
         return outs, _blocks(rows, outs, leaves, rev=True), aux
 
     def push(tangents: Tensors) -> tuple[Tensors, tuple[Tensors, Tensors]]:
-        outs, tangents_out, aux = torch.func.jvp(fn, leaves, tangents, has_aux=True)
-        return tangents_out, (outs, aux)
+        out, tangents_out, aux = unpack(torch.func.jvp(fn, leaves, tangents, has_aux=has_aux), has_aux)
+        return as_leaves(tangents_out), (as_leaves(out), aux)
 
     cols, (outs, aux) = _apply_basis(push, leaves, chunk_size, randomness)
     return outs, _blocks(cols, leaves, outs, rev=False), aux
@@ -61,12 +73,21 @@ def _apply_basis(
         linear, extra = fn(tuple(torch.ones_like(r) for r in refs))
         return tuple(t.unsqueeze(0)[:total] for t in linear), extra
     step = total if chunk_size is None else min(chunk_size, total)
+    layout: list[Any] = []  # (number of linear outputs, structure of extra), recorded while tracing
+
+    def flat(*pieces: torch.Tensor) -> Tensors:  # flat in, flat out: torch.vmap's pytree work is per level
+        linear, extra = fn(pieces)
+        extra_leaves, extra_spec = tree_flatten(extra)
+        layout[:] = [len(linear), extra_spec]
+        return (*linear, *extra_leaves)
+
+    batched = torch.func.vmap(flat, randomness=randomness)
+    chunks = [batched(*_basis(refs, sizes, start, min(start + step, total))) for start in range(0, total, step)]
+    n, extra_spec = layout
+    linear = chunks[0][:n] if len(chunks) == 1 else tuple(torch.cat(parts) for parts in zip(*(c[:n] for c in chunks)))
     # `extra` comes out batched (an expanded view) and we keep row 0: torch.vmap refuses
     # out_dims=None for tensors batched by an enclosing vmap.
-    batched = torch.func.vmap(fn, randomness=randomness)
-    chunks = [batched(_basis(refs, sizes, start, min(start + step, total))) for start in range(0, total, step)]
-    linear = chunks[0][0] if len(chunks) == 1 else tuple(torch.cat(parts) for parts in zip(*(c[0] for c in chunks)))
-    return linear, tree_map(lambda t: t[0], chunks[0][1])
+    return linear, tree_unflatten(extra_spec, [t[0] for t in chunks[0][n:]])
 
 
 def _basis(refs: Tensors, sizes: list[int], start: int, stop: int) -> Tensors:
@@ -185,7 +206,9 @@ def _jacobian(
     @functools.wraps(func)
     def jacobian_fn(*args: Any, **kwargs: Any) -> Any:
         call = Call(api, func, args, kwargs, argnums, has_aux)
-        _, jac, aux = jacobian_flat(call.flat_fn, call.leaves, rev=rev, chunk_size=chunk_size, randomness=randomness)
+        _, jac, aux = jacobian_flat(
+            call.torch_fn, call.leaves, has_aux=has_aux, rev=rev, chunk_size=chunk_size, randomness=randomness
+        )
         return call.with_aux(call.unflatten_out([call.unflatten_in(row) for row in jac]), aux)
 
     return jacobian_fn

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._core import Call, check_bool, check_callable, check_primals, flatten_like
+from ._core import Call, as_leaves, check_bool, check_callable, check_primals, flatten_like, pack_like, unpack
 
 
 def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
@@ -33,13 +33,14 @@ def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple
     check_callable(func, "vjp")
     check_bool(has_aux, "has_aux", "vjp")
     call = Call("vjp", func, primals, {}, None, has_aux, roots=("primals",))
-    out, pullback, aux = torch.func.vjp(call.flat_fn, *call.leaves, has_aux=True)
+    out, pullback, aux = unpack(torch.func.vjp(call.torch_fn, *call.leaves, has_aux=has_aux), has_aux)
+    outs = as_leaves(out)
 
     def vjp_fn(cotangents: Any) -> tuple[Any, ...]:
-        flat = flatten_like(cotangents, call.out_spec, out, "cotangents", "vjp")
-        return call.unflatten_in(pullback(tuple(flat)))
+        flat = flatten_like(cotangents, call.out_spec, outs, "cotangents", "vjp")
+        return call.unflatten_in(pullback(pack_like(flat, out)))
 
-    result = (call.unflatten_out(out), vjp_fn)
+    result = (call.unflatten_out(outs), vjp_fn)
     return result + (call.aux(aux),) if has_aux else result
 
 
@@ -70,10 +71,10 @@ def jvp(
     tangents = check_primals(tangents, "tangents", "jvp")
     call = Call("jvp", func, primals, {}, None, has_aux, roots=("primals",))
     flat_tangents = flatten_like(tangents, call.in_spec, call.leaves, "tangents", "jvp")
-    out, tangents_out, aux = torch.func.jvp(
-        call.flat_fn, tuple(call.leaves), tuple(flat_tangents), has_aux=True
+    out, tangents_out, aux = unpack(
+        torch.func.jvp(call.torch_fn, tuple(call.leaves), tuple(flat_tangents), has_aux=has_aux), has_aux
     )
-    result = (call.unflatten_out(out), call.unflatten_out(tangents_out))
+    result = (call.unflatten_out(as_leaves(out)), call.unflatten_out(as_leaves(tangents_out)))
     return result + (call.aux(aux),) if has_aux else result
 
 
@@ -108,8 +109,8 @@ def linearize(func: Callable[..., Any], *primals: Any, has_aux: bool = False) ->
 
     def jvp_fn(*tangents: Any) -> Any:
         flat = flatten_like(tangents, call.in_spec, call.leaves, "tangents", "linearize")
-        _, tangents_out, _ = torch.func.jvp(call.flat_fn, tuple(call.leaves), tuple(flat), has_aux=True)
-        return call.unflatten_out(tangents_out)
+        result = torch.func.jvp(call.torch_fn, tuple(call.leaves), tuple(flat), has_aux=has_aux)
+        return call.unflatten_out(as_leaves(result[1]))
 
     result = (call.unflatten_out(out), jvp_fn)
     return result + (call.aux(aux),) if has_aux else result
