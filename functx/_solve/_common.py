@@ -1,0 +1,383 @@
+"""The protocol and the machinery every solver shares.
+
+* :class:`Solution` is what every solver returns.
+* :class:`Layout` maps a pytree of tensors to one flat vector and back, checking the
+  structure, shapes and dtypes of everything that comes back from user callables. The
+  kernels work on flat 1-D tensors: one tensor op per vector update, whatever the tree.
+* :class:`Problem` is a validated system ``(A + ridge I) x = b`` on flat vectors.
+* :func:`iterate` is the one loop driver: a fixed trip count with masked updates (the
+  state of a lane that has converged is frozen with ``torch.where``), and an early exit
+  only in plain eager mode (see :func:`early_exit_allowed`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from .._tree import PyTree, describe, leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
+
+MAX_ITER_FACTOR = 10
+MAX_ITER_CAP = 1000
+
+# Default relative tolerance on the residual, by real dtype (complex dtypes use their real
+# counterpart). float64: a well-conditioned system is solved to ~1e-10 relative error or
+# better; float32: a few digits above the round-off floor of the true residual.
+DEFAULT_RTOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 5e-2,
+}
+
+
+class Solution(NamedTuple):
+    """The result of a linear solve.
+
+    Attributes:
+        value: the solution ``x``, a pytree with the structure, shapes and dtypes of ``b``
+            (of ``x0`` for :func:`~functx.solvers.normal_cg`).
+        iterations: number of iterations run, an int64 0-d tensor (``0`` for the dense
+            solvers).
+        residual_norm: the final residual norm ``||b - (A + ridge I) x||``, recomputed
+            from ``x`` (not a recursive estimate), a real 0-d tensor. For
+            :func:`~functx.solvers.normal_cg` it is the residual of the normal equations.
+        converged: ``residual_norm <= max(atol, rtol * ||b||)``, a bool 0-d tensor (for
+            the dense solvers, ``residual_norm <= max(atol, rtol (||A||_F ||x|| + ||b||))``
+            and the factorisation succeeded).
+    """
+
+    value: PyTree
+    iterations: torch.Tensor
+    residual_norm: torch.Tensor
+    converged: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------
+# Option validation.
+
+
+def check_callable(fn: Any, name: str, api: str, optional: bool = False) -> None:
+    if fn is None and optional:
+        return
+    if not callable(fn):
+        kind = "None or a callable" if optional else "a callable"
+        raise TypeError(f"`functx.{api}`: `{name}` must be {kind}, got {describe(fn)}.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_tolerance(value: Any, name: str, default: float, api: str) -> float:
+    if value is None:
+        return default
+    if not _is_number(value):
+        raise TypeError(f"`functx.{api}`: `{name}` must be None or a non-negative float, got {describe(value)}.")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"`functx.{api}`: `{name}` must be a finite non-negative float, got {value!r}.")
+    return float(value)
+
+
+def check_int(value: Any, name: str, minimum: int, api: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"`functx.{api}`: `{name}` must be an int, got {describe(value)}.")
+    if value < minimum:
+        raise ValueError(f"`functx.{api}`: `{name}` must be an int >= {minimum}, got {value}.")
+    return value
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    real = dtype.to_real() if dtype.is_complex else dtype
+    return DEFAULT_RTOL.get(real, 1e-5)
+
+
+def default_max_iter(n: int) -> int:
+    return min(MAX_ITER_FACTOR * n, MAX_ITER_CAP)
+
+
+def check_ridge(ridge: Any, api: str) -> float | torch.Tensor | None:
+    """``None``, a finite real number, or a real floating-point 0-d tensor (differentiable)."""
+    if ridge is None:
+        return None
+    if _is_number(ridge):
+        if not math.isfinite(ridge):
+            raise ValueError(f"`functx.{api}`: `ridge` must be finite, got {ridge!r}.")
+        return None if ridge == 0 else float(ridge)
+    if isinstance(ridge, torch.Tensor) and ridge.is_floating_point():
+        if ridge.dim() != 0:
+            raise ValueError(
+                f"`functx.{api}`: `ridge` must be a number or a 0-d tensor, got a tensor of shape "
+                f"{tuple(ridge.shape)}. Use `functx.vmap` to solve for several ridges."
+            )
+        return ridge
+    raise TypeError(
+        f"`functx.{api}`: `ridge` must be None, a float or a real 0-d tensor, got {describe(ridge)}."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Pytrees <-> flat vectors.
+
+
+class Layout:
+    """The flat-vector layout of a pytree of floating-point or complex tensors.
+
+    Leaves are raveled and concatenated in optree order, promoted to one common dtype;
+    :meth:`unravel` restores shapes and per-leaf dtypes.
+    """
+
+    def __init__(self, tree: PyTree, name: str, api: str) -> None:
+        leaves, self.spec = tree_flatten(tree)
+        self.api, self.name = api, name
+        if not leaves:
+            raise ValueError(f"`functx.{api}`: `{name}` must contain at least one tensor, got {tree!r}.")
+        for k, leaf in enumerate(leaves):
+            if not (isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex())):
+                raise TypeError(
+                    f"`functx.{api}`: {leaf_paths(tree, name)[k]} must be a floating-point or complex "
+                    f"tensor, got {describe(leaf)}."
+                )
+        self.shapes = [leaf.shape for leaf in leaves]
+        self.dtypes = [leaf.dtype for leaf in leaves]
+        self.sizes = [leaf.numel() for leaf in leaves]
+        self.size = sum(self.sizes)
+        self.dtype = functools.reduce(torch.promote_types, self.dtypes)
+        self.real_dtype = self.dtype.to_real() if self.dtype.is_complex else self.dtype
+        self.uniform = all(d == self.dtype for d in self.dtypes)  # no casts needed
+        self.device = leaves[0].device
+
+    def check(self, tree: PyTree, root: str, what: str) -> list[torch.Tensor]:
+        """The leaves of ``tree``, checked against this layout; ``what`` names ``tree`` in errors."""
+        leaves, spec = tree_flatten(tree)
+        api, ref = self.api, f"`{self.name}`"
+        if spec != self.spec:
+            raise ValueError(
+                f"`functx.{api}`: {what} must have the tree structure of {ref}: "
+                f"{structure_mismatch(self.spec, tree, root)}. Expected {self.spec}, got {spec}."
+            )
+        for k, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor) and leaf.shape == self.shapes[k] and leaf.dtype == self.dtypes[k]:
+                continue
+            path = leaf_paths(tree, root)[k]
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(f"`functx.{api}`: {path} (in {what}) must be a tensor, got {describe(leaf)}.")
+            if leaf.shape != self.shapes[k]:
+                raise ValueError(
+                    f"`functx.{api}`: {path} (in {what}) has shape {tuple(leaf.shape)}, but the "
+                    f"corresponding leaf of {ref} has shape {tuple(self.shapes[k])}."
+                )
+            raise TypeError(
+                f"`functx.{api}`: {path} (in {what}) has dtype {leaf.dtype}, but the corresponding "
+                f"leaf of {ref} has dtype {self.dtypes[k]}; cast it with `.to({self.dtypes[k]})`."
+            )
+        return leaves
+
+    def ravel(self, tree: PyTree, root: str, what: str) -> torch.Tensor:
+        leaves = self.check(tree, root, what)
+        if len(leaves) == 1:
+            return leaves[0].reshape(-1)
+        if self.uniform:
+            return torch.cat([leaf.reshape(-1) for leaf in leaves])
+        return torch.cat([leaf.reshape(-1).to(self.dtype) for leaf in leaves])
+
+    def unravel(self, flat: torch.Tensor) -> PyTree:
+        if len(self.sizes) == 1:
+            return tree_unflatten(self.spec, [flat.reshape(self.shapes[0])])
+        pieces = torch.split(flat, self.sizes)
+        if self.uniform:
+            return tree_unflatten(self.spec, [p.reshape(s) for p, s in zip(pieces, self.shapes)])
+        return tree_unflatten(
+            self.spec, [p.reshape(s).to(d) for p, s, d in zip(pieces, self.shapes, self.dtypes)]
+        )
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.size, dtype=self.dtype, device=self.device)
+
+
+Flat = Callable[[torch.Tensor], torch.Tensor]
+
+
+def flat_map(fn: Callable[[PyTree], PyTree], source: Layout, target: Layout, name: str, arg: str) -> Flat:
+    """``fn`` (pytree of ``source`` layout -> pytree of ``target`` layout) on flat vectors,
+    checking every output. ``name(arg)`` is how outputs are named in errors."""
+    root, what = f"{name}({arg})", f"the output of `{name}`"
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        return target.ravel(fn(source.unravel(v)), root, what)
+
+    return apply
+
+
+def shifted(op: Flat, ridge: float | torch.Tensor | None) -> Flat:
+    """``v -> op(v) + ridge * v``."""
+    if ridge is None:
+        return op
+    return lambda v: op(v) + ridge * v
+
+
+# --------------------------------------------------------------------------------------
+# A validated problem on flat vectors.
+
+
+# The loops stop when their (recursive) residual estimate reaches LOOP_MARGIN * tol; the
+# verdict is then taken on the true residual against tol. The margin absorbs the drift
+# between recursive and true residuals, a few iterations' worth.
+LOOP_MARGIN = 0.5
+
+
+class Problem(NamedTuple):
+    """``(A + ridge I) x = b`` on flat vectors; ``A`` already includes the ridge."""
+
+    layout: Layout  # of the solution x
+    b: torch.Tensor
+    x0: torch.Tensor | None  # None: start from zero (saves a matvec)
+    A: Flat
+    M: Flat | None  # preconditioner, an approximation of A^{-1}
+    tol: torch.Tensor  # real 0-d: max(atol, rtol * ||b||), the convergence verdict
+    max_iter: int
+    early_exit: bool
+
+    @property
+    def target(self) -> torch.Tensor:
+        """What the loops aim for: ``LOOP_MARGIN * tol``."""
+        return self.tol * LOOP_MARGIN
+
+    def start(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The initial iterate and its residual."""
+        if self.x0 is None:
+            return torch.zeros_like(self.b), self.b
+        return self.x0, self.b - self.A(self.x0)
+
+    def precondition(self, r: torch.Tensor) -> torch.Tensor:
+        return r if self.M is None else self.M(r)
+
+
+def threshold(b: torch.Tensor, rtol: float, atol: float) -> torch.Tensor:
+    """``max(atol, rtol * ||b||)`` as a real 0-d tensor (no gradient)."""
+    return torch.clamp(torch.linalg.vector_norm(b.detach()) * rtol, min=atol)
+
+
+def setup(
+    api: str,
+    matvec: Any,
+    b: PyTree,
+    x0: PyTree,
+    *,
+    rtol: Any,
+    atol: Any,
+    max_iter: Any,
+    preconditioner: Any,
+    ridge: Any,
+) -> Problem:
+    """Validate the arguments of a square solve and build its :class:`Problem`."""
+    check_callable(matvec, "matvec", api)
+    check_callable(preconditioner, "preconditioner", api, optional=True)
+    layout = Layout(b, "b", api)
+    rtol = check_tolerance(rtol, "rtol", default_rtol(layout.dtype), api)
+    atol = check_tolerance(atol, "atol", 0.0, api)
+    max_iter = default_max_iter(layout.size) if max_iter is None else check_int(max_iter, "max_iter", 0, api)
+    ridge = check_ridge(ridge, api)
+    flat_b = layout.ravel(b, "b", "`b`")
+    flat_x0 = None if x0 is None else layout.ravel(x0, "x0", "`x0`")
+    A = shifted(flat_map(matvec, layout, layout, "matvec", "x"), cast_ridge(ridge, layout))
+    M = None if preconditioner is None else flat_map(preconditioner, layout, layout, "preconditioner", "r")
+    return Problem(
+        layout, flat_b, flat_x0, A, M, threshold(flat_b, rtol, atol), max_iter,
+        early_exit_allowed(flat_b, flat_x0),
+    )
+
+
+def cast_ridge(ridge: float | torch.Tensor | None, layout: Layout) -> float | torch.Tensor | None:
+    if isinstance(ridge, torch.Tensor):
+        return ridge.to(layout.real_dtype)
+    return ridge
+
+
+# --------------------------------------------------------------------------------------
+# Transform-safe iteration.
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
+def early_exit_allowed(*tensors: torch.Tensor | None) -> bool:
+    """Whether a solver may stop early by reading a tensor value (``bool(active)``).
+
+    Only in plain eager mode: no ``torch.func``/functx transform active (the functorch
+    interpreter stack is empty), not compiling, exporting or tracing, and the inputs are
+    plain tensors (not fake, functional or other subclasses). Everywhere else the solvers
+    run ``max_iter`` masked iterations.
+    """
+    if torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def norm(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm, for convergence tests only (no gradient)."""
+    return torch.linalg.vector_norm(v.detach())
+
+
+def div(num: torch.Tensor, den: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``num / den`` where ``ok``, else 0; never evaluates a division by zero (so neither the
+    value nor any derivative is inf or NaN in masked lanes)."""
+    safe = torch.where(ok, den, 1.0)
+    return torch.where(ok, num / safe, 0.0)
+
+
+def safe_sqrt(t: torch.Tensor) -> torch.Tensor:
+    """``sqrt(max(t, 0))`` whose derivative is 0 (not inf or NaN) where ``t <= 0``."""
+    ok = t > 0
+    return torch.where(ok, torch.sqrt(torch.where(ok, t, torch.ones_like(t))), 0.0)
+
+
+def select(active: torch.Tensor, new: Any, old: Any) -> Any:
+    """Masked update of a NamedTuple of tensors: ``new`` where ``active``, else ``old``."""
+    return type(old)(*(torch.where(active, n, o) for n, o in zip(new, old)))
+
+
+Step = Callable[[Any, torch.Tensor], tuple[Any, torch.Tensor]]
+
+
+def iterate(
+    step: Step, state: Any, active: torch.Tensor, max_iter: int, early_exit: bool
+) -> tuple[Any, torch.Tensor]:
+    """Run ``step`` at most ``max_iter`` times; return ``(state, iterations)``.
+
+    ``step(state, active)`` returns ``(new_state, not_done)``. A lane stops being active
+    once ``not_done`` is False; its state is frozen from then on. With ``early_exit``
+    (plain eager mode) the loop stops as soon as nothing is active, and no masking is
+    needed since every executed step is active.
+    """
+    iterations = torch.zeros((), dtype=torch.int64, device=active.device)
+    for _ in range(max_iter):
+        if early_exit:
+            if not bool(active):
+                break
+            state, not_done = step(state, active)
+        else:
+            new, not_done = step(state, active)
+            state = select(active, new, state)
+        iterations = iterations + active.to(torch.int64)
+        active = active & not_done
+    return state, iterations
+
+
+def finish(
+    problem: Problem, x: torch.Tensor, iterations: torch.Tensor, residual: torch.Tensor | None = None
+) -> Solution:
+    """Package ``x``: recompute the true residual (unless given) and the converged flag."""
+    if residual is None:
+        residual = problem.b - problem.A(x)
+    residual_norm = torch.linalg.vector_norm(residual)
+    return Solution(problem.layout.unravel(x), iterations, residual_norm, residual_norm <= problem.tol)

@@ -1,0 +1,62 @@
+"""Matrix-free linear solvers on pytrees: ``functx.solvers``.
+
+Every solver is a function ``solver(matvec, b, x0=None, *, ...) -> Solution``: ``b`` and the
+solution are pytrees of tensors with the same structure, ``matvec(x)`` returns a pytree of
+that structure, and the returned :class:`Solution` always reports ``iterations``,
+``residual_norm`` (recomputed from the solution) and ``converged``; failure is never silent.
+
+=================  ==============================================  ==========================
+solver             operator                                        cost per iteration
+=================  ==============================================  ==========================
+:func:`cg`         Hermitian positive definite                     1 matvec
+:func:`minres`     Hermitian, possibly indefinite                  1 matvec
+:func:`gmres`      general square (``restart`` Krylov vectors)     1 matvec + O(restart n)
+:func:`bicgstab`   general square                                  2 matvecs
+:func:`normal_cg`  any, least squares ``min ||Ax - b||``           1 matvec + 1 rmatvec
+:func:`lu`         general square, dense                           n matvecs + O(n^3), once
+:func:`cholesky`   Hermitian positive definite, dense              n matvecs + O(n^3), once
+=================  ==============================================  ==========================
+
+:func:`factorize` materialises and factors once for many right-hand sides, and
+:func:`solve` picks a solver by name or by structure. Every solver takes ``ridge``
+(solve ``(A + ridge I) x = b``; for ``normal_cg``, ``(A^H A + ridge I) x = A^H b``).
+
+Tolerances: converged when ``||b - A x|| <= max(atol, rtol * ||b||)``; the default
+``rtol`` depends on the dtype (1e-12 for float64, 1e-5 for float32, 1e-2 for float16,
+5e-2 for bfloat16) and ``atol`` defaults to 0. ``max_iter`` defaults to
+``min(10 n, 1000)`` with ``n`` the total number of unknowns.
+
+Transforms: the solvers are written for ``torch.vmap``, ``functx``/``torch.func``
+transforms and ``torch.compile``: a fixed trip count of ``max_iter`` iterations with
+masked updates (a converged lane is frozen), no ``.item()``, and guarded divisions (no
+0/0 or inf in converged lanes, in values or derivatives). Only in plain eager mode (no
+transform active, not compiling or tracing) do the iterative solvers stop as soon as
+they converge; the results are the same either way, up to rounding.
+"""
+
+from ._solve._common import Solution as Solution
+from ._solve.bicgstab import bicgstab as bicgstab
+from ._solve.cg import cg as cg, normal_cg as normal_cg
+from ._solve.dense import (
+    Factorization as Factorization,
+    cholesky as cholesky,
+    factorize as factorize,
+    lu as lu,
+)
+from ._solve.dispatch import solve as solve
+from ._solve.gmres import gmres as gmres
+from ._solve.minres import minres as minres
+
+__all__ = [
+    "Factorization",
+    "Solution",
+    "bicgstab",
+    "cg",
+    "cholesky",
+    "factorize",
+    "gmres",
+    "lu",
+    "minres",
+    "normal_cg",
+    "solve",
+]
