@@ -11,6 +11,7 @@ includes optree's global registry; register your own classes with
 subtree.
 """
 
+from . import autograd_functional as autograd_functional, nn as nn, solvers as solvers
 from ._grad import grad as grad, value_and_grad as value_and_grad
 from ._hessian import hessian as hessian, hvp as hvp
 from ._jacobian import jacfwd as jacfwd, jacrev as jacrev
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NAMESPACE",
+    "autograd_functional",
     "grad",
     "hessian",
     "hvp",
@@ -29,7 +31,9 @@ __all__ = [
     "jacrev",
     "jvp",
     "linearize",
+    "nn",
     "ravel_pytree",
+    "solvers",
     "value_and_grad",
     "vjp",
     "vmap",
