@@ -123,6 +123,82 @@ def arg_root(func: Callable[..., Any], index: int, base: str = "args") -> str:
     return f"{base}[{index}]"
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(*tensors: torch.Tensor | None) -> bool:
+    """Whether we run in plain eager mode: no ``torch.func``/functx transform active (the
+    functorch interpreter stack is empty), not compiling, exporting or tracing, and the given
+    tensors are plain tensors (not fake, functional or other subclasses).
+
+    Plain autograd is used only there (where it is measurably faster than ``torch.func`` and
+    gives the same result), and solvers may stop early by reading tensor values only there.
+    """
+    if torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+
+
+def plain_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether plain ``torch.autograd.grad`` computes what ``torch.func`` would: plain eager
+    mode, outside inference mode, and no tensor is part of an outer autograd graph (then
+    ``torch.func``'s results would be differentiable with respect to it)."""
+    return (
+        plain_eager(*tensors)
+        and not torch.is_inference_mode_enabled()
+        and not any(t.requires_grad for t in tensors)
+    )
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
+def reaches_other_leaves(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
+    """Whether the autograd graph of ``outputs`` reaches a tensor requiring grad other than
+    ``inputs`` (a tensor ``func`` captured, such as model weights or a meta-learned rate).
+
+    ``torch.func`` keeps its results differentiable with respect to such tensors; the plain
+    autograd paths then keep their graph too (``create_graph=True``) instead of detaching.
+    """
+    ours = {id(x) for x in inputs}
+    stack = [out.grad_fn for out in outputs if out.grad_fn is not None]
+    if any(out.requires_grad and out.grad_fn is None and id(out) not in ours for out in outputs):
+        return True
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor requiring grad
+        if leaf is not None:
+            if id(leaf) not in ours:
+                return True
+            continue
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return False
+
+
+def autograd_grad(
+    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor] | None = None,
+    *, create_graph: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """``torch.autograd.grad`` with torch.func's conventions: outputs that do not require grad
+    are skipped, and inputs they do not reach get zeros."""
+    keep = [k for k, out in enumerate(outputs) if out.requires_grad]
+    if not keep:
+        return tuple(torch.zeros_like(x) for x in inputs)
+    grads = torch.autograd.grad(
+        [outputs[k] for k in keep], inputs, None if grad_outputs is None else [grad_outputs[k] for k in keep],
+        create_graph=create_graph, allow_unused=True,
+    )
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
+
+
 def is_differentiable(leaf: Any) -> bool:
     return isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex())
 

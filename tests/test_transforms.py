@@ -319,3 +319,77 @@ def test_jacfwd_randomness_same_and_error():
         functx.jacfwd(noise)(x)
     with pytest.raises(ValueError, match="randomness"):
         functx.jacfwd(noise, randomness="sometimes")
+
+
+# --------------------------------------------------------------------------------------
+# Top-level eager calls of grad/value_and_grad/hvp run plain autograd (faster); everywhere
+# else torch.func. Both paths must agree in value and semantics.
+
+
+@pytest.fixture(params=["plain", "torch.func"])
+def engine(request, monkeypatch):
+    if request.param == "torch.func":
+        import functx._grad
+        import functx._hessian
+
+        monkeypatch.setattr(functx._grad, "plain_autograd", lambda *t: False)
+        monkeypatch.setattr(functx._hessian, "plain_autograd", lambda *t: False)
+    return request.param
+
+
+def test_both_engines_agree_on_grad_hvp_and_semantics(engine):
+    tree = tree_catalogue()["nested"]
+    v = randn_like_tree(tree)
+    assert_tree_allclose(functx.grad(scalar_fn)(tree), ref_grad(scalar_fn, tree))
+    (g,), (Hv,) = functx.hvp(scalar_fn, (tree,), (v,))
+    (g2,), (Hv2,) = functx.hvp(scalar_fn, (tree,), (v,), mode="rev-fwd")
+    assert_tree_allclose(g, g2)
+    assert_tree_allclose(Hv, Hv2)
+    for leaf in tree_leaves((g, Hv)):
+        assert not leaf.requires_grad and leaf.grad_fn is None
+    # unused inputs and constant functions give zeros, under no_grad too
+    p = {"used": torch.ones(2, dtype=D), "unused": torch.ones(3, dtype=D)}
+    with torch.no_grad():
+        (value, aux), grads = functx.value_and_grad(lambda p: ((p["used"] ** 2).sum(), p["used"] * 2), has_aux=True)(p)
+        const = functx.grad(lambda p: torch.tensor(1.0, dtype=D))(p)
+        (_,), (Hv_const,) = functx.hvp(lambda p: p["used"].sum(), (p,), (p,))
+    torch.testing.assert_close(grads["unused"], torch.zeros(3, dtype=D))
+    torch.testing.assert_close(grads["used"], 2 * p["used"])
+    assert not value.requires_grad and not aux.requires_grad
+    torch.testing.assert_close(const["used"], torch.zeros(2, dtype=D))
+    torch.testing.assert_close(Hv_const["used"], torch.zeros(2, dtype=D))
+    assert not p["used"].requires_grad  # never flipped
+
+
+def test_grad_and_hvp_in_inference_mode_and_with_outer_graph(engine):
+    x = torch.randn(3, dtype=D)
+    with torch.inference_mode():
+        torch.testing.assert_close(functx.grad(lambda x: (x**3).sum())(x), 3 * x**2)
+    w = torch.randn(3, dtype=D, requires_grad=True)
+    (g,), (Hv,) = functx.hvp(lambda x: (x**3 * w).sum(), (x,), (torch.ones(3, dtype=D),))
+    torch.testing.assert_close(Hv, 6 * x * w.detach())
+    (dw,) = torch.autograd.grad(Hv.sum(), w)  # differentiable w.r.t. the captured w
+    torch.testing.assert_close(dw, 6 * x)
+    xr = x.clone().requires_grad_()
+    (_,), (Hv,) = functx.hvp(lambda x: (x**4).sum(), (xr,), (torch.ones(3, dtype=D),))
+    (d3,) = torch.autograd.grad(Hv.sum(), xr)  # the input itself is in an outer graph
+    torch.testing.assert_close(d3, 24 * x)
+
+
+def test_captured_tensors_requiring_grad_stay_differentiable(engine):
+    """Meta-learning through a top-level functx.grad: d(outer loss)/d(captured lr) flows."""
+    lr = torch.tensor(0.1, dtype=D, requires_grad=True)
+    w0 = torch.randn(3, dtype=D)
+    x, y = torch.randn(5, 3, dtype=D), torch.randn(5, dtype=D)
+    inner = lambda w: ((x @ w - y) ** 2).mean()
+    (value, aux), g = functx.value_and_grad(lambda w: (inner(w) * (1 + lr), lr * 2), has_aux=True)(w0)
+    assert g.requires_grad and value.requires_grad and aux.requires_grad
+    w1 = w0 - lr * g
+    (dlr,) = torch.autograd.grad(inner(w1), lr)
+    ref = AF.jacobian(lambda lr: inner(w0 - lr * (1 + lr) * AF.jacobian(inner, w0)), lr.detach())
+    torch.testing.assert_close(dlr, ref)
+    # saliency: gradient w.r.t. the input of a model whose weights require grad
+    model = torch.nn.Linear(3, 1).double()
+    sal = functx.grad(lambda x: model(x).sum())(x)
+    torch.testing.assert_close(sal, model.weight.detach().expand(5, 3))
+    assert model.weight.grad is None

@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from .._core import plain_eager
 from .._tree import PyTree, describe, leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
 
 MAX_ITER_FACTOR = 10
@@ -300,27 +301,11 @@ def cast_ridge(ridge: float | torch.Tensor | None, layout: Layout) -> float | to
 # --------------------------------------------------------------------------------------
 # Transform-safe iteration.
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting and is_exporting())
-
-
 def early_exit_allowed(*tensors: torch.Tensor | None) -> bool:
-    """Whether a solver may stop early by reading a tensor value (``bool(active)``).
-
-    Only in plain eager mode: no ``torch.func``/functx transform active (the functorch
-    interpreter stack is empty), not compiling, exporting or tracing, and the inputs are
-    plain tensors (not fake, functional or other subclasses). Everywhere else the solvers
-    run ``max_iter`` masked iterations.
-    """
-    if torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return all(t is None or type(t) in _PLAIN for t in tensors)
+    """Whether a solver may stop early by reading a tensor value (``bool(active)``): only in
+    plain eager mode (see ``functx._core.plain_eager``). Everywhere else the solvers run
+    ``max_iter`` masked iterations."""
+    return plain_eager(*tensors)
 
 
 def norm(v: torch.Tensor) -> torch.Tensor:
