@@ -11,9 +11,10 @@ includes optree's global registry; register your own classes with
 subtree.
 """
 
-from . import autograd_functional as autograd_functional, nn as nn, solvers as solvers
+from . import autograd_functional as autograd_functional, implicit as implicit, nn as nn, solvers as solvers
 from ._grad import grad as grad, value_and_grad as value_and_grad
 from ._hessian import hessian as hessian, hvp as hvp
+from ._implicit._root import custom_fixed_point as custom_fixed_point, custom_root as custom_root
 from ._jacobian import jacfwd as jacfwd, jacrev as jacrev
 from ._tree import NAMESPACE as NAMESPACE, ravel_pytree as ravel_pytree
 from ._vjp_jvp import jvp as jvp, linearize as linearize, vjp as vjp
@@ -24,9 +25,12 @@ __version__ = "0.1.0"
 __all__ = [
     "NAMESPACE",
     "autograd_functional",
+    "custom_fixed_point",
+    "custom_root",
     "grad",
     "hessian",
     "hvp",
+    "implicit",
     "jacfwd",
     "jacrev",
     "jvp",

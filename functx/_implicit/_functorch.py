@@ -1,0 +1,261 @@
+"""The only place where implicit differentiation touches torch.func internals.
+
+Three needs that torch has no public API for:
+
+1. **Forward-over-forward through an ``autograd.Function``** (pytorch/pytorch#197867).
+   torch calls a Function's ``jvp`` staticmethod with forward AD switched off globally, so
+   every *outer* forward-mode level (``jacfwd(jacfwd(f))``, ``jvp(jvp(f))``) sees the rule as
+   a constant: second and higher forward derivatives come out silently wrong (zero terms).
+   :func:`forward_rule` fixes this: it removes the running level's tangent from the saved
+   tensors (unwrap one functorch level, rewrap without a tangent) and then switches forward
+   AD back on, so that the rule is recorded by the outer levels and not by its own.
+   :func:`forward_over_forward_ok` checks, once per process, that this fix gives the right
+   third derivative of ``x**4`` on the installed torch; when it does not, the rules raise a
+   clear error for nested forward mode instead of returning wrong numbers.
+2. **Reading a convergence flag under ``vmap``** (:func:`all_true`): the flag is a batched
+   tensor; we peel the functorch wrappers to read every lane at once, for reporting only
+   (the value never flows back into the computation).
+3. **Detecting tensors captured by closure** (:class:`CaptureCheck`): inside a Function's
+   ``forward`` every transform level of the caller is popped, so a captured tensor that a
+   transform is differentiating (or vmapping) shows up as a wrapper of a level that is not
+   live; a captured plain tensor with ``requires_grad=True`` is the eager-mode equivalent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.overrides import TorchFunctionMode
+
+try:  # private torch APIs; every use degrades to "raise a clear error" when missing
+    import torch._C._functorch as _ft
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch.autograd.forward_ad import _set_fwd_grad_enabled
+
+    _HAVE_INTERNALS = True
+except ImportError:  # pragma: no cover - depends on the torch version
+    _HAVE_INTERNALS = False
+
+
+def transforms_active() -> bool:
+    return _HAVE_INTERNALS and torch._C._are_functorch_transforms_active()
+
+
+def _levels(forward_only: bool = False) -> list[int]:
+    """The levels of the live functorch transforms (only the forward-mode ones if asked)."""
+    if not transforms_active():
+        return []
+    interpreters = retrieve_all_functorch_interpreters()
+    return [i.level() for i in interpreters if not forward_only or i.key() == TransformType.Jvp]
+
+
+# --------------------------------------------------------------------------------------
+# 1. Forward-mode rules.
+
+
+def _strip_level(t: torch.Tensor, level: int) -> torch.Tensor:
+    """``t`` without its tangent at functorch level ``level``; every other level is kept."""
+    lvl = _ft.maybe_get_level(t)
+    if lvl < level:
+        return t
+    if _ft.is_batchedtensor(t):  # a vmap level above the rule's (torch's generated vmap rule)
+        inner, bdim = _ft._unwrap_batched(t, lvl)
+        return _ft._add_batch_dim(_strip_level(inner, level), bdim, lvl)
+    if lvl == level:
+        return _ft._wrap_for_grad(_ft._unwrap_for_grad(t, level), level)
+    raise NotImplementedError(  # pragma: no cover - torch never saves such a tensor
+        "functx: unexpected functorch wrapper above the running forward-mode level."
+    )
+
+
+@contextlib.contextmanager
+def forward_rule(saved: Sequence[torch.Tensor], api: str, *, check: bool = True) -> Iterator[list[torch.Tensor]]:
+    """Context for the body of a ``jvp`` staticmethod; yields the usable saved tensors.
+
+    Inside, forward AD is enabled for every level but the running one (whose tangent has
+    been removed from the saved tensors), so the rule is differentiable by outer
+    forward-mode transforms exactly as by outer reverse-mode ones. With ``check``, nested
+    forward mode is refused when :func:`forward_over_forward_ok` fails.
+    """
+    jvp_levels = _levels(forward_only=True)
+    if not jvp_levels:  # pragma: no cover - plain dual numbers are refused at call time
+        yield [fwAD.unpack_dual(t).primal for t in saved]
+        return
+    if check and len(jvp_levels) > 1 and not forward_over_forward_ok():
+        raise NotImplementedError(
+            f"`functx.{api}`: forward-over-forward differentiation (jacfwd(jacfwd(f)), jvp of a "
+            f"jvp) through an implicit function gives wrong results with torch "
+            f"{torch.__version__} (pytorch/pytorch#197867), so functx refuses it. Put a "
+            f"reverse-mode transform on one side instead: `functx.hessian(f, mode='fwd-rev')`, "
+            f"`jacfwd(jacrev(f))`, `jacrev(jacfwd(f))` or `hvp(..., mode='rev-rev')`."
+        )
+    level = max(jvp_levels)
+    with _set_fwd_grad_enabled(True):
+        yield [_strip_level(t, level) for t in saved]
+
+
+def check_no_plain_duals(tensors: Sequence[torch.Tensor], api: str) -> None:
+    """Refuse ``torch.autograd.forward_ad`` dual numbers (outside functorch transforms).
+
+    The rules compute forward-mode products with ``torch.func.jvp``, which cannot open its
+    own level inside a plain dual level; functx's and torch.func's forward transforms work.
+    """
+    if fwAD._current_level < 0 or _levels(forward_only=True):
+        return
+    if any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"`functx.{api}`: torch.autograd.forward_ad dual numbers are not supported by implicit "
+            f"differentiation; use `functx.jvp`/`functx.jacfwd` (or `torch.func.jvp`) instead."
+        )
+
+
+class _Probe(torch.autograd.Function):
+    """``x -> x**2`` with the same rule machinery as the implicit Functions."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+    @staticmethod
+    def jvp(ctx: Any, dx: torch.Tensor) -> torch.Tensor:
+        with forward_rule(ctx.saved_tensors, "probe", check=False) as (x,):
+            return 2 * x * dx
+
+
+@functools.lru_cache(maxsize=None)
+def forward_over_forward_ok() -> bool:
+    """Whether :func:`forward_rule` gives exact nested forward derivatives on this torch.
+
+    Checks the first three derivatives of ``x**4 = Probe(Probe(x))`` at ``x = 3`` by
+    ``jacfwd``, ``jacfwd(jacfwd)`` and ``jacfwd(jacfwd(jacfwd))`` (108, 108, 72).
+    """
+    if not _HAVE_INTERNALS:  # pragma: no cover
+        return False
+    jacfwd = torch.func.jacfwd
+    f = lambda x: _Probe.apply(_Probe.apply(x))
+    x = torch.tensor(3.0, dtype=torch.float64)
+    try:
+        with torch.enable_grad(), _set_fwd_grad_enabled(True):
+            got = [jacfwd(f)(x), jacfwd(jacfwd(f))(x), jacfwd(jacfwd(jacfwd(f)))(x)]
+    except Exception:  # pragma: no cover - a torch change broke the fix: refuse, never guess
+        return False
+    return all(abs(float(g) - w) < 1e-9 for g, w in zip(got, (108.0, 108.0, 72.0)))
+
+
+def revive(tensors: Sequence[Any]) -> list[Any]:
+    """Unwrap dead functorch wrappers (of transforms that have exited), as torch's own
+    operators do implicitly: a ``vjp_fn`` called after its ``vjp`` returned runs backward
+    rules on such tensors, and nested ``torch.func`` calls cannot take them as inputs."""
+    if not _HAVE_INTERNALS:  # pragma: no cover
+        return list(tensors)
+    out = []
+    for t in tensors:
+        while isinstance(t, torch.Tensor) and _ft.is_dead_tensor_wrapper(t):
+            t = _ft.unwrap_if_dead(t)
+        out.append(t)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# 2. Reading flags for reports.
+
+
+def all_true(flag: torch.Tensor) -> bool | None:
+    """``bool(flag.all())`` for every vmap lane, or ``None`` where it cannot be read
+    (under ``torch.compile``/tracing, or on fake/meta tensors)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    t = flag
+    while _HAVE_INTERNALS and _ft.is_functorch_wrapped_tensor(t):
+        t = _ft.get_unwrapped(t)
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type == "meta":
+        return None
+    return bool(t.all())
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """The tensor under every functorch wrapper (all vmap lanes), for report messages."""
+    while _HAVE_INTERNALS and _ft.is_functorch_wrapped_tensor(t):
+        t = _ft.get_unwrapped(t)
+    return t
+
+
+# --------------------------------------------------------------------------------------
+# 3. Closure capture.
+
+
+class CaptureCheck(TorchFunctionMode):
+    """Watch a function's torch calls for captured tensors whose derivatives would be lost.
+
+    A tensor argument of a torch call is *known* if it is an input of the function, the
+    output of an earlier call, or a functorch wrapper (made by a transform inside the
+    function) around a known tensor. Any other tensor was captured (closure or global): it
+    is harmless as a constant, and reported in :attr:`offenders` when it carries
+    derivatives: a plain tensor with ``requires_grad=True`` (eager autograd), or a
+    ``grad``/``jvp`` wrapper made outside the function (an enclosing functorch transform;
+    its level is popped while a Function's ``forward`` runs, and level numbers are reused,
+    so the wrapper chain is what identifies it). Captured ``vmap``-batched tensors are fine:
+    torch restores their level for the Function.
+    """
+
+    def __init__(self, inputs: Sequence[Any]) -> None:
+        super().__init__()
+        self._known = {id(t) for t in inputs if isinstance(t, torch.Tensor)}
+        self._keep: list[Any] = list(inputs)  # keep ids unique while the mode is active
+        self.offenders: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        unknown = [
+            t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and id(t) not in self._known
+        ]
+        out = func(*args, **kwargs)
+        outputs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if outputs and func not in _CONSTANT_MAKERS:  # metadata reads and .detach() are harmless
+            for t in unknown:
+                self._inspect(t)
+        for t in outputs:
+            self._remember(t)
+        return out
+
+    def _remember(self, t: torch.Tensor) -> None:
+        self._known.add(id(t))
+        self._keep.append(t)
+
+    def _inspect(self, t: torch.Tensor) -> None:
+        self._remember(t)
+        tracked, inner = False, t
+        while _HAVE_INTERNALS and _ft.is_functorch_wrapped_tensor(inner):
+            tracked = tracked or _ft.is_gradtrackingtensor(inner)
+            inner = _ft.get_unwrapped(inner)
+            if id(inner) in self._known:
+                return
+        if tracked:
+            self.offenders.append(f"{_short(t)} traced by an enclosing grad/jvp transform")
+        elif inner.requires_grad:
+            self.offenders.append(f"{_short(t)} with requires_grad=True")
+
+
+_CONSTANT_MAKERS = (torch.Tensor.detach, torch.detach)
+
+
+def _short(t: torch.Tensor) -> str:
+    return f"a {t.dtype} tensor of shape {tuple(t.shape)}"
