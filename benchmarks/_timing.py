@@ -2,10 +2,14 @@
 
 Candidates are timed round-robin (one call of each per round) so that load on a shared
 machine hits all of them alike; we report medians and ratios, never single timings.
+As in ``timeit``, the garbage collector is off inside a round and runs, untimed, between
+rounds (whose order rotates): torch.func leaves ~100 cyclic objects per Jacobian call, and
+periodic collections otherwise land on whichever candidate crosses the threshold.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from typing import Callable
@@ -19,11 +23,20 @@ def compare(candidates: dict[str, Callable[[], object]], *, rounds: int = 30, wa
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
+    order = list(candidates.items())
+    enabled = gc.isenabled()
+    try:
+        for k in range(rounds):
+            gc.collect()
+            gc.disable()
+            for name, fn in order[k % len(order):] + order[: k % len(order)]:  # rotate who goes first
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
+            gc.enable()
+    finally:
+        if enabled:
+            gc.enable()
     return {name: statistics.median(times) for name, times in samples.items()}
 
 

@@ -110,10 +110,10 @@ def _blocks(stacked: Tensors, basis_refs: Tensors, other_refs: Tensors, *, rev: 
     """
     sizes = [r.numel() for r in basis_refs]
     # pieces[k][b]: the rows of stacked[k] that belong to basis_refs[b]
-    pieces = [torch.split(s, sizes) for s in stacked]
+    pieces = [torch.split(s, sizes) if len(sizes) > 1 else (s,) for s in stacked]
     if rev:  # basis = outputs (o), other = inputs (i)
         return [
-            [pieces[i][o].reshape(basis_refs[o].shape + other_refs[i].shape) for i in range(len(other_refs))]
+            [_reshaped(pieces[i][o], basis_refs[o].shape + other_refs[i].shape) for i in range(len(other_refs))]
             for o in range(len(basis_refs))
         ]
     return [  # basis = inputs (i), other = outputs (o)
