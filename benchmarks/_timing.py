@@ -1,10 +1,12 @@
 """Shared timing for the benchmark scripts: interleaved medians and markdown tables.
 
-Candidates are timed round-robin (one call of each per round) so that load on a shared
-machine hits all of them alike; we report medians and ratios, never single timings.
-As in ``timeit``, the garbage collector is off inside a round and runs, untimed, between
-rounds (whose order rotates): torch.func leaves ~100 cyclic objects per Jacobian call, and
-periodic collections otherwise land on whichever candidate crosses the threshold.
+Each candidate is timed in blocks of back-to-back calls (about ``block`` seconds each, the
+call count calibrated once, as ``timeit.autorange`` does), and the blocks of all candidates
+are interleaved round-robin, with the order rotating every round, so that load on a shared
+machine hits all of them alike. We report the median per-call time over rounds, and ratios,
+never single timings. As in ``timeit``, the garbage collector is off inside a block and runs,
+untimed, between blocks: torch.func leaves ~100 cyclic objects per Jacobian call, and
+collections would otherwise land on whichever candidate crosses the threshold.
 """
 
 from __future__ import annotations
@@ -17,27 +19,37 @@ from typing import Callable
 import torch
 
 
-def compare(candidates: dict[str, Callable[[], object]], *, rounds: int = 30, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured interleaved."""
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
+def compare(
+    candidates: dict[str, Callable[[], object]], *, rounds: int = 15, warmup: int = 3, block: float = 0.02
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured in interleaved blocks."""
+    numbers = {name: _calibrate(fn, warmup, block) for name, fn in candidates.items()}
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     order = list(candidates.items())
     enabled = gc.isenabled()
     try:
         for k in range(rounds):
-            gc.collect()
-            gc.disable()
             for name, fn in order[k % len(order):] + order[: k % len(order)]:  # rotate who goes first
+                gc.collect()
+                gc.disable()
                 start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
-            gc.enable()
+                for _ in range(numbers[name]):
+                    fn()
+                samples[name].append((time.perf_counter() - start) / numbers[name])
+                gc.enable()
     finally:
         if enabled:
             gc.enable()
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _calibrate(fn: Callable[[], object], warmup: int, block: float) -> int:
+    """How many back-to-back calls of ``fn`` take about ``block`` seconds (at least 1)."""
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    fn()
+    return max(1, int(block / max(time.perf_counter() - start, 1e-7)))
 
 
 def fmt_time(seconds: float) -> str:
