@@ -56,7 +56,7 @@ def per_sample_hessians(quick: bool) -> list[tuple[str, float, float]]:
         ],
     }
     _check_hessians(fast, names, params, loss_tuple)
-    t = compare(fast, rounds=10 if quick else 60, warmup=2)
+    t = compare(fast, rounds=3 if quick else 15, warmup=2)
     # the slow loop runs a whole batch per round, after the fast candidates
     t.update({k: v * 32 / loop_samples for k, v in compare(slow, rounds=1 if quick else 5, warmup=0).items()})
     return [(name, seconds, seconds / t["functx vmap(hessian)"]) for name, seconds in t.items()]
@@ -93,7 +93,7 @@ def overhead(quick: bool) -> list[tuple[str, str, float, float]]:
                 "torch.func.functional_call": lambda: functional_call(model, both, (x,)),
                 "model(x)": lambda: model(x),
             },
-            rounds=200 if quick else 3000,
+            rounds=3 if quick else 15,
             warmup=20,
         )
         base = t["torch.func.functional_call"]
