@@ -94,7 +94,7 @@ def _basis(refs: Tensors, sizes: list[int], start: int, stop: int) -> Tensors:
     """Rows ``start:stop`` of the identity, split column-wise and shaped like ``refs``."""
     pieces, offset = [], 0
     for ref, n in zip(refs, sizes):
-        piece = torch.zeros((stop - start, n), dtype=ref.dtype, device=ref.device)
+        piece = ref.new_zeros((stop - start, n))  # like torch.func: keeps the layout of an enclosing vmap
         piece.diagonal(start - offset).fill_(1)
         pieces.append(piece.view((stop - start,) + tuple(ref.shape)))
         offset += n
