@@ -7,7 +7,6 @@ and time RATIOS measured in the same run (medians over repeats), never absolute 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
 
 import os
 import sys

@@ -33,7 +33,6 @@ from ._tree import (
     tree_unflatten,
 )
 
-Argnums = "int | tuple[int, ...]"
 
 _RANGES: list[tuple[int, ...]] = [tuple(range(n)) for n in range(64)]
 

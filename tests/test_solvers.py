@@ -17,7 +17,7 @@ import torch
 import functx
 from functx import solvers
 from functx._solve._common import early_exit_allowed
-from helpers import Pair, assert_tree_allclose, tree_catalogue, tree_leaves, tree_map
+from helpers import assert_tree_allclose, tree_catalogue, tree_leaves, tree_map
 
 F64, F32 = torch.float64, torch.float32
 N = 12  # unknowns in the pytree systems below
