@@ -52,10 +52,6 @@ def tree_structure(tree: PyTree) -> TreeSpec:
     return optree.tree_structure(tree, namespace=NAMESPACE)
 
 
-def tree_map(func: Callable[..., Any], tree: PyTree, *rests: PyTree) -> PyTree:
-    return optree.tree_map(func, tree, *rests, namespace=NAMESPACE)
-
-
 def leaf_paths(tree: PyTree, root: str) -> list[str]:
     """Human-readable key paths of the leaves of ``tree``, e.g. ``"params['w'][0]"``."""
     accessors, _, _ = optree.tree_flatten_with_accessor(tree, namespace=NAMESPACE)
@@ -112,29 +108,7 @@ _NONE = _NoneMarker()
 
 
 # --------------------------------------------------------------------------------------
-# Tree algebra, used by the linear solvers, implicit differentiation and curvature code.
-# All functions accept trees of tensors with identical structure.
-
-
-def tree_add(x: PyTree, y: PyTree) -> PyTree:
-    return tree_map(torch.add, x, y)
-
-
-def tree_sub(x: PyTree, y: PyTree) -> PyTree:
-    return tree_map(torch.sub, x, y)
-
-
-def tree_scale(alpha: Any, x: PyTree) -> PyTree:
-    return tree_map(lambda leaf: alpha * leaf, x)
-
-
-def tree_axpy(alpha: Any, x: PyTree, y: PyTree) -> PyTree:
-    """``alpha * x + y`` leaf by leaf."""
-    return tree_map(lambda a, b: alpha * a + b, x, y)
-
-
-def tree_zeros_like(x: PyTree) -> PyTree:
-    return tree_map(torch.zeros_like, x)
+# Tree algebra.
 
 
 def tree_vdot(x: PyTree, y: PyTree) -> torch.Tensor:
@@ -143,11 +117,6 @@ def tree_vdot(x: PyTree, y: PyTree) -> torch.Tensor:
     if not terms:
         return torch.zeros(())
     return functools.reduce(torch.add, terms)
-
-
-def tree_norm(x: PyTree) -> torch.Tensor:
-    """Euclidean norm over all leaves."""
-    return tree_vdot(x, x).real.sqrt()
 
 
 def ravel_pytree(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]:
