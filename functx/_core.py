@@ -298,9 +298,8 @@ class Call:
         out_leaves, self.out_spec = tree_flatten(out)
         if not out_leaves:
             raise ValueError(f"`functx.{self.api}`: `func` returned no tensors to differentiate (got {out!r}).")
-        for leaf in out_leaves:
-            if not is_differentiable(leaf):
-                check_out_leaves(out_leaves, out, self.api)
+        if not all(map(is_differentiable, out_leaves)):
+            check_out_leaves(out_leaves, out, self.api)
         return tuple(out_leaves), aux_tensors
 
     def torch_fn(self, *leaves: torch.Tensor) -> Any:
