@@ -23,8 +23,16 @@ def compare(
     candidates: dict[str, Callable[[], object]], *, rounds: int = 15, warmup: int = 3, block: float = 0.02
 ) -> dict[str, float]:
     """Median seconds per call of each candidate, measured in interleaved blocks."""
+    per_round = samples(candidates, rounds=rounds, warmup=warmup, block=block)
+    return {name: statistics.median(times) for name, times in per_round.items()}
+
+
+def samples(
+    candidates: dict[str, Callable[[], object]], *, rounds: int = 15, warmup: int = 3, block: float = 0.02
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate in each round (for paired per-round ratios)."""
     numbers = {name: _calibrate(fn, warmup, block) for name, fn in candidates.items()}
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    times: dict[str, list[float]] = {name: [] for name in candidates}
     order = list(candidates.items())
     enabled = gc.isenabled()
     try:
@@ -35,12 +43,12 @@ def compare(
                 start = time.perf_counter()
                 for _ in range(numbers[name]):
                     fn()
-                samples[name].append((time.perf_counter() - start) / numbers[name])
+                times[name].append((time.perf_counter() - start) / numbers[name])
                 gc.enable()
     finally:
         if enabled:
             gc.enable()
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return times
 
 
 def _calibrate(fn: Callable[[], object], warmup: int, block: float) -> int:

@@ -14,8 +14,9 @@ that load on a shared machine hits them alike; compare the ratios, not the absol
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
-import time
+import sys
 from typing import Callable
 
 import torch
@@ -23,32 +24,14 @@ import torch.autograd.functional as TAF
 
 import functx.autograd_functional as AF
 
-
-def measure(candidates: dict[str, Callable[[], object]], repeats: int, min_time: float) -> dict[str, list[float]]:
-    """Seconds per call of each candidate in each of ``repeats`` rounds (calls batched to
-    last about ``min_time``; the candidates run one after the other in every round)."""
-    numbers = {}
-    for name, fn in candidates.items():
-        fn()  # warm up
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < min_time:
-            fn()
-            n += 1
-        numbers[name] = max(1, n)
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            for _ in range(numbers[name]):
-                fn()
-            samples[name].append((time.perf_counter() - start) / numbers[name])
-    return samples
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import samples  # noqa: E402
 
 
-def speedup(samples: dict[str, list[float]], name: str, than: str = "functx") -> float:
+def speedup(per_round: dict[str, list[float]], name: str, than: str = "functx") -> float:
     """Median over rounds of ``name``'s time / ``than``'s time in the same round (paired
     ratios cancel the load drifts of a shared machine)."""
-    return statistics.median(a / b for a, b in zip(samples[name], samples[than]))
+    return statistics.median(a / b for a, b in zip(per_round[name], per_round[than]))
 
 
 def dense_problem(n: int) -> tuple[Callable, Callable, torch.Tensor]:
@@ -138,15 +121,15 @@ def main() -> None:
     print("| case | torch.autograd.functional | functx.autograd_functional | speedup | target | other |")
     print("|---|---:|---:|---:|---|---|")
     for name, target, candidates in cases():
-        samples = measure(candidates, repeats, min_time)
-        t = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
-        notes = [f"{k}: {t[k]:.3g} ms ({speedup(samples, k):.2f}x)" for k in t if k not in ("original", "functx", "noise")]
-        if "noise" in samples:
-            notes.append(f"noise: the original twice, ratio {speedup(samples, 'noise', 'original'):.2f}")
+        per_round = samples(candidates, rounds=repeats, warmup=1, block=min_time)
+        t = {k: statistics.median(v) * 1e3 for k, v in per_round.items()}
+        notes = [f"{k}: {t[k]:.3g} ms ({speedup(per_round, k):.2f}x)" for k in t if k not in ("original", "functx", "noise")]
+        if "noise" in per_round:
+            notes.append(f"noise: the original twice, ratio {speedup(per_round, 'noise', 'original'):.2f}")
         other = ", ".join(notes)
         print(
             f"| {name} | {t['original']:.3g} ms | {t['functx']:.3g} ms | "
-            f"{speedup(samples, 'original'):.2f}x | {target} | {other} |"
+            f"{speedup(per_round, 'original'):.2f}x | {target} | {other} |"
         )
 
 
