@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -37,7 +37,7 @@ def samples(
     enabled = gc.isenabled()
     try:
         for k in range(rounds):
-            for name, fn in order[k % len(order):] + order[: k % len(order)]:  # rotate who goes first
+            for name, fn in order[k % len(order) :] + order[: k % len(order)]:  # rotate who goes first
                 gc.collect()
                 gc.disable()
                 start = time.perf_counter()

@@ -17,7 +17,7 @@ import argparse
 import os
 import statistics
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.autograd.functional as TAF
@@ -25,7 +25,7 @@ import torch.autograd.functional as TAF
 import functx.autograd_functional as AF
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import samples  # noqa: E402
+from _timing import samples
 
 
 def speedup(per_round: dict[str, list[float]], name: str, than: str = "functx") -> float:
@@ -47,9 +47,7 @@ def mlp_problem(batch: int = 64) -> tuple[Callable, tuple[torch.Tensor, ...], tu
     """Cross-entropy of a 256-512-512-10 tanh MLP: 399,370 parameters."""
     gen = torch.Generator().manual_seed(0)
     sizes = [(256, 512), (512, 512), (512, 10)]
-    params = tuple(
-        p for i, o in sizes for p in (torch.randn(o, i, generator=gen) / i**0.5, torch.zeros(o))
-    )
+    params = tuple(p for i, o in sizes for p in (torch.randn(o, i, generator=gen) / i**0.5, torch.zeros(o)))
     X, y = torch.randn(batch, 256, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
 
     def loss(*ps: torch.Tensor) -> torch.Tensor:
@@ -87,24 +85,42 @@ def cases() -> list[tuple[str, str, dict[str, Callable[[], object]]]]:
     for n in (64, 256):
         out += dense_cases(n)
     loss, params, v = mlp_problem()
-    out.append(("hvp, MLP 399k params", "faster than original vhp", {
-        "original": lambda: TAF.vhp(loss, params, v),
-        "functx": lambda: AF.hvp(loss, params, v),
-        "original hvp": lambda: TAF.hvp(loss, params, v),
-    }))
-    out.append(("jvp, MLP 399k params", "", {
-        "original": lambda: TAF.jvp(loss, params, v),
-        "functx": lambda: AF.jvp(loss, params, v),
-    }))
+    out.append(
+        (
+            "hvp, MLP 399k params",
+            "faster than original vhp",
+            {
+                "original": lambda: TAF.vhp(loss, params, v),
+                "functx": lambda: AF.hvp(loss, params, v),
+                "original hvp": lambda: TAF.hvp(loss, params, v),
+            },
+        )
+    )
+    out.append(
+        (
+            "jvp, MLP 399k params",
+            "",
+            {
+                "original": lambda: TAF.jvp(loss, params, v),
+                "functx": lambda: AF.jvp(loss, params, v),
+            },
+        )
+    )
     small = torch.randn(8)
     f, g = (lambda x: (x.sin() * x).exp()), (lambda x: (x.sin() * x).exp().sum())
     for api, fn in (("vjp", f), ("jvp", f), ("vhp", g), ("hvp", g)):
-        out.append((f"{api}, small (R^8)", "<= 1.10x slower" if api != "hvp" else "", {
-            "original": lambda api=api, fn=fn: getattr(TAF, api)(fn, small, small),
-            "functx": lambda api=api, fn=fn: getattr(AF, api)(fn, small, small),
-            # the original again: its ratio to the original shows this run's noise
-            "noise": lambda api=api, fn=fn: getattr(TAF, api)(fn, small, small),
-        }))
+        out.append(
+            (
+                f"{api}, small (R^8)",
+                "<= 1.10x slower" if api != "hvp" else "",
+                {
+                    "original": lambda api=api, fn=fn: getattr(TAF, api)(fn, small, small),
+                    "functx": lambda api=api, fn=fn: getattr(AF, api)(fn, small, small),
+                    # the original again: its ratio to the original shows this run's noise
+                    "noise": lambda api=api, fn=fn: getattr(TAF, api)(fn, small, small),
+                },
+            )
+        )
     return out
 
 
@@ -123,7 +139,9 @@ def main() -> None:
     for name, target, candidates in cases():
         per_round = samples(candidates, rounds=repeats, warmup=1, block=min_time)
         t = {k: statistics.median(v) * 1e3 for k, v in per_round.items()}
-        notes = [f"{k}: {t[k]:.3g} ms ({speedup(per_round, k):.2f}x)" for k in t if k not in ("original", "functx", "noise")]
+        notes = [
+            f"{k}: {t[k]:.3g} ms ({speedup(per_round, k):.2f}x)" for k in t if k not in ("original", "functx", "noise")
+        ]
         if "noise" in per_round:
             notes.append(f"noise: the original twice, ratio {speedup(per_round, 'noise', 'original'):.2f}")
         other = ", ".join(notes)

@@ -30,15 +30,15 @@ import argparse
 import contextlib
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import compare, fmt_time, markdown_table, setup_threads  # noqa: E402
+from _timing import compare, fmt_time, markdown_table, setup_threads
 
-from functx.implicit import custom_fixed_point, custom_root  # noqa: E402
+from functx.implicit import custom_fixed_point, custom_root
 
 D = torch.float64
 
@@ -193,10 +193,16 @@ def measure(problem, steps_list: list[int], solves: list[str], rounds: int) -> s
         for name, fn in candidates.items():
             seen: dict[int, int] = {}
             grads = fn(seen)
-            rows.append([
-                str(steps), name, fmt_time(times[name]), f"{times[name] / base:.2f}",
-                fmt_bytes(sum(seen.values())), f"{rel_error(grads, reference):.1e}",
-            ])
+            rows.append(
+                [
+                    str(steps),
+                    name,
+                    fmt_time(times[name]),
+                    f"{times[name] / base:.2f}",
+                    fmt_bytes(sum(seen.values())),
+                    f"{rel_error(grads, reference):.1e}",
+                ]
+            )
     header = ["K", "method", "time", "time / implicit", "graph memory (beyond data)", "gradient error"]
     return markdown_table(header, rows)
 

@@ -40,15 +40,25 @@ def per_sample_hessians(quick: bool) -> list[tuple[str, float, float]]:
         return nn.functional.cross_entropy(functional_call(model, p, (xi,))[None], yi[None])
 
     def loss_tuple(i):
-        return lambda *ps: nn.functional.cross_entropy(functional_call(model, dict(zip(names, ps)), (x[i],))[None], y[None, i])
+        return lambda *ps: nn.functional.cross_entropy(
+            functional_call(model, dict(zip(names, ps)), (x[i],))[None], y[None, i]
+        )
 
     loop_samples = 4 if quick else 32
     fast = {
         "functx vmap(hessian)": lambda: functx.vmap(functx.hessian(loss), in_dims=(None, 0, 0))(params, x, y),
-        "torch.func vmap(hessian)": lambda: torch.func.vmap(torch.func.hessian(loss_tf), in_dims=(None, 0, 0))(params, x, y),
-        "torch.func vmap(jacrev(jacrev))": lambda: torch.func.vmap(torch.func.jacrev(torch.func.jacrev(loss_tf)), in_dims=(None, 0, 0))(params, x, y),
-        "torch.func vmap(jacrev(grad))": lambda: torch.func.vmap(torch.func.jacrev(torch.func.grad(loss_tf)), in_dims=(None, 0, 0))(params, x, y),
-        "functx vmap(jacrev(grad))": lambda: functx.vmap(functx.jacrev(functx.grad(loss)), in_dims=(None, 0, 0))(params, x, y),
+        "torch.func vmap(hessian)": lambda: torch.func.vmap(torch.func.hessian(loss_tf), in_dims=(None, 0, 0))(
+            params, x, y
+        ),
+        "torch.func vmap(jacrev(jacrev))": lambda: torch.func.vmap(
+            torch.func.jacrev(torch.func.jacrev(loss_tf)), in_dims=(None, 0, 0)
+        )(params, x, y),
+        "torch.func vmap(jacrev(grad))": lambda: torch.func.vmap(
+            torch.func.jacrev(torch.func.grad(loss_tf)), in_dims=(None, 0, 0)
+        )(params, x, y),
+        "functx vmap(jacrev(grad))": lambda: functx.vmap(functx.jacrev(functx.grad(loss)), in_dims=(None, 0, 0))(
+            params, x, y
+        ),
     }
     slow = {
         "loop of torch.autograd.functional.hessian": lambda: [
@@ -75,12 +85,27 @@ def _check_hessians(fast, names, params, loss_tuple) -> None:
 def overhead(quick: bool) -> list[tuple[str, str, float, float]]:
     torch.manual_seed(0)
     cases = {
-        "MLP 10-32-32-1, batch 8": (nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)), torch.randn(8, 10)),
+        "MLP 10-32-32-1, batch 8": (
+            nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)),
+            torch.randn(8, 10),
+        ),
         "CNN + BatchNorm (eval), batch 8": (
-            nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10)).eval(),
+            nn.Sequential(
+                nn.Conv2d(3, 8, 3),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                nn.Conv2d(8, 8, 3),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.LazyLinear(10),
+            ).eval(),
             torch.randn(8, 3, 12, 12),
         ),
-        "TransformerEncoderLayer d=32, batch 4x16": (nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), torch.randn(4, 16, 32)),
+        "TransformerEncoderLayer d=32, batch 4x16": (
+            nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+            torch.randn(4, 16, 32),
+        ),
     }
     rows = []
     for label, (model, x) in cases.items():

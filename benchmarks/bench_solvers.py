@@ -7,17 +7,16 @@ and time RATIOS measured in the same run (medians over repeats), never absolute 
 from __future__ import annotations
 
 import math
-
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import compare  # noqa: E402
+from _timing import compare
 
-import functx  # noqa: E402
-from functx import solvers  # noqa: E402
+import functx
+from functx import solvers
 
 F64 = torch.float64
 
@@ -46,7 +45,7 @@ def timing_table(n: int = 1000, cond: float = 100.0, batch: int = 16) -> list[st
     gen = torch.Generator().manual_seed(2)
     b = torch.randn(n, dtype=F64, generator=gen)
     bs = torch.randn(batch, n, dtype=F64, generator=gen)
-    mv = lambda x: a @ x  # noqa: E731
+    mv = lambda x: a @ x
     iters = int(solvers.cg(mv, b).iterations)
     tree_b = {f"p{k}": piece for k, piece in enumerate(b.split(n // 4))}
 
@@ -59,24 +58,25 @@ def timing_table(n: int = 1000, cond: float = 100.0, batch: int = 16) -> list[st
     def masked(max_iter: int | None, rhs: torch.Tensor) -> torch.Tensor:
         return functx.vmap(lambda b: solvers.cg(mv, b, max_iter=max_iter).value)(rhs)
 
-    t = compare({
-        "linalg.solve": lambda: torch.linalg.solve(a, b),
-        "cg": lambda: solvers.cg(mv, b),
-        "cg tree": lambda: solvers.cg(tree_mv, tree_b),
-        "minres": lambda: solvers.minres(mv, b),
-        "gmres": lambda: solvers.gmres(mv, b),
-        "bicgstab": lambda: solvers.bicgstab(mv, b),
-        "cg masked default": lambda: masked(None, b[None]),
-        "cg masked tuned": lambda: masked(2 * iters, b[None]),
-        "cg vmap batch": lambda: masked(2 * iters, bs),
-        "cg loop batch": lambda: [solvers.cg(mv, x) for x in bs],
-        "lu each": lambda: [solvers.lu(mv, x) for x in bs],
-        "factor once": lambda: [solvers.factorize(mv, like=b)] + [factor.solve(x) for x in bs],
-    })
-    r = lambda num, den: f"{t[num] / t[den]:.2f}"  # noqa: E731
+    t = compare(
+        {
+            "linalg.solve": lambda: torch.linalg.solve(a, b),
+            "cg": lambda: solvers.cg(mv, b),
+            "cg tree": lambda: solvers.cg(tree_mv, tree_b),
+            "minres": lambda: solvers.minres(mv, b),
+            "gmres": lambda: solvers.gmres(mv, b),
+            "bicgstab": lambda: solvers.bicgstab(mv, b),
+            "cg masked default": lambda: masked(None, b[None]),
+            "cg masked tuned": lambda: masked(2 * iters, b[None]),
+            "cg vmap batch": lambda: masked(2 * iters, bs),
+            "cg loop batch": lambda: [solvers.cg(mv, x) for x in bs],
+            "lu each": lambda: [solvers.lu(mv, x) for x in bs],
+            "factor once": lambda: [solvers.factorize(mv, like=b)] + [factor.solve(x) for x in bs],
+        }
+    )
+    r = lambda num, den: f"{t[num] / t[den]:.2f}"
     return [
-        f"SPD n={n}, cond={cond:g}, float64, {torch.get_num_threads()} thread(s); "
-        f"CG converges in {iters} iterations.",
+        f"SPD n={n}, cond={cond:g}, float64, {torch.get_num_threads()} thread(s); CG converges in {iters} iterations.",
         "",
         "| comparison | time ratio |",
         "|---|---|",
@@ -85,8 +85,7 @@ def timing_table(n: int = 1000, cond: float = 100.0, batch: int = 16) -> list[st
         f"| gmres(restart=20) / cg | {r('gmres', 'cg')} |",
         f"| bicgstab / cg | {r('bicgstab', 'cg')} |",
         f"| cg on a 4-leaf dict / cg on one tensor | {r('cg tree', 'cg')} |",
-        f"| cg masked, default max_iter={min(10 * n, 1000)} (under vmap) / eager | "
-        f"{r('cg masked default', 'cg')} |",
+        f"| cg masked, default max_iter={min(10 * n, 1000)} (under vmap) / eager | {r('cg masked default', 'cg')} |",
         f"| cg masked, max_iter={2 * iters} (under vmap) / eager | {r('cg masked tuned', 'cg')} |",
         f"| vmap over {batch} right-hand sides (max_iter={2 * iters}) / loop of {batch} eager cg | "
         f"{r('cg vmap batch', 'cg loop batch')} |",

@@ -72,7 +72,9 @@ assert error < 1e-10
 grid = torch.logspace(-3, 3, 61, dtype=D)
 grid_losses = functx.vmap(lambda lam: val_loss(lam.log().expand(p)))(grid)  # 61 fits, batched
 best = grid_losses.argmin()
-print(f"grid search, one penalty for all features: lam = {grid[best].item():.3g}, val loss = {grid_losses[best].item():.4f}")
+print(
+    f"grid search, one penalty for all features: lam = {grid[best].item():.3g}, val loss = {grid_losses[best].item():.4f}"
+)
 
 # Per-feature penalties by gradient descent on log(lam), starting from the best single one.
 log_lam = torch.full((p,), grid[best].log().item(), dtype=D)
@@ -86,6 +88,8 @@ for step in range(101):
 
 final = val_loss(log_lam).item()
 print(f"tuned per-feature penalties: val loss = {final:.4f} (grid search best {grid_losses[best].item():.4f})")
-print(f"median penalty on signal features {log_lam[:5].exp().median().item():.3g}, on noise features {log_lam[5:].exp().median().item():.3g}")
+print(
+    f"median penalty on signal features {log_lam[:5].exp().median().item():.3g}, on noise features {log_lam[5:].exp().median().item():.3g}"
+)
 assert final < grid_losses[best].item(), "per-feature tuning should beat the single best penalty"
 assert log_lam[5:].exp().median() > log_lam[:5].exp().median(), "noise features should be penalised more"

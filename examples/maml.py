@@ -93,7 +93,9 @@ for step in range(1, STEPS + 1):
 
 # 3. Evaluate on the new tasks: the learned initialisation adapts better in one step.
 final = evaluate(params, *evaluation).mean()
-print(f"64 new tasks, query loss after one inner step: {initial:.3f} from the initial parameters, {final:.3f} from the meta-learned ones")
+print(
+    f"64 new tasks, query loss after one inner step: {initial:.3f} from the initial parameters, {final:.3f} from the meta-learned ones"
+)
 assert final < initial
 
 # The module itself was never touched.

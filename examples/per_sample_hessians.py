@@ -47,7 +47,9 @@ for i in range(4):
     expected = torch.autograd.functional.hessian(lambda theta: loss(unravel(theta), x[i], y[i]), flat)
     # ravel_pytree orders leaves by sorted key, as the functx pytree policy does
     order = sorted(names)
-    perm = torch.cat([torch.arange(params[a].numel()) + sum(params[b].numel() for b in order[: order.index(a)]) for a in names])
+    perm = torch.cat(
+        [torch.arange(params[a].numel()) + sum(params[b].numel() for b in order[: order.index(a)]) for a in names]
+    )
     torch.testing.assert_close(dense[i], expected[perm][:, perm], rtol=1e-10, atol=1e-12)
 loop = (time.perf_counter() - start) / 4 * len(x)
 print(f"matches torch.autograd.functional.hessian (a loop would take ~{loop * 1e3:.0f} ms for the batch)")

@@ -11,13 +11,23 @@ includes optree's global registry; register your own classes with
 subtree.
 """
 
-from . import autograd_functional as autograd_functional, implicit as implicit, nn as nn, solvers as solvers
-from ._grad import grad as grad, value_and_grad as value_and_grad
-from ._hessian import hessian as hessian, hvp as hvp
-from ._implicit._root import custom_fixed_point as custom_fixed_point, custom_root as custom_root
-from ._jacobian import jacfwd as jacfwd, jacrev as jacrev
-from ._tree import NAMESPACE as NAMESPACE, ravel_pytree as ravel_pytree
-from ._vjp_jvp import jvp as jvp, linearize as linearize, vjp as vjp
+from . import autograd_functional as autograd_functional
+from . import implicit as implicit
+from . import nn as nn
+from . import solvers as solvers
+from ._grad import grad as grad
+from ._grad import value_and_grad as value_and_grad
+from ._hessian import hessian as hessian
+from ._hessian import hvp as hvp
+from ._implicit._root import custom_fixed_point as custom_fixed_point
+from ._implicit._root import custom_root as custom_root
+from ._jacobian import jacfwd as jacfwd
+from ._jacobian import jacrev as jacrev
+from ._tree import NAMESPACE as NAMESPACE
+from ._tree import ravel_pytree as ravel_pytree
+from ._vjp_jvp import jvp as jvp
+from ._vjp_jvp import linearize as linearize
+from ._vjp_jvp import vjp as vjp
 from ._vmap import vmap as vmap
 
 __version__ = "0.1.0"

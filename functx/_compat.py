@@ -21,7 +21,8 @@ this module are never rerun.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.autograd.functional as original
@@ -118,7 +119,7 @@ def call(
         with torch.enable_grad() if create_graph else torch.no_grad():
             tangents = prepare_v(vs, xs, create_graph) if api == "jvp" else None
             result = COMPUTE[api](fn, prepare(xs, create_graph), tangents, strategy)
-    except Exception as err:  # noqa: BLE001 - anything torch.func cannot do: the original decides
+    except Exception as err:
         if getattr(err, "_functx_compat", False):
             raise
         return fallback()
@@ -206,10 +207,12 @@ def as_tuple(value: Any, name: str, api: str) -> tuple[bool, tuple[Any, ...]]:
     for i, entry in enumerate(values):
         if not isinstance(entry, torch.Tensor):
             where = f"value at index {i}" if is_tuple else f"given {name}"
-            raise fail(TypeError(
-                f"The {name} given to {api} must be either a Tensor or a tuple of Tensors but the"
-                f" {where} has type {type(entry)}."
-            ))
+            raise fail(
+                TypeError(
+                    f"The {name} given to {api} must be either a Tensor or a tuple of Tensors but the"
+                    f" {where} has type {type(entry)}."
+                )
+            )
     return is_tuple, values
 
 
@@ -217,10 +220,12 @@ def parse_v(api: str, v: Any, refs: Tensors, is_refs_tuple: bool) -> Tensors | N
     """Validate ``v`` against the inputs ``refs`` (``jvp``, ``hvp``)."""
     if v is None:
         if len(refs) != 1 or refs[0].nelement() != 1:
-            raise fail(RuntimeError(
-                "The vector v can only be None if the input to the user-provided function "
-                "is a single Tensor with a single element."
-            ))
+            raise fail(
+                RuntimeError(
+                    "The vector v can only be None if the input to the user-provided function "
+                    "is a single Tensor with a single element."
+                )
+            )
         return None
     _, vs = as_tuple(v, "v", api)
     if len(vs) != len(refs):
@@ -248,19 +253,21 @@ class Outputs:
         if self.strict:
             for i, o in enumerate(outs):
                 if not o.requires_grad:
-                    raise fail(RuntimeError(
-                        f"Output {i} of the user-provided function does not require gradients."
-                        " The outputs must be computed in a differentiable manner from the input"
-                        " when running in strict mode."
-                    ))
+                    raise fail(
+                        RuntimeError(
+                            f"Output {i} of the user-provided function does not require gradients."
+                            " The outputs must be computed in a differentiable manner from the input"
+                            " when running in strict mode."
+                        )
+                    )
         if not self.scalar:
             return outs
         if self.is_tuple:
             raise fail(RuntimeError(f"The function given to {self.api} should return a single Tensor"))
         if out.nelement() != 1:
-            raise fail(RuntimeError(
-                f"The Tensor returned by the function given to {self.api} should contain a single element"
-            ))
+            raise fail(
+                RuntimeError(f"The Tensor returned by the function given to {self.api} should contain a single element")
+            )
         return out if self.api == "hvp" else out.reshape(())
 
 
@@ -278,12 +285,14 @@ def strict_probe(fn: Outputs, xs: Tensors, create_graph: bool, vectorize: bool, 
     """
     with torch.enable_grad():
         leaves = tuple(x.detach().requires_grad_(True) for x in xs)
-        outs = (_strict_gradient(fn, leaves) if api == "hessian" else fn(*leaves))
+        outs = _strict_gradient(fn, leaves) if api == "hessian" else fn(*leaves)
         if vectorize:
-            raise fail(RuntimeError(
-                "torch.autograd.functional.jacobian: `strict=True` and `vectorized=True` are not "
-                "supported together. Please either set `strict=False` or `vectorize=False`."
-            ))
+            raise fail(
+                RuntimeError(
+                    "torch.autograd.functional.jacobian: `strict=True` and `vectorized=True` are not "
+                    "supported together. Please either set `strict=False` or `vectorize=False`."
+                )
+            )
         for i, out in enumerate(outs):
             if out.nelement() == 0:
                 continue
@@ -292,15 +301,19 @@ def strict_probe(fn: Outputs, xs: Tensors, create_graph: bool, vectorize: bool, 
             )
             for j, g in enumerate(grads):
                 if g is None:
-                    raise fail(RuntimeError(
-                        f"Output {i} of the user-provided function is independent of input {j}. "
-                        "This is not allowed in strict mode."
-                    ))
+                    raise fail(
+                        RuntimeError(
+                            f"Output {i} of the user-provided function is independent of input {j}. "
+                            "This is not allowed in strict mode."
+                        )
+                    )
                 if create_graph and not g.requires_grad:
-                    raise fail(RuntimeError(  # the original names the output index here
-                        f"The jacobian of the user-provided function is independent of input {i}. "
-                        "This is not allowed in strict mode when create_graph=True."
-                    ))
+                    raise fail(
+                        RuntimeError(  # the original names the output index here
+                            f"The jacobian of the user-provided function is independent of input {i}. "
+                            "This is not allowed in strict mode when create_graph=True."
+                        )
+                    )
 
 
 def _strict_gradient(fn: Outputs, leaves: Tensors) -> Tensors:
@@ -310,13 +323,15 @@ def _strict_gradient(fn: Outputs, leaves: Tensors) -> Tensors:
     jac = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads))
     for i, g in enumerate(jac):
         if not g.requires_grad:
-            raise fail(RuntimeError(
-                "While computing the hessian, found that the jacobian of the user-provided"
-                f" function with respect to input {i} is independent of the input. This is not"
-                " allowed in strict mode. You should ensure that your function is twice"
-                " differentiable and that the jacobian depends on the inputs (this would be"
-                " violated by a linear function for example)."
-            ))
+            raise fail(
+                RuntimeError(
+                    "While computing the hessian, found that the jacobian of the user-provided"
+                    f" function with respect to input {i} is independent of the input. This is not"
+                    " allowed in strict mode. You should ensure that your function is twice"
+                    " differentiable and that the jacobian depends on the inputs (this would be"
+                    " violated by a linear function for example)."
+                )
+            )
     return jac
 
 

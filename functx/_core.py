@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -32,7 +33,6 @@ from ._tree import (
     tree_flatten,
     tree_unflatten,
 )
-
 
 _RANGES: list[tuple[int, ...]] = [tuple(range(n)) for n in range(64)]
 
@@ -65,9 +65,7 @@ def check_argnums(argnums: Any, api: str) -> int | tuple[int, ...]:
             raise ValueError(f"`functx.{api}`: `argnums` must not be empty.")
         for a in argnums:
             if not isinstance(a, int) or isinstance(a, bool):
-                raise TypeError(
-                    f"`functx.{api}`: `argnums` must be an int or a tuple of ints, got {argnums!r}."
-                )
+                raise TypeError(f"`functx.{api}`: `argnums` must be an int or a tuple of ints, got {argnums!r}.")
         return tuple(argnums)
     raise TypeError(f"`functx.{api}`: `argnums` must be an int or a tuple of ints, got {argnums!r}.")
 
@@ -92,8 +90,7 @@ def _resolve_argnum(a: int, nargs: int, api: str) -> int:
     i = a + nargs if a < 0 else a
     if not 0 <= i < nargs:
         raise ValueError(
-            f"`functx.{api}`: argnums={a} is out of range: the function was called with "
-            f"{nargs} positional argument(s)."
+            f"`functx.{api}`: argnums={a} is out of range: the function was called with {nargs} positional argument(s)."
         )
     return i
 
@@ -144,11 +141,7 @@ def plain_autograd(*tensors: torch.Tensor) -> bool:
     """Whether plain ``torch.autograd.grad`` computes what ``torch.func`` would: plain eager
     mode, outside inference mode, and no tensor is part of an outer autograd graph (then
     ``torch.func``'s results would be differentiable with respect to it)."""
-    return (
-        plain_eager(*tensors)
-        and not torch.is_inference_mode_enabled()
-        and not any(t.requires_grad for t in tensors)
-    )
+    return plain_eager(*tensors) and not torch.is_inference_mode_enabled() and not any(t.requires_grad for t in tensors)
 
 
 def _is_exporting() -> bool:
@@ -183,8 +176,11 @@ def reaches_other_leaves(outputs: Sequence[torch.Tensor], inputs: Sequence[torch
 
 
 def autograd_grad(
-    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor] | None = None,
-    *, create_graph: bool = False,
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    grad_outputs: Sequence[torch.Tensor] | None = None,
+    *,
+    create_graph: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """``torch.autograd.grad`` with torch.func's conventions: outputs that do not require grad
     are skipped, and inputs they do not reach get zeros."""
@@ -192,8 +188,11 @@ def autograd_grad(
     if not keep:
         return tuple(torch.zeros_like(x) for x in inputs)
     grads = torch.autograd.grad(
-        [outputs[k] for k in keep], inputs, None if grad_outputs is None else [grad_outputs[k] for k in keep],
-        create_graph=create_graph, allow_unused=True,
+        [outputs[k] for k in keep],
+        inputs,
+        None if grad_outputs is None else [grad_outputs[k] for k in keep],
+        create_graph=create_graph,
+        allow_unused=True,
     )
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
 
@@ -226,8 +225,18 @@ class Call:
     """
 
     __slots__ = (
-        "api", "func", "args", "kwargs", "argnums", "has_aux", "roots",
-        "leaves", "in_spec", "out_spec", "aux_spec", "aux_static",
+        "api",
+        "argnums",
+        "args",
+        "aux_spec",
+        "aux_static",
+        "func",
+        "has_aux",
+        "in_spec",
+        "kwargs",
+        "leaves",
+        "out_spec",
+        "roots",
     )
 
     def __init__(
@@ -401,14 +410,10 @@ def check_scalar(out: Any, api: str) -> None:
             f"for non-scalar outputs."
         )
     if not out.is_floating_point():
-        raise TypeError(
-            f"`functx.{api}`: `func` must return a real floating-point scalar, got {describe(out)}."
-        )
+        raise TypeError(f"`functx.{api}`: `func` must return a real floating-point scalar, got {describe(out)}.")
 
 
-def flatten_like(
-    tree: PyTree, spec: TreeSpec, like: Sequence[torch.Tensor], name: str, api: str
-) -> list[torch.Tensor]:
+def flatten_like(tree: PyTree, spec: TreeSpec, like: Sequence[torch.Tensor], name: str, api: str) -> list[torch.Tensor]:
     """Flatten ``tree`` (tangents or cotangents) and check it matches ``spec`` and the
     shapes and dtypes of the reference leaves ``like``."""
     leaves, got = tree_flatten(tree)

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from ._core import Call, all_argnums, autograd_grad, check_argnums, check_bool, check_callable, plain_autograd, reaches_other_leaves
+from ._core import (
+    Call,
+    all_argnums,
+    autograd_grad,
+    check_argnums,
+    check_bool,
+    check_callable,
+    plain_autograd,
+    reaches_other_leaves,
+)
 
 
 def value_and_grad(
@@ -42,9 +52,7 @@ def value_and_grad(
     return _value_and_grad(func, check_argnums(argnums, "value_and_grad"), has_aux, "value_and_grad")
 
 
-def grad(
-    func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: bool = False
-) -> Callable[..., Any]:
+def grad(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: bool = False) -> Callable[..., Any]:
     """Return a function computing the gradient of a scalar ``func``.
 
     ``grad(f)`` is :func:`value_and_grad` without the value; see there for details.
@@ -91,7 +99,9 @@ def _value_and_grad(
     return value_and_grad_fn
 
 
-def grad_and_value_flat(call: Call, leaves: Sequence[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, Any]:
+def grad_and_value_flat(
+    call: Call, leaves: Sequence[torch.Tensor]
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, Any]:
     """``(grads, value, aux_tensors)`` of ``call.scalar_fn`` at ``leaves``.
 
     This is the hot path of every gradient, so it uses the cheapest calling convention of

@@ -18,7 +18,8 @@ reverse: the Jacobian/VJP of the gradient), ``"fwd-rev"`` (forward over reverse,
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -148,7 +149,9 @@ def hvp(
     return result + (call.aux(aux),) if has_aux else result
 
 
-def _with_mode(mode: str, leaves: Sequence[torch.Tensor], *, rev_rev: Callable[[], Any], fwd_rev: Callable[[], Any]) -> Any:
+def _with_mode(
+    mode: str, leaves: Sequence[torch.Tensor], *, rev_rev: Callable[[], Any], fwd_rev: Callable[[], Any]
+) -> Any:
     """Run the ``mode`` composition; ``"auto"`` chooses by device (see the module notes)."""
     if mode == "rev-rev" or (mode == "auto" and _prefers_rev_rev(leaves)):
         return rev_rev()

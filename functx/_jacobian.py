@@ -10,7 +10,8 @@ basis has a single row (scalar outputs in reverse mode, scalar inputs in forward
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -32,7 +33,12 @@ FlatFn = Callable[..., tuple[Tensors, Tensors]]
 
 
 def jacobian_flat(
-    fn: FlatFn, leaves: Sequence[torch.Tensor], *, has_aux: bool, rev: bool, chunk_size: int | None,
+    fn: FlatFn,
+    leaves: Sequence[torch.Tensor],
+    *,
+    has_aux: bool,
+    rev: bool,
+    chunk_size: int | None,
     randomness: str = "error",
 ) -> tuple[Tensors, list[list[torch.Tensor]], Tensors]:
     """Jacobian of a flat function: ``(out_leaves, jac, aux_tensors)``; see the module doc."""
@@ -117,10 +123,7 @@ def _blocks(stacked: Tensors, basis_refs: Tensors, other_refs: Tensors, *, rev: 
             for o in range(len(basis_refs))
         ]
     return [  # basis = inputs (i), other = outputs (o)
-        [
-            pieces[o][i].movedim(0, -1).reshape(other_refs[o].shape + basis_refs[i].shape)
-            for i in range(len(basis_refs))
-        ]
+        [pieces[o][i].movedim(0, -1).reshape(other_refs[o].shape + basis_refs[i].shape) for i in range(len(basis_refs))]
         for o in range(len(other_refs))
     ]
 
@@ -194,7 +197,13 @@ def jacfwd(
 
 
 def _jacobian(
-    func: Callable[..., Any], argnums: Any, has_aux: bool, chunk_size: Any, *, rev: bool, api: str,
+    func: Callable[..., Any],
+    argnums: Any,
+    has_aux: bool,
+    chunk_size: Any,
+    *,
+    rev: bool,
+    api: str,
     randomness: str = "error",
 ) -> Callable[..., Any]:
     check_callable(func, api)

@@ -31,8 +31,8 @@ import functools
 import types
 import warnings
 import weakref
-from collections.abc import Mapping
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ _functorch = getattr(torch._C, "_functorch", None)
 class _Node:
     """One distinct submodule: where each entry of its three dicts comes from."""
 
-    __slots__ = ("module", "cls", "params", "buffers", "children", "sizes", "fixes", "rnn", "norm")
+    __slots__ = ("buffers", "children", "cls", "fixes", "module", "norm", "params", "rnn", "sizes")
 
     def __init__(self, module: nn.Module) -> None:
         self.module, self.cls = module, type(module)
@@ -147,7 +147,9 @@ def _occurrences(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         prefix, module, ancestors = stack.pop()
         yield prefix, module
         inner = ancestors | {id(module)}
-        children = [(prefix + k + ".", m, inner) for k, m in module._modules.items() if m is not None and id(m) not in inner]
+        children = [
+            (prefix + k + ".", m, inner) for k, m in module._modules.items() if m is not None and id(m) not in inner
+        ]
         stack.extend(reversed(children))
 
 
@@ -184,7 +186,9 @@ def _check_convertible(root: nn.Module, api: str) -> None:
                 )
 
 
-def _fixes(module: nn.Module, path: str, position: dict[int, int], tree: dict[int, None], api: str) -> tuple[tuple[str, str, Any], ...]:
+def _fixes(
+    module: nn.Module, path: str, position: dict[int, int], tree: dict[int, None], api: str
+) -> tuple[tuple[str, str, Any], ...]:
     """Per-call redirections of ``module``'s attributes and hooks to the copies.
 
     ``position`` maps ``id`` of each module of the tree to its node; ``tree`` holds the ids
@@ -339,7 +343,9 @@ def _bad_value(group: _Group, k: int, value: Any, api: str) -> None:
     )
 
 
-def build(plan: _Plan, params: list[torch.Tensor], buffers: list[torch.Tensor], training: bool | None) -> list[nn.Module]:
+def build(
+    plan: _Plan, params: list[torch.Tensor], buffers: list[torch.Tensor], training: bool | None
+) -> list[nn.Module]:
     """Fresh shallow copies of every node holding ``params``/``buffers``; root first."""
     nodes = plan.nodes
     copies = [object.__new__(node.cls) for node in nodes]
@@ -400,7 +406,9 @@ def versions(t: torch.Tensor) -> tuple[int, ...] | int:
         t = _functorch.get_unwrapped(t)
 
 
-def buffers_after(plan: _Plan, copies: list[nn.Module], clones: list[torch.Tensor], before: list[Any]) -> tuple[list[torch.Tensor], set[int]]:
+def buffers_after(
+    plan: _Plan, copies: list[nn.Module], clones: list[torch.Tensor], before: list[Any]
+) -> tuple[list[torch.Tensor], set[int]]:
     """The buffers as the forward left them, and the groups it changed (reassigned, or
     changed in place as told by version counters and by :func:`_norm_ran`)."""
     finals, changed = list(clones), set()
@@ -479,7 +487,14 @@ class FunctionalModule:
     def __init__(self, plan: _Plan, training: bool | None) -> None:
         self._plan, self._training = plan, training
 
-    def __call__(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor] | None, /, *args: Any, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        params: Mapping[str, torch.Tensor],
+        buffers: Mapping[str, torch.Tensor] | None,
+        /,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
         """Run the module's forward with ``params`` and ``buffers``; return its output.
 
         Args:
@@ -517,7 +532,14 @@ class FunctionalModule:
             )
         return out
 
-    def stateful(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor] | None, /, *args: Any, **kwargs: Any) -> tuple[Any, TensorDict]:
+    def stateful(
+        self,
+        params: Mapping[str, torch.Tensor],
+        buffers: Mapping[str, torch.Tensor] | None,
+        /,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[Any, TensorDict]:
         """Like calling ``fmodel``, also returning the buffers as the forward left them.
 
         Neither the module nor the tensors in ``buffers`` are written: the forward runs
@@ -545,7 +567,9 @@ class FunctionalModule:
         out, finals, _ = self._run(params, buffers, args, kwargs, "FunctionalModule.stateful")
         return out, dict(zip(self._plan.buffers.names, finals))
 
-    def _run(self, params: Any, buffers: Any, args: tuple[Any, ...], kwargs: dict[str, Any], api: str) -> tuple[Any, list[torch.Tensor], set[int]]:
+    def _run(
+        self, params: Any, buffers: Any, args: tuple[Any, ...], kwargs: dict[str, Any], api: str
+    ) -> tuple[Any, list[torch.Tensor], set[int]]:
         plan = self._plan
         plan.check_fresh(api)
         check_no_parametrize_cache(plan, api)
@@ -558,7 +582,7 @@ class FunctionalModule:
             return out, clones, set()
         return (out, *buffers_after(plan, copies, clones, before))
 
-    def with_training(self, training: bool | None) -> "FunctionalModule":
+    def with_training(self, training: bool | None) -> FunctionalModule:
         """The same function with every submodule in training (``True``) or eval (``False``)
         mode, or following the module's own flags (``None``). The module is not touched.
 
@@ -611,7 +635,9 @@ def check_training(training: Any, api: str) -> bool | None:
     return training
 
 
-def make_functional(module: nn.Module, /, *, training: bool | None = None) -> tuple[FunctionalModule, TensorDict, TensorDict]:
+def make_functional(
+    module: nn.Module, /, *, training: bool | None = None
+) -> tuple[FunctionalModule, TensorDict, TensorDict]:
     """Turn ``module`` into a pure function of its parameters and buffers.
 
     The module is analysed once and never written, not even temporarily: each call runs
@@ -649,7 +675,9 @@ def make_functional(module: nn.Module, /, *, training: bool | None = None) -> tu
     return fmodel, params, buffers
 
 
-def stack(modules: Sequence[nn.Module], /, *, training: bool | None = None) -> tuple[FunctionalModule, TensorDict, TensorDict]:
+def stack(
+    modules: Sequence[nn.Module], /, *, training: bool | None = None
+) -> tuple[FunctionalModule, TensorDict, TensorDict]:
     """Convert an ensemble of same-architecture modules for :func:`functx.vmap`.
 
     Args:
@@ -677,7 +705,9 @@ def stack(modules: Sequence[nn.Module], /, *, training: bool | None = None) -> t
         (torch.Size([4, 5, 2]), True)
     """
     if not isinstance(modules, (list, tuple, nn.ModuleList)):
-        raise TypeError(f"`functx.nn.stack`: `modules` must be a list or tuple of modules, got {type(modules).__name__}.")
+        raise TypeError(
+            f"`functx.nn.stack`: `modules` must be a list or tuple of modules, got {type(modules).__name__}."
+        )
     modules = list(modules)
     if not modules:
         raise ValueError("`functx.nn.stack`: `modules` is empty; pass at least one module.")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Mapping
-from typing import Any, Callable, Iterable, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Union
 
 import torch
 
@@ -66,7 +66,9 @@ def combine(*trees: Mapping[str, Any]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for i, tree in enumerate(trees):
         if not isinstance(tree, Mapping):
-            raise TypeError(f"`functx.nn.combine`: argument {i} must be a dict keyed by names, got {type(tree).__name__}.")
+            raise TypeError(
+                f"`functx.nn.combine`: argument {i} must be a dict keyed by names, got {type(tree).__name__}."
+            )
         for name, value in tree.items():
             if name in merged:
                 raise ValueError(

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optree
 import torch
@@ -93,8 +94,7 @@ def broadcast_prefix(prefix: PyTree, tree: PyTree, root: str, what: str, api: st
         dims = optree.broadcast_prefix(marked, tree, namespace=NAMESPACE)
     except ValueError as err:
         raise ValueError(
-            f"`functx.{api}`: `{what}` must be a tree prefix of {root}, got {what}={prefix!r}. "
-            f"optree says: {err}"
+            f"`functx.{api}`: `{what}` must be a tree prefix of {root}, got {what}={prefix!r}. optree says: {err}"
         ) from None
     return [None if d is _NONE else d for d in dims]
 
@@ -149,8 +149,6 @@ def ravel_pytree(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], P
 
     def unravel(vector: torch.Tensor) -> PyTree:
         pieces = torch.split(vector, sizes) if leaves else []
-        return tree_unflatten(
-            treespec, [p.reshape(s).to(d) for p, s, d in zip(pieces, shapes, dtypes)]
-        )
+        return tree_unflatten(treespec, [p.reshape(s).to(d) for p, s, d in zip(pieces, shapes, dtypes)])
 
     return flat, unravel

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -44,9 +45,7 @@ def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple
     return result + (call.aux(aux),) if has_aux else result
 
 
-def jvp(
-    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = False
-) -> tuple[Any, ...]:
+def jvp(func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = False) -> tuple[Any, ...]:
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents`` (forward mode).
 
     Args:

@@ -12,7 +12,8 @@ batch, so they are the same for every sample.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -89,8 +90,11 @@ def vmap(
             return [t for t, d in tensors if d is not None], [t for t, d in tensors if d is None]
 
         mapped, unmapped = torch.vmap(
-            flat_fn, in_dims=tuple(dims[k] for k in batched), out_dims=(0, None),
-            randomness=randomness, chunk_size=chunk_size,
+            flat_fn,
+            in_dims=tuple(dims[k] for k in batched),
+            out_dims=(0, None),
+            randomness=randomness,
+            chunk_size=chunk_size,
         )(*(leaves[k] for k in batched))
         return _rebuild(outputs, iter(mapped), iter(unmapped))
 

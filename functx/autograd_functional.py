@@ -23,7 +23,8 @@ changes is the engine (the policy, with its measurements, is ``functx._compat.ro
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.autograd.functional as _original
 
@@ -174,8 +175,15 @@ def hessian(
         _original.hessian, func, inputs, create_graph, strict, vectorize, outer_jacobian_strategy
     )
     return _compat.call(
-        "hessian", func, inputs, None, create_graph, strict, fallback,
-        vectorize=vectorize, strategy=outer_jacobian_strategy,
+        "hessian",
+        func,
+        inputs,
+        None,
+        create_graph,
+        strict,
+        fallback,
+        vectorize=vectorize,
+        strategy=outer_jacobian_strategy,
     )
 
 

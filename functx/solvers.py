@@ -36,11 +36,18 @@ they converge; the results are the same either way, up to rounding.
 
 from ._solve._common import Solution as Solution
 from ._solve.bicgstab import bicgstab as bicgstab
-from ._solve.cg import cg as cg, normal_cg as normal_cg
+from ._solve.cg import cg as cg
+from ._solve.cg import normal_cg as normal_cg
 from ._solve.dense import (
     Factorization as Factorization,
+)
+from ._solve.dense import (
     cholesky as cholesky,
+)
+from ._solve.dense import (
     factorize as factorize,
+)
+from ._solve.dense import (
     lu as lu,
 )
 from ._solve.dispatch import solve as solve

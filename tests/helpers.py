@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -76,8 +77,13 @@ def fd_grad(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: flo
 
 
 def check_grads(
-    f: Callable[..., Any], primals: tuple[Any, ...], order: int = 2, eps: float = 1e-6,
-    rtol: float = 1e-6, atol: float = 1e-6, seed: int = 0,
+    f: Callable[..., Any],
+    primals: tuple[Any, ...],
+    order: int = 2,
+    eps: float = 1e-6,
+    rtol: float = 1e-6,
+    atol: float = 1e-6,
+    seed: int = 0,
 ) -> None:
     """JAX's check_grads for functx: at each order up to ``order``, the JVP matches central
     differences and the VJP satisfies <t, vjp(c)> = <jvp(t), c> for random t, c."""
@@ -123,11 +129,11 @@ class GlobalPoint:
     def __init__(self, x: Any, y: Any) -> None:
         self.x, self.y = x, y
 
-    def tree_flatten(self):  # noqa: D401 - optree protocol
+    def tree_flatten(self):
         return (self.x, self.y), None, ("x", "y")
 
     @classmethod
-    def tree_unflatten(cls, metadata: Any, children: Any) -> "GlobalPoint":
+    def tree_unflatten(cls, metadata: Any, children: Any) -> GlobalPoint:
         return cls(*children)
 
 

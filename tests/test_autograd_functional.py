@@ -43,7 +43,7 @@ def outcome(fn):
     """``("ok", result)`` or ``("error", type, message)``."""
     try:
         return ("ok", fn())
-    except Exception as err:  # noqa: BLE001 - the point is to compare
+    except Exception as err:
         return ("error", type(err), str(err))
 
 
@@ -108,19 +108,19 @@ def rand(*shape, dtype=torch.float64, gen=None):
 
 VECTOR_FUNCS = {
     "t->t": (lambda x: x.exp().sum(dim=1), [(3, 2)]),
-    "t->tuple": (lambda x: (x ** 2, x.sum()), [(3,)]),
+    "t->tuple": (lambda x: (x**2, x.sum()), [(3,)]),
     "tuple->t": (lambda x, y: (x.cos() * x) @ y.sin(), [(2, 3), (3, 2)]),
     "tuple->tuple": (lambda x, y: ((x * x) @ y, x @ (x.sum(1) * y), y.sum()), [(2, 3), (3, 2)]),
     "unrelated": (lambda x, y: (x, y, x, y), [(2,), (3,)]),
     "zero-dim": (lambda x, y: (y.sum(), x * y), [(), (1,)]),
-    "scalar-in": (lambda x: torch.stack([x, x ** 2, x.sin()]), [()]),
+    "scalar-in": (lambda x: torch.stack([x, x**2, x.sin()]), [()]),
     "partial": (lambda x, y: x.exp() * 2, [(2,), (3,)]),
 }
 
 SCALAR_FUNCS = {
-    "t": (lambda x: (x ** 3).sum(), [(2, 2)]),
+    "t": (lambda x: (x**3).sum(), [(2, 2)]),
     "tuple": (lambda x, y, z: ((x.relu() * x) @ y.sin() @ z).sum(), [(2, 3), (3, 2), (2, 2)]),
-    "unrelated": (lambda x, y: (x ** 2).sum(), [(2,), (3,)]),
+    "unrelated": (lambda x, y: (x**2).sum(), [(2,), (3,)]),
     "view111": (lambda x: x.exp().sum().view(1, 1, 1), [(3,)]),
     "scalar-in": (lambda x: x.exp() * x, [()]),
     "linear": (lambda x, y: (3 * x).sum() + (x * y).sum(), [(2,), (2,)]),
@@ -159,7 +159,9 @@ def test_jacobian_parity(name, dtype, create_graph, original_calls):
     for vectorize, strategy in itertools.product([False, True], ["reverse-mode", "forward-mode"]):
         with fast_path(original_calls):
             result = AF.jacobian(func, inputs, create_graph=create_graph, vectorize=vectorize, strategy=strategy)
-        assert_same(result, expected if strategy == "reverse-mode" else lists_like(expected, forward), create_graph=create_graph)
+        assert_same(
+            result, expected if strategy == "reverse-mode" else lists_like(expected, forward), create_graph=create_graph
+        )
     assert_same_outcome(
         lambda: AF.jacobian(func, inputs, create_graph, strict=True),
         lambda: TAF.jacobian(func, inputs, create_graph, strict=True),
@@ -177,8 +179,12 @@ def test_hessian_parity(name, dtype, create_graph, original_calls):
     forward = TAF.hessian(func, inputs, vectorize=True, outer_jacobian_strategy="forward-mode")
     for vectorize, strategy in itertools.product([False, True], ["reverse-mode", "forward-mode"]):
         with fast_path(original_calls):
-            result = AF.hessian(func, inputs, create_graph=create_graph, vectorize=vectorize, outer_jacobian_strategy=strategy)
-        assert_same(result, expected if strategy == "reverse-mode" else lists_like(expected, forward), create_graph=create_graph)
+            result = AF.hessian(
+                func, inputs, create_graph=create_graph, vectorize=vectorize, outer_jacobian_strategy=strategy
+            )
+        assert_same(
+            result, expected if strategy == "reverse-mode" else lists_like(expected, forward), create_graph=create_graph
+        )
 
 
 @pytest.mark.parametrize("create_graph", [False, True])
@@ -192,7 +198,9 @@ def test_jvp_vjp_parity(name, dtype, create_graph, forward_mode_jvp, original_ca
         new = AF.jvp(func, inputs, v_in, create_graph)
     assert_same(new, TAF.jvp(func, inputs, v_in, create_graph), create_graph=create_graph)
     v_out = like(func(*(inputs if isinstance(inputs, tuple) else (inputs,))))
-    assert_same(AF.vjp(func, inputs, v_out, create_graph), TAF.vjp(func, inputs, v_out, create_graph), create_graph=create_graph)
+    assert_same(
+        AF.vjp(func, inputs, v_out, create_graph), TAF.vjp(func, inputs, v_out, create_graph), create_graph=create_graph
+    )
 
 
 @pytest.mark.parametrize("create_graph", [False, True])
@@ -366,9 +374,13 @@ ERROR_CASES = {
     "non-scalar output": (SCALAR, lambda M, api: _call(M, api, _foo, torch.rand(4))),
     "bad strategy": (MATRIX, lambda M, api: _call(M, api, _scalar, torch.rand(4), strategy="sideways")),
     "strict and vectorize": (MATRIX, lambda M, api: _call(M, api, _scalar, torch.rand(4), strict=True, vectorize=True)),
-    "strict and forward-mode": (MATRIX, lambda M, api: _call(M, api, _scalar, torch.rand(4), strict=True, strategy="forward-mode")),
+    "strict and forward-mode": (
+        MATRIX,
+        lambda M, api: _call(M, api, _scalar, torch.rand(4), strict=True, strategy="forward-mode"),
+    ),
     "strict, forward-mode, create_graph": (
-        MATRIX, lambda M, api: _call(M, api, _scalar, torch.rand(4), strict=True, strategy="forward-mode", create_graph=True)
+        MATRIX,
+        lambda M, api: _call(M, api, _scalar, torch.rand(4), strict=True, strategy="forward-mode", create_graph=True),
     ),
 }
 
@@ -384,9 +396,7 @@ def _call(M, api, func, inputs, v="default", strict=False, vectorize=False, stra
     return getattr(M, api)(func, inputs, v, strict=strict)
 
 
-@pytest.mark.parametrize(
-    "case,api", [(case, api) for case, (apis, _) in ERROR_CASES.items() for api in apis]
-)
+@pytest.mark.parametrize("case,api", [(case, api) for case, (apis, _) in ERROR_CASES.items() for api in apis])
 def test_errors_match_the_original(case, api, forward_mode_jvp):
     run = ERROR_CASES[case][1]
     new, old = outcome(lambda: run(AF, api)), outcome(lambda: run(TAF, api))
@@ -410,25 +420,25 @@ STRICT_VECTOR = {
     "detached": _detached,
     "disconnected": _disconnected,
     "linear": lambda a: a.clone(),
-    "second output detached": lambda a: (a ** 2, a.detach()),
-    "quadratic": lambda a: a ** 2,
+    "second output detached": lambda a: (a**2, a.detach()),
+    "quadratic": lambda a: a**2,
 }
 STRICT_TUPLE = {
-    "separable": lambda a, b: (a ** 2, b ** 3),
-    "one input unused": lambda a, b: (a ** 2).sum(),
+    "separable": lambda a, b: (a**2, b**3),
+    "one input unused": lambda a, b: (a**2).sum(),
     "coupled": lambda a, b: a * b,
 }
 STRICT_SCALAR = {
     "detached": lambda a: a.detach().sum(),
     "disconnected": lambda a: _disconnected(a).sum(),
     "linear": lambda a: (3 * a).sum(),
-    "cubic": lambda a: (a ** 3).sum(),
-    "quadratic": lambda a: (a ** 2).sum(),
+    "cubic": lambda a: (a**3).sum(),
+    "quadratic": lambda a: (a**2).sum(),
 }
 STRICT_SCALAR_TUPLE = {
-    "separable": lambda a, b: (a ** 3).sum() + (b ** 3).sum(),
-    "coupled": lambda a, b: (a ** 2 * b ** 2).sum(),
-    "one input unused": lambda a, b: (a ** 3).sum(),
+    "separable": lambda a, b: (a**3).sum() + (b**3).sum(),
+    "coupled": lambda a, b: (a**2 * b**2).sum(),
+    "one input unused": lambda a, b: (a**3).sum(),
 }
 
 
@@ -442,12 +452,24 @@ def _strict_cases(vector):
 def test_strict_vector_apis(name, func, nin, create_graph, forward_mode_jvp):
     x = torch.rand(4, dtype=torch.float64, requires_grad=create_graph)
     inputs = x if nin == 1 else (x, torch.rand(4, dtype=torch.float64))
-    assert_same_outcome(lambda: AF.jacobian(func, inputs, create_graph, True), lambda: TAF.jacobian(func, inputs, create_graph, True), create_graph=create_graph)
+    assert_same_outcome(
+        lambda: AF.jacobian(func, inputs, create_graph, True),
+        lambda: TAF.jacobian(func, inputs, create_graph, True),
+        create_graph=create_graph,
+    )
     v_in = like(inputs)
-    assert_same_outcome(lambda: AF.jvp(func, inputs, v_in, create_graph, True), lambda: TAF.jvp(func, inputs, v_in, create_graph, True), create_graph=create_graph)
+    assert_same_outcome(
+        lambda: AF.jvp(func, inputs, v_in, create_graph, True),
+        lambda: TAF.jvp(func, inputs, v_in, create_graph, True),
+        create_graph=create_graph,
+    )
     out = func(*(inputs if nin == 2 else (inputs,)))
     v_out = like(out)
-    assert_same_outcome(lambda: AF.vjp(func, inputs, v_out, create_graph, True), lambda: TAF.vjp(func, inputs, v_out, create_graph, True), create_graph=create_graph)
+    assert_same_outcome(
+        lambda: AF.vjp(func, inputs, v_out, create_graph, True),
+        lambda: TAF.vjp(func, inputs, v_out, create_graph, True),
+        create_graph=create_graph,
+    )
 
 
 @pytest.mark.parametrize("create_graph", [False, True])
@@ -455,7 +477,11 @@ def test_strict_vector_apis(name, func, nin, create_graph, forward_mode_jvp):
 def test_strict_scalar_apis(name, func, nin, create_graph):
     x = torch.rand(4, dtype=torch.float64, requires_grad=create_graph)
     inputs = x if nin == 1 else (x, torch.rand(4, dtype=torch.float64))
-    assert_same_outcome(lambda: AF.hessian(func, inputs, create_graph, True), lambda: TAF.hessian(func, inputs, create_graph, True), create_graph=create_graph)
+    assert_same_outcome(
+        lambda: AF.hessian(func, inputs, create_graph, True),
+        lambda: TAF.hessian(func, inputs, create_graph, True),
+        create_graph=create_graph,
+    )
     v = like(inputs)
     for api in ("hvp", "vhp"):
         assert_same_outcome(
@@ -467,7 +493,7 @@ def test_strict_scalar_apis(name, func, nin, create_graph):
 
 def test_strict_probe_is_cheap(original_calls):
     # strict jacobian/hessian check connectivity with plain autograd, then run the fast path
-    f = lambda a: (a ** 3).sum()
+    f = lambda a: (a**3).sum()
     x = torch.rand(16, dtype=torch.float64)
     new = AF.hessian(f, x, strict=True), AF.jacobian(torch.sin, x, strict=True)
     assert original_calls == {}
@@ -500,7 +526,7 @@ class LegacySquare(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return x ** 2
+        return x**2
 
     @staticmethod
     def backward(ctx, grad):
@@ -553,8 +579,8 @@ def test_no_warnings():
     x = torch.randn(3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        AF.jacobian(lambda a: a ** 2, x, vectorize=True)
-        AF.hessian(lambda a: (a ** 2).sum(), x, vectorize=True)
+        AF.jacobian(lambda a: a**2, x, vectorize=True)
+        AF.hessian(lambda a: (a**2).sum(), x, vectorize=True)
     assert not caught, [str(w.message) for w in caught]
 
 
@@ -584,11 +610,11 @@ def test_forward_mode_without_vectorize_and_with_create_graph():
 def test_jacobian_inside_hessian_parity():
     def f(x):
         J = AF.jacobian(lambda t: t.sin() * t.sum(), x, create_graph=True)
-        return (J ** 2).sum()
+        return (J**2).sum()
 
     def f_old(x):
         J = TAF.jacobian(lambda t: t.sin() * t.sum(), x, create_graph=True)
-        return (J ** 2).sum()
+        return (J**2).sum()
 
     x = rand(3)
     assert_same(AF.hessian(f, x), TAF.hessian(f_old, x))
@@ -597,20 +623,20 @@ def test_jacobian_inside_hessian_parity():
 def test_matches_independent_closed_forms():
     # f(x) = sum(x^3) / 3 + x0 * x1: gradient x^2 + (x1, x0, 0), Hessian diag(2x) + swap
     x = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
-    f = lambda t: (t ** 3).sum() / 3 + t[0] * t[1]
+    f = lambda t: (t**3).sum() / 3 + t[0] * t[1]
     H = torch.diag(2 * x)
     H[0, 1] = H[1, 0] = 1.0
     torch.testing.assert_close(AF.hessian(f, x), H)
     v = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
     torch.testing.assert_close(AF.hvp(f, x, v)[1], H @ v)
-    J = AF.jacobian(lambda t: t ** 2, x)
+    J = AF.jacobian(lambda t: t**2, x)
     torch.testing.assert_close(J, torch.diag(2 * x))
 
 
 def test_vmap_over_the_drop_in():
     # per-sample Hessians and Jacobians: vmap composes with the fast path (the original's
     # requires_grad_() cannot run under vmap), checked against a loop over the original
-    g = lambda x: (x ** 3).sum() + x[0] * x[1] * x[2].sin()
+    g = lambda x: (x**3).sum() + x[0] * x[1] * x[2].sin()
     xs = torch.randn(5, 3, dtype=torch.float64)
     H = torch.vmap(lambda x: AF.hessian(g, x))(xs)
     torch.testing.assert_close(H, torch.stack([TAF.hessian(g, x) for x in xs]))

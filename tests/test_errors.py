@@ -31,8 +31,13 @@ def raises(exc, fragment, api):
 @pytest.mark.parametrize("api", ["grad", "value_and_grad", "jacrev", "jacfwd", "hessian"])
 @pytest.mark.parametrize(
     "argnums, exc, fragment",
-    [("0", TypeError, "argnums"), (1.0, TypeError, "argnums"), (True, TypeError, "argnums"),
-     ((0, "a"), TypeError, "argnums"), ((), ValueError, "must not be empty")],
+    [
+        ("0", TypeError, "argnums"),
+        (1.0, TypeError, "argnums"),
+        (True, TypeError, "argnums"),
+        ((0, "a"), TypeError, "argnums"),
+        ((), ValueError, "must not be empty"),
+    ],
 )
 def test_argnums_form_rejected_when_transform_is_created(api, argnums, exc, fragment):
     with raises(exc, fragment, api):

@@ -311,14 +311,18 @@ def test_dict_solution_with_intercept(ridge):
 def test_kwargs_are_differentiated(ridge):
     solver = ridge.solver(symmetric=True)
     lam = torch.tensor(LAM, dtype=D)
-    L = lambda lam: 0.5 * ((ridge.Xv @ solver(torch.zeros(ridge.p, dtype=D), lam=lam, X=ridge.X, y=ridge.y) - ridge.yv) ** 2).sum()
+    L = lambda lam: (
+        0.5 * ((ridge.Xv @ solver(torch.zeros(ridge.p, dtype=D), lam=lam, X=ridge.X, y=ridge.y) - ridge.yv) ** 2).sum()
+    )
     torch.testing.assert_close(functx.grad(L)(lam), ridge.scalar_derivatives(lam)[0], **TOL)
 
 
 def test_init_gets_no_derivative(ridge):
     solver = ridge.solver(symmetric=True)
     init = torch.ones(ridge.p, dtype=D)
-    grads = functx.grad(lambda init, lam: solver(init, lam, ridge.X, ridge.y).sum(), argnums=(0, 1))(init, torch.tensor(LAM, dtype=D))
+    grads = functx.grad(lambda init, lam: solver(init, lam, ridge.X, ridge.y).sum(), argnums=(0, 1))(
+        init, torch.tensor(LAM, dtype=D)
+    )
     torch.testing.assert_close(grads[0], torch.zeros_like(init))
 
 
@@ -332,7 +336,9 @@ def test_has_aux_returns_aux_and_vmaps(ridge):
     init = torch.zeros(ridge.p, dtype=D)
     z, aux = solver(init, lam, ridge.X, ridge.y)
     assert aux["method"] == "cg" and aux["iterations"].dtype == torch.int64 and int(aux["iterations"]) > 0
-    grad, aux = functx.grad(lambda l: (solver(init, l, ridge.X, ridge.y)[0].sum(), solver(init, l, ridge.X, ridge.y)[1]), has_aux=True)(lam)
+    grad, aux = functx.grad(
+        lambda l: (solver(init, l, ridge.X, ridge.y)[0].sum(), solver(init, l, ridge.X, ridge.y)[1]), has_aux=True
+    )(lam)
     A, z_ref, _ = ridge.pieces(lam)
     torch.testing.assert_close(grad, -torch.linalg.solve(A, z_ref).sum(), **TOL)
     zs, auxs = functx.vmap(lambda l: solver(init, l, ridge.X, ridge.y))(torch.tensor([0.5, 1.0], dtype=D))
@@ -503,7 +509,9 @@ def test_implicit_jacobian_several_params_pytrees_and_vmap(ridge):
     jvps = implicit_jacobian(k, zt, pt, ridge.y, jvp_vec=({"lam": torch.ones_like(lam)}, torch.zeros_like(ridge.y)))
     assert_tree_allclose(jvps[0], {"w": -B @ z}, **TOL)
     assert_tree_allclose(jvps[1], {"w": torch.zeros_like(z)}, **TOL)
-    (grad_lam, _), (hess_lam, _) = implicit_hessian(k, zt, pt, ridge.y, Dg={"w": g}, Hg={"w": {"w": ridge.Xv.T @ ridge.Xv}})
+    (grad_lam, _), (hess_lam, _) = implicit_hessian(
+        k, zt, pt, ridge.y, Dg={"w": g}, Hg={"w": {"w": ridge.Xv.T @ ridge.Xv}}
+    )
     grad, hess = ridge.vector_derivatives(lam)
     assert_tree_allclose(grad_lam, {"lam": grad}, **TOL)
     assert_tree_allclose(hess_lam, {"lam": {"lam": hess}}, **TOL)
@@ -591,5 +599,9 @@ def test_float32_default_tolerances(ridge):
     solver = custom_root(lambda z, lam, X, y: X.T @ (X @ z - y) + lam * z, symmetric=True)(
         lambda init, lam, X, y: torch.linalg.solve(X.T @ X + lam * torch.eye(ridge.p), X.T @ y)
     )
-    L = lambda lam: 0.5 * ((ridge32.Xv @ solver(torch.zeros(ridge.p), lam, ridge32.X, ridge32.y) - ridge32.yv) ** 2).sum()
-    torch.testing.assert_close(functx.grad(L)(lam).double(), ridge.scalar_derivatives(lam.double())[0], rtol=1e-4, atol=1e-5)
+    L = lambda lam: (
+        0.5 * ((ridge32.Xv @ solver(torch.zeros(ridge.p), lam, ridge32.X, ridge32.y) - ridge32.yv) ** 2).sum()
+    )
+    torch.testing.assert_close(
+        functx.grad(L)(lam).double(), ridge.scalar_derivatives(lam.double())[0], rtol=1e-4, atol=1e-5
+    )

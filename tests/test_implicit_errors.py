@@ -94,7 +94,9 @@ def test_bad_callables():
 
 def test_solver_returns_integers():
     solver = custom_root(lambda z, lam: z - lam)(lambda init, lam: torch.ones(2, dtype=torch.int64))
-    with pytest.raises(TypeError, match="every leaf of the solver's solution must be a floating-point tensor, but z is a torch.int64"):
+    with pytest.raises(
+        TypeError, match="every leaf of the solver's solution must be a floating-point tensor, but z is a torch.int64"
+    ):
         solver(INIT, LAM)
 
 
@@ -115,7 +117,9 @@ def test_optimality_fn_structure_and_shape():
     with pytest.raises(ValueError, match="`optimality_fn` must return a pytree with the structure of the solution z"):
         wrong_structure(INIT, LAM, X, Y)
     wrong_shape = custom_root(lambda z, *a: F(z, *a)[:-1])(exact)
-    with pytest.raises(ValueError, match=r"shaped like the solution z .* output is a torch.float64 tensor of shape \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"shaped like the solution z .* output is a torch.float64 tensor of shape \(4,\)"
+    ):
         wrong_shape(INIT, LAM, X, Y)
 
 
@@ -130,7 +134,9 @@ def test_user_solve_returns_wrong_structure():
     with pytest.raises(ValueError, match="the linear `solve` must return a pytree shaped like its right-hand side"):
         functx.grad(loss_of(solver))(LAM)
     solver = custom_root(F, solve=lambda matvec, b: 0.0)(exact)
-    with pytest.raises(TypeError, match="the linear `solve` returned a value of type float where a tensor was expected"):
+    with pytest.raises(
+        TypeError, match="the linear `solve` returned a value of type float where a tensor was expected"
+    ):
         functx.grad(loss_of(solver))(LAM)
 
 
@@ -146,7 +152,9 @@ def _sloppy(init, lam, X, y):  # a few gradient steps: not a root
 
 
 def test_forward_residual_warns_by_default():
-    with pytest.warns(NonConvergenceWarning, match=r"the solver's output is not a root: \|\|optimality_fn\(z, \.\.\.\)\|\|"):
+    with pytest.warns(
+        NonConvergenceWarning, match=r"the solver's output is not a root: \|\|optimality_fn\(z, \.\.\.\)\|\|"
+    ):
         custom_root(F)(_sloppy)(INIT, LAM, X, Y)
 
 
@@ -312,21 +320,65 @@ def k_fn(z, lam):
     [
         (lambda: implicit_jacobian(3, _root_at(LAM), LAM), TypeError, "`k_fn` must be callable"),
         (lambda: implicit_jacobian(k_fn, _root_at(LAM)), TypeError, "pass at least one parameter"),
-        (lambda: implicit_jacobian(k_fn, _root_at(LAM), {}), ValueError, "`params[0]` must contain at least one tensor"),
+        (
+            lambda: implicit_jacobian(k_fn, _root_at(LAM), {}),
+            ValueError,
+            "`params[0]` must contain at least one tensor",
+        ),
         (lambda: implicit_hessian(k_fn, _root_at(LAM), LAM, jvp_vec=LAM), ValueError, "`Hg` and `jvp_vec` need `Dg`"),
-        (lambda: implicit_jacobian(k_fn, _root_at(LAM), torch.tensor(1)), TypeError, "params[0] must be a floating-point tensor"),
+        (
+            lambda: implicit_jacobian(k_fn, _root_at(LAM), torch.tensor(1)),
+            TypeError,
+            "params[0] must be a floating-point tensor",
+        ),
         (lambda: implicit_jacobian(k_fn, _root_at(LAM).long(), LAM), TypeError, "z must be a floating-point tensor"),
         (lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, Dg=INIT, jvp_vec=LAM), ValueError, "at most one of `Dg`"),
-        (lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, Dg=INIT[:2]), ValueError, "Dg is a torch.float64 tensor of shape (2,)"),
-        (lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, Dg={"z": INIT}), ValueError, "`Dg` must have the structure of `z`"),
-        (lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, jvp_vec=(LAM, LAM)), ValueError, "one tangent per parameter (1)"),
-        (lambda: implicit_hessian(k_fn, _root_at(LAM), LAM, Hg=torch.eye(P)), ValueError, "`Hg` and `jvp_vec` need `Dg`"),
-        (lambda: implicit_hessian(k_fn, _root_at(LAM), LAM, Dg=INIT, Hg=torch.eye(3)), ValueError, "`Hg` must be a callable"),
+        (
+            lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, Dg=INIT[:2]),
+            ValueError,
+            "Dg is a torch.float64 tensor of shape (2,)",
+        ),
+        (
+            lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, Dg={"z": INIT}),
+            ValueError,
+            "`Dg` must have the structure of `z`",
+        ),
+        (
+            lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, jvp_vec=(LAM, LAM)),
+            ValueError,
+            "one tangent per parameter (1)",
+        ),
+        (
+            lambda: implicit_hessian(k_fn, _root_at(LAM), LAM, Hg=torch.eye(P)),
+            ValueError,
+            "`Hg` and `jvp_vec` need `Dg`",
+        ),
+        (
+            lambda: implicit_hessian(k_fn, _root_at(LAM), LAM, Dg=INIT, Hg=torch.eye(3)),
+            ValueError,
+            "`Hg` must be a callable",
+        ),
         (lambda: root_vjp(k_fn, _root_at(LAM), LAM, INIT), TypeError, "`args` must be a tuple"),
-        (lambda: root_vjp(k_fn, _root_at(LAM), (LAM,), INIT[:3]), ValueError, "cotangent is a torch.float64 tensor of shape (3,)"),
-        (lambda: root_jvp(k_fn, _root_at(LAM), (LAM,), LAM), TypeError, "`tangents` must be a tuple with one entry per entry of `args`"),
-        (lambda: root_jvp(k_fn, _root_at(LAM), (LAM,), ((LAM,),)), ValueError, "`tangents[0]` must have the structure of the argument"),
-        (lambda: root_jvp(k_fn, _root_at(LAM), (LAM,), (INIT,)), ValueError, "tangents[0] is a torch.float64 tensor of shape (5,)"),
+        (
+            lambda: root_vjp(k_fn, _root_at(LAM), (LAM,), INIT[:3]),
+            ValueError,
+            "cotangent is a torch.float64 tensor of shape (3,)",
+        ),
+        (
+            lambda: root_jvp(k_fn, _root_at(LAM), (LAM,), LAM),
+            TypeError,
+            "`tangents` must be a tuple with one entry per entry of `args`",
+        ),
+        (
+            lambda: root_jvp(k_fn, _root_at(LAM), (LAM,), ((LAM,),)),
+            ValueError,
+            "`tangents[0]` must have the structure of the argument",
+        ),
+        (
+            lambda: root_jvp(k_fn, _root_at(LAM), (LAM,), (INIT,)),
+            ValueError,
+            "tangents[0] is a torch.float64 tensor of shape (5,)",
+        ),
     ],
 )
 def test_sensitivity_and_primitive_errors(call, exc, fragment):

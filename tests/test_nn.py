@@ -15,13 +15,12 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_tree_allclose
 from torch import nn
-from torch.nn.utils import parametrize
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, parametrize
 
 import functx
 import functx.nn as fnn
-from helpers import assert_tree_allclose
 
 D = torch.float64
 
@@ -40,8 +39,14 @@ def snapshot(module: nn.Module, aliases: bool = True) -> dict:
         ],
         "buffers": [(n, b, b.clone()) for n, b in module.named_buffers(remove_duplicate=not aliases)],
         "modules": [
-            (n, m, type(m), m.training, {k: id(v) for k, v in m.__dict__.items()},
-             [id(w) for w in m.__dict__.get("_flat_weights", [])])
+            (
+                n,
+                m,
+                type(m),
+                m.training,
+                {k: id(v) for k, v in m.__dict__.items()},
+                [id(w) for w in m.__dict__.get("_flat_weights", [])],
+            )
             for n, m in module.named_modules()
         ],
     }
@@ -76,7 +81,10 @@ def assert_tensors_untouched(tree: dict, snap: dict) -> None:
 
 def perturbed(tree: dict, scale: float = 0.1, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {k: v + scale * torch.randn(v.shape, dtype=v.dtype, generator=g) if v.is_floating_point() else v.clone() for k, v in tree.items()}
+    return {
+        k: v + scale * torch.randn(v.shape, dtype=v.dtype, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in tree.items()
+    }
 
 
 def reference(module: nn.Module, params: dict, buffers: dict, training: bool | None = None) -> nn.Module:
@@ -139,7 +147,10 @@ class WithKwargs(nn.Module):
 
 ZOO = {
     "mlp": (lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), (5, 4)),
-    "cnn_bn_eval": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2)).eval(), (5, 2, 6, 6)),
+    "cnn_bn_eval": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2)).eval(),
+        (5, 2, 6, 6),
+    ),
     "lstm": (lambda: nn.LSTM(3, 4, num_layers=2, batch_first=True), (2, 5, 3)),
     "gru": (lambda: nn.GRU(3, 4, bidirectional=True), (5, 2, 3)),
     "transformer": (lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), (2, 5, 8)),
@@ -238,7 +249,9 @@ def test_kwargs_belong_to_forward():
 
 
 def bn_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, momentum=0.3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2)).to(D)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, momentum=0.3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2)
+    ).to(D)
 
 
 def test_batchnorm_train_stateful_matches_module_and_never_writes():
@@ -264,7 +277,9 @@ def test_plain_call_refuses_to_drop_buffer_updates():
     fmodel, params, buffers = fnn.make_functional(module)
     given = tensors_snapshot(buffers)
     x = torch.randn(4, 2, 6, 6, dtype=D)
-    with pytest.raises(ValueError, match=r"updated buffer\(s\) '1.running_mean', '1.running_var', '1.num_batches_tracked'.*stateful"):
+    with pytest.raises(
+        ValueError, match=r"updated buffer\(s\) '1.running_mean', '1.running_var', '1.num_batches_tracked'.*stateful"
+    ):
         fmodel(params, buffers, x)
     # eval mode, per converted function or per call: no update, no error, module untouched
     expected = copy.deepcopy(module).eval()(x)
@@ -562,7 +577,9 @@ def test_partition_and_combine_errors():
 
 
 def test_stack_matches_members_and_validates():
-    members = [nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(D).eval() for _ in range(3)]
+    members = [
+        nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(D).eval() for _ in range(3)
+    ]
     for m in members:
         with torch.no_grad():
             m[1].running_mean.normal_()
@@ -575,12 +592,16 @@ def test_stack_matches_members_and_validates():
     for m, s in zip(members, snaps):
         assert_untouched(m, s)
     with pytest.raises(ValueError, match="differs from modules\\[0\\] in its parameters"):
-        fnn.stack([members[0], nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2)).to(D).eval()])
+        fnn.stack(
+            [members[0], nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2)).to(D).eval()]
+        )
     with pytest.raises(ValueError, match="training"):
         fnn.stack([members[0], copy.deepcopy(members[0]).train()])
     mixed = [members[0], copy.deepcopy(members[1]).train()]
     f_eval, p_eval, b_eval = fnn.stack(mixed, training=False)  # flags do not matter when forced
-    assert_tree_allclose(functx.vmap(f_eval, in_dims=(0, 0, None))(p_eval, b_eval, x)[1], members[1](x), rtol=1e-12, atol=1e-12)
+    assert_tree_allclose(
+        functx.vmap(f_eval, in_dims=(0, 0, None))(p_eval, b_eval, x)[1], members[1](x), rtol=1e-12, atol=1e-12
+    )
     with pytest.raises(ValueError, match="empty"):
         fnn.stack([])
     with pytest.raises(TypeError, match="list or tuple"):
@@ -623,7 +644,9 @@ def test_call_errors():
         fmodel({**params, "1.running_mean": buffers["1.running_mean"]}, buffers, x)
     with pytest.raises(TypeError, match=r"params\['0.weight'\] must be a tensor, got list"):
         fmodel({**params, "0.weight": params["0.weight"].tolist()}, buffers, x)
-    with pytest.raises(ValueError, match=r"params\['0.bias'\] has shape \(5,\) but the module's tensor has shape \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"params\['0.bias'\] has shape \(5,\) but the module's tensor has shape \(4,\)"
+    ):
         fmodel({**params, "0.bias": torch.zeros(5, dtype=D)}, buffers, x)
     with pytest.raises(TypeError, match="`training` must be True, False or None"):
         fmodel.with_training("eval")
@@ -636,7 +659,9 @@ def test_parametrized_override_by_plain_name_is_refused():
     fmodel, params, buffers = fnn.make_functional(net)
     assert "0.parametrizations.weight.original" in params and "0.weight" not in params
     x = torch.randn(3, 4, dtype=D)
-    with pytest.raises(ValueError, match=r"params\['0.weight'\] is computed by a parametrization.*'0.parametrizations.weight.original'"):
+    with pytest.raises(
+        ValueError, match=r"params\['0.weight'\] is computed by a parametrization.*'0.parametrizations.weight.original'"
+    ):
         fmodel({**params, "0.weight": torch.eye(4, dtype=D)}, buffers, x)
     with parametrize.cached():
         with pytest.raises(RuntimeError, match="parametrize.cached"):

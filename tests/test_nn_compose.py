@@ -11,13 +11,13 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_tree_allclose, check_grads
+from test_nn import Symmetric, TiedLM, parametrized_net
 from torch import nn
 from torch.nn.utils import parametrize
 
 import functx
 import functx.nn as fnn
-from helpers import assert_tree_allclose, check_grads
-from test_nn import Symmetric, TiedLM, parametrized_net
 
 D = torch.float64
 NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
@@ -73,10 +73,12 @@ def test_per_sample_grads_match_autograd_loop():
 
 
 def hessian_reference(params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.stack([
-        torch.autograd.functional.hessian(lambda th: sq(closed_form(unflat(th, params), x[i]), y[i]), flat(params))
-        for i in range(len(x))
-    ])
+    return torch.stack(
+        [
+            torch.autograd.functional.hessian(lambda th: sq(closed_form(unflat(th, params), x[i]), y[i]), flat(params))
+            for i in range(len(x))
+        ]
+    )
 
 
 def test_per_sample_hessians_match_autograd_functional_loop():
@@ -93,7 +95,16 @@ def test_vmap_hvp_matches_reference_hessian():
     fmodel, params, buffers = fnn.make_functional(mlp())
     x, y = data(4)
     V = torch.randn(len(x), flat(params).numel(), dtype=D)
-    tangents = {n: t for n, t in zip(NAMES, [v.reshape(len(x), *params[n].shape) for v, n in zip(torch.split(V, [params[n].numel() for n in NAMES], 1), NAMES)])}
+    tangents = {
+        n: t
+        for n, t in zip(
+            NAMES,
+            [
+                v.reshape(len(x), *params[n].shape)
+                for v, n in zip(torch.split(V, [params[n].numel() for n in NAMES], 1), NAMES)
+            ],
+        )
+    }
 
     def hvp_one(xi, yi, vi):
         grads, (hv,) = functx.hvp(lambda p: sq(fmodel(p, buffers, xi), yi), (params,), (vi,))
@@ -101,7 +112,9 @@ def test_vmap_hvp_matches_reference_hessian():
 
     Hv = functx.vmap(hvp_one)(x, y, tangents)
     expected = torch.einsum("bij,bj->bi", hessian_reference(params, x, y), V)
-    torch.testing.assert_close(torch.stack([flat({n: Hv[n][i] for n in NAMES}) for i in range(len(x))]), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        torch.stack([flat({n: Hv[n][i] for n in NAMES}) for i in range(len(x))]), expected, rtol=1e-10, atol=1e-12
+    )
 
 
 def test_maml_grad_of_grad_matches_autograd():
@@ -166,7 +179,9 @@ def test_tied_gradient_sums_both_uses():
     assert list(grads) == ["embed.weight"]
     torch.testing.assert_close(grads["embed.weight"], expected["embed.weight"], rtol=1e-10, atol=1e-12)
     # both uses contribute: the decoder's use alone gives a different gradient
-    decoder_only = functx.grad(lambda w: sq(torch.tanh(params["embed.weight"][tokens]) @ w.T, targets))(params["embed.weight"])
+    decoder_only = functx.grad(lambda w: sq(torch.tanh(params["embed.weight"][tokens]) @ w.T, targets))(
+        params["embed.weight"]
+    )
     assert (decoder_only - grads["embed.weight"]).abs().max() > 1e-3
 
 
@@ -192,7 +207,10 @@ def test_lstm_grad_and_hessian_vector_product():
     v = {k: torch.randn_like(t) for k, t in params.items()}
     _, (hv,) = functx.hvp(lambda p: head(fmodel(p, buffers, x)), (params,), (v,))
     eps = 1e-6  # central differences of the gradient along v
-    shifted = [functx.grad(lambda p: head(fmodel(p, buffers, x)))({k: params[k] + s * v[k] for k in params}) for s in (eps, -eps)]
+    shifted = [
+        functx.grad(lambda p: head(fmodel(p, buffers, x)))({k: params[k] + s * v[k] for k in params})
+        for s in (eps, -eps)
+    ]
     assert_tree_allclose(hv, {k: (shifted[0][k] - shifted[1][k]) / (2 * eps) for k in hv}, rtol=1e-5, atol=1e-7)
 
 
@@ -202,7 +220,7 @@ def test_transformer_per_sample_grads():
     model = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True).to(D)
     fmodel, params, buffers = fnn.make_functional(model)
     x = torch.randn(3, 5, 4, dtype=D)
-    head = lambda out: (out ** 2).sum()
+    head = lambda out: (out**2).sum()
     loss = lambda p, xi: head(fmodel(p, buffers, xi[None]))
     grads = functx.vmap(functx.grad(loss), in_dims=(None, 0))(params, x)
     expected = [grads_of(model, lambda m: head(m(x[i : i + 1]))) for i in range(len(x))]

@@ -13,11 +13,11 @@ import math
 
 import pytest
 import torch
+from helpers import assert_tree_allclose, tree_catalogue, tree_leaves, tree_map
 
 import functx
 from functx import solvers
 from functx._solve._common import early_exit_allowed
-from helpers import assert_tree_allclose, tree_catalogue, tree_leaves, tree_map
 
 F64, F32 = torch.float64, torch.float32
 N = 12  # unknowns in the pytree systems below
@@ -26,7 +26,12 @@ DENSE = ["lu", "cholesky"]
 ALL = ITERATIVE + DENSE
 # The structure each solver is tested on.
 KIND = {
-    "cg": "spd", "cholesky": "spd", "minres": "sym", "gmres": "gen", "bicgstab": "gen", "lu": "gen",
+    "cg": "spd",
+    "cholesky": "spd",
+    "minres": "sym",
+    "gmres": "gen",
+    "bicgstab": "gen",
+    "lu": "gen",
     "normal_cg": "gen",
 }
 SYMMETRIC = {"cg", "cholesky", "minres"}  # these read only the symmetric part of A
@@ -109,7 +114,9 @@ def test_matches_dense_solve_on_pytree(name, dtype):
     assert relative_error(x, reference(name, a, bv)) < (1e-10 if dtype == F64 else 1e-4)
     # the reported residual is the true residual of the returned solution, and the verdict follows it
     assert sol.residual_norm.dtype == dtype and sol.residual_norm.shape == ()
-    torch.testing.assert_close(sol.residual_norm, residual(name, a, x, bv), rtol=1e-3, atol=1e-12 if dtype == F64 else 1e-5)
+    torch.testing.assert_close(
+        sol.residual_norm, residual(name, a, x, bv), rtol=1e-3, atol=1e-12 if dtype == F64 else 1e-5
+    )
     assert sol.converged.dtype == torch.bool and bool(sol.converged)
     assert sol.iterations.dtype == torch.int64 and sol.iterations.shape == ()
     assert (sol.iterations > 0) if name in ITERATIVE else (sol.iterations == 0)
@@ -148,7 +155,10 @@ def test_gmres_restart_and_full():
         assert bool(sol.converged) and relative_error(sol.value, ref) < 1e-10, restart
     # full GMRES: at most n steps; restarted GMRES(3) needs more steps than GMRES(30)
     assert solvers.gmres(lambda x: a @ x, b, restart=30).iterations <= 30
-    assert solvers.gmres(lambda x: a @ x, b, restart=3).iterations > solvers.gmres(lambda x: a @ x, b, restart=30).iterations
+    assert (
+        solvers.gmres(lambda x: a @ x, b, restart=3).iterations
+        > solvers.gmres(lambda x: a @ x, b, restart=30).iterations
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,7 +221,10 @@ def test_masked_path_under_transforms_matches_eager():
 @pytest.mark.parametrize("name", ITERATIVE)
 def test_non_convergence_is_reported(name):
     a, b = make_matrix(KIND[name], cond=100.0), rand(N)
-    for sol in (run(name, a, b, max_iter=2), torch.vmap(lambda b: solvers.Solution(*run(name, a, b, max_iter=2)))(b[None])):
+    for sol in (
+        run(name, a, b, max_iter=2),
+        torch.vmap(lambda b: solvers.Solution(*run(name, a, b, max_iter=2)))(b[None]),
+    ):
         x = sol.value.reshape(N)
         assert not bool(sol.converged.all()) and (sol.iterations == 2).all()
         torch.testing.assert_close(sol.residual_norm.reshape(()), residual(name, a, x, b), rtol=1e-10, atol=0)
@@ -236,7 +249,10 @@ def test_breakdown_is_reported_not_nan():
     rotation = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=F64)
     b = torch.tensor([1.0, 0.0], dtype=F64)
     for name in ["cg", "bicgstab"]:
-        for sol in (run(name, rotation, b, max_iter=5), functx.vmap(lambda b: run(name, rotation, b, max_iter=5))(b[None])):
+        for sol in (
+            run(name, rotation, b, max_iter=5),
+            functx.vmap(lambda b: run(name, rotation, b, max_iter=5))(b[None]),
+        ):
             assert torch.equal(sol.value.reshape(2), torch.zeros(2, dtype=F64)), name
             assert float(sol.residual_norm.reshape(())) == 1.0 and not bool(sol.converged.reshape(()))
             assert int(sol.iterations.reshape(())) == 5
@@ -252,7 +268,7 @@ def test_zero_right_hand_side_no_nan_in_values_or_gradients(name):
 
     def loss(m):  # masked path (a transform is active): every lane frozen from the start
         s = run(name, m, zero)
-        return (s.value ** 2).sum() + s.residual_norm
+        return (s.value**2).sum() + s.residual_norm
 
     g = functx.grad(loss)(a)
     assert torch.equal(g, torch.zeros_like(a))
@@ -338,7 +354,9 @@ def test_normal_cg_least_squares():
     for sol in (a, b):
         torch.testing.assert_close(sol.value, ref, rtol=1e-10, atol=1e-12)
         assert bool(sol.converged)
-        torch.testing.assert_close(sol.residual_norm, torch.linalg.vector_norm(X.T @ (y - X @ sol.value)), rtol=1e-6, atol=1e-13)
+        torch.testing.assert_close(
+            sol.residual_norm, torch.linalg.vector_norm(X.T @ (y - X @ sol.value)), rtol=1e-6, atol=1e-13
+        )
     torch.testing.assert_close(c.value["w"], ref, rtol=1e-10, atol=1e-12)
     # ridge regression
     sol = solvers.normal_cg(lambda w: X @ w, y, rmatvec=lambda r: X.T @ r, ridge=2.0)
@@ -409,7 +427,9 @@ def test_factorize_reuse_adjoint_and_vmap():
     torch.testing.assert_close(f.matrix, a, rtol=0, atol=1e-15)  # materialised exactly
     s = make_matrix("spd")
     fc = solvers.factorize(lambda x: s @ x, like=bs[0], method="cholesky", ridge=1.0)
-    torch.testing.assert_close(torch.vmap(lambda b: fc.solve(b).value)(bs), torch.linalg.solve(s + torch.eye(N, dtype=F64), bs.T).T)
+    torch.testing.assert_close(
+        torch.vmap(lambda b: fc.solve(b).value)(bs), torch.linalg.solve(s + torch.eye(N, dtype=F64), bs.T).T
+    )
     # a Factorization is a pytree: functx.vmap may return one
     mats = torch.stack([a, 2 * a])
     fs = functx.vmap(lambda m: solvers.factorize(lambda x: m @ x, like=bs[0]))(mats)
@@ -455,7 +475,7 @@ def _a(n: int = 3) -> torch.Tensor:
     return torch.eye(n, dtype=F64)
 
 
-MV = lambda x: x  # noqa: E731
+MV = lambda x: x
 B3 = torch.ones(3, dtype=F64)
 
 ERRORS = [
@@ -483,9 +503,17 @@ ERRORS = [
     (lambda: solvers.lu(MV, B3, x0=torch.ones(2, dtype=F64)), ValueError, "`functx.solvers.lu`: x0"),
     (lambda: solvers.factorize(MV, B3, method="qr"), ValueError, "`method` must be one of ['lu', 'cholesky']"),
     (lambda: solvers.factorize(MV, B3).solve(B3, adjoint=1), TypeError, "`adjoint` must be a bool"),
-    (lambda: solvers.factorize(MV, B3).solve(torch.ones(2, dtype=F64)), ValueError, "Factorization.solve`: b (in `b`) has shape (2,)"),
+    (
+        lambda: solvers.factorize(MV, B3).solve(torch.ones(2, dtype=F64)),
+        ValueError,
+        "Factorization.solve`: b (in `b`) has shape (2,)",
+    ),
     (lambda: solvers.solve(MV, B3, method="svd"), ValueError, "`functx.solvers.solve`: `method` must be one of"),
-    (lambda: solvers.solve(MV, B3, method="lu", max_iter=3), TypeError, "method 'lu' does not accept option(s) ['max_iter']"),
+    (
+        lambda: solvers.solve(MV, B3, method="lu", max_iter=3),
+        TypeError,
+        "method 'lu' does not accept option(s) ['max_iter']",
+    ),
     (lambda: solvers.solve(MV, B3, symmetric=1), TypeError, "`symmetric` must be a bool"),
 ]
 

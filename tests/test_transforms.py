@@ -218,8 +218,9 @@ def test_hvp_matches_dense_hessian(mode, name):
     leaves, spec, ref = ref_hessian_blocks(scalar_fn, tree)
     v_leaves = tree_leaves(v)
     expected = [
-        sum((ref[i][j].reshape(leaves[i].numel(), -1) @ v_leaves[j].reshape(-1)) for j in range(len(leaves)))
-        .reshape(leaves[i].shape)
+        sum((ref[i][j].reshape(leaves[i].numel(), -1) @ v_leaves[j].reshape(-1)) for j in range(len(leaves))).reshape(
+            leaves[i].shape
+        )
         for i in range(len(leaves))
     ]
     assert_tree_allclose(Hv, tree_unflatten(spec, expected))

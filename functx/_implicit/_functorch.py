@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -139,7 +140,7 @@ class _Probe(torch.autograd.Function):
             return 2 * x * dx
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def forward_over_forward_ok() -> bool:
     """Whether :func:`forward_rule` gives exact nested forward derivatives on this torch.
 
@@ -224,7 +225,8 @@ class CaptureCheck(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         unknown = [
-            t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            t
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
             if isinstance(t, torch.Tensor) and id(t) not in self._known
         ]
         out = func(*args, **kwargs)

@@ -19,7 +19,8 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -119,11 +120,11 @@ class Operator:
     def n(self) -> int:
         return self.spec.num_leaves
 
-    def transpose(self, role: str) -> "Operator":
+    def transpose(self, role: str) -> Operator:
         """``A^T``, reported as ``role``."""
         return dataclasses.replace(self, make_matvec=self.make_rmatvec, make_rmatvec=self.make_matvec, role=role)
 
-    def with_role(self, role: str) -> "Operator":
+    def with_role(self, role: str) -> Operator:
         return self if role == self.role else dataclasses.replace(self, role=role)
 
     # -- solving ----------------------------------------------------------------------
@@ -210,7 +211,9 @@ def _is_solution(result: Any) -> bool:
     return all(hasattr(result, name) for name in ("value", "converged", "residual_norm", "iterations"))
 
 
-def _residual_ok(matvec: Callable[[Tensors], Tensors], x: Sequence[torch.Tensor], b: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+def _residual_ok(
+    matvec: Callable[[Tensors], Tensors], x: Sequence[torch.Tensor], b: Tensors
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For solves that report nothing: ``||b - A x|| <= sqrt(eps) ||b||``."""
     r = [bi - ai for bi, ai in zip(b, matvec(tuple(x)))]
     residual = norm(r)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -46,11 +47,13 @@ class Options:
     residual_tol: float | None
 
     @classmethod
-    def make(cls, api: str, fn_name: str, solve: Any, symmetric: Any, on_failure: Any, residual_tol: Any) -> "Options":
+    def make(cls, api: str, fn_name: str, solve: Any, symmetric: Any, on_failure: Any, residual_tol: Any) -> Options:
         solve, symmetric = check_solve(solve, symmetric, api)
         if residual_tol is not None:
             if not isinstance(residual_tol, (int, float)) or isinstance(residual_tol, bool):
-                raise TypeError(f"`functx.{api}`: `residual_tol` must be None or a float, got {describe(residual_tol)}.")
+                raise TypeError(
+                    f"`functx.{api}`: `residual_tol` must be None or a float, got {describe(residual_tol)}."
+                )
             if not (math.isfinite(residual_tol) and residual_tol >= 0):
                 raise ValueError(f"`functx.{api}`: `residual_tol` must be a finite float >= 0, got {residual_tol!r}.")
         return cls(api, fn_name, solve, symmetric, check_on_failure(on_failure, api), residual_tol)
@@ -66,14 +69,22 @@ class Problem:
     """
 
     def __init__(
-        self, options: Options, optimality_fn: Callable[..., Any], solver: Callable[..., Any] | None,
-        has_aux: bool, init: PyTree, args: tuple[Any, ...], kwargs: dict[str, Any],
+        self,
+        options: Options,
+        optimality_fn: Callable[..., Any],
+        solver: Callable[..., Any] | None,
+        has_aux: bool,
+        init: PyTree,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
         self.options, self.optimality_fn, self.solver, self.has_aux = options, optimality_fn, solver, has_aux
         self.arg_leaves, self.arg_spec = tree_flatten((tuple(args), dict(kwargs)))
         self.diff_pos = [k for k, leaf in enumerate(self.arg_leaves) if is_differentiable(leaf)]
         self.static_pos = [
-            k for k, leaf in enumerate(self.arg_leaves) if isinstance(leaf, torch.Tensor) and not is_differentiable(leaf)
+            k
+            for k, leaf in enumerate(self.arg_leaves)
+            if isinstance(leaf, torch.Tensor) and not is_differentiable(leaf)
         ]
         self.init_leaves, self.init_spec = tree_flatten(init)
         self.init_pos = [k for k, leaf in enumerate(self.init_leaves) if isinstance(leaf, torch.Tensor)]
@@ -99,7 +110,9 @@ class Problem:
     def nz(self) -> int:
         return self.z_spec.num_leaves
 
-    def args_from(self, diff: Sequence[torch.Tensor], static: Sequence[torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def args_from(
+        self, diff: Sequence[torch.Tensor], static: Sequence[torch.Tensor]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         leaves = list(self.arg_leaves)
         for k, t in zip(self.diff_pos + self.static_pos, list(diff) + list(static)):
             leaves[k] = t
@@ -151,8 +164,13 @@ class Problem:
         if transposed:
             matvec, rmatvec = rmatvec, matvec
         return Operator(
-            make_matvec=matvec, make_rmatvec=rmatvec, spec=self.z_spec, n_diff=self.nz + self.n_diff,
-            solve=o.solve, on_failure=o.on_failure, api=o.api,
+            make_matvec=matvec,
+            make_rmatvec=rmatvec,
+            spec=self.z_spec,
+            n_diff=self.nz + self.n_diff,
+            solve=o.solve,
+            on_failure=o.on_failure,
+            api=o.api,
             role="adjoint" if transposed else "tangent",
         )
 

@@ -7,7 +7,8 @@ The machinery (flattening, the implicit function theorem, the ``autograd.Functio
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -15,7 +16,6 @@ from .._core import is_differentiable
 from .._tree import PyTree, TreeSpec, describe, leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
 from ._linear import Tensors
 from ._problem import Options, Problem, call_root
-
 
 # --------------------------------------------------------------------------------------
 # Public entry points.
@@ -225,7 +225,9 @@ def root_vjp(
         (tensor(0.2500, dtype=torch.float64),)
     """
     api = "implicit.root_vjp"
-    problem, z, d, s = _primitive_problem(api, optimality_fn, solution, args, solve, symmetric, on_failure, residual_tol)
+    problem, z, d, s = _primitive_problem(
+        api, optimality_fn, solution, args, solve, symmetric, on_failure, residual_tol
+    )
     z_bar = _flatten_like(cotangent, problem.z_spec, z, "cotangent", api)
     d_bar = iter(problem.vjp(z, d, s, z_bar))
     leaves = [next(d_bar) if k in problem.diff_pos else None for k in range(len(problem.arg_leaves))]
@@ -273,7 +275,9 @@ def root_jvp(
         tensor(0.2500, dtype=torch.float64)
     """
     api = "implicit.root_jvp"
-    problem, z, d, s = _primitive_problem(api, optimality_fn, solution, args, solve, symmetric, on_failure, residual_tol)
+    problem, z, d, s = _primitive_problem(
+        api, optimality_fn, solution, args, solve, symmetric, on_failure, residual_tol
+    )
     if not isinstance(tangents, tuple) or len(tangents) != len(args):
         raise TypeError(
             f"`functx.{api}`: `tangents` must be a tuple with one entry per entry of `args` "
@@ -284,12 +288,21 @@ def root_jvp(
 
 
 def _primitive_problem(
-    api: str, optimality_fn: Any, solution: PyTree, args: Any, solve: Any, symmetric: Any, on_failure: Any, residual_tol: Any,
+    api: str,
+    optimality_fn: Any,
+    solution: PyTree,
+    args: Any,
+    solve: Any,
+    symmetric: Any,
+    on_failure: Any,
+    residual_tol: Any,
 ) -> tuple[Problem, Tensors, Tensors, Tensors]:
     _check_callable(optimality_fn, "optimality_fn", api)
     options = Options.make(api, "optimality_fn", solve, symmetric, on_failure, residual_tol)
     if not isinstance(args, tuple):
-        raise TypeError(f"`functx.{api}`: `args` must be a tuple of the arguments of `optimality_fn` after z, got {describe(args)}.")
+        raise TypeError(
+            f"`functx.{api}`: `args` must be a tuple of the arguments of `optimality_fn` after z, got {describe(args)}."
+        )
     problem = Problem(options, optimality_fn, None, False, None, args, {})
     z_leaves, problem.z_spec = tree_flatten(solution)
     problem.check_z(solution, z_leaves)
@@ -317,7 +330,9 @@ def _arg_tangents(arg: Any, tangent: Any, name: str, api: str) -> list[torch.Ten
     return [t_leaves[k] for k in diff]
 
 
-def _flatten_like(tree: PyTree, spec: TreeSpec, like: Sequence[torch.Tensor], name: str, api: str) -> list[torch.Tensor]:
+def _flatten_like(
+    tree: PyTree, spec: TreeSpec, like: Sequence[torch.Tensor], name: str, api: str
+) -> list[torch.Tensor]:
     leaves, got = tree_flatten(tree)
     if got != spec:
         raise ValueError(

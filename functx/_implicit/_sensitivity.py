@@ -10,13 +10,23 @@ pytree-aware and vmappable.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .. import _grad, _hessian, _jacobian, _vjp_jvp
 from .._core import is_differentiable
-from .._tree import PyTree, describe, leaf_paths, structure_mismatch, tree_flatten, tree_structure, tree_unflatten, tree_vdot
+from .._tree import (
+    PyTree,
+    describe,
+    leaf_paths,
+    structure_mismatch,
+    tree_flatten,
+    tree_structure,
+    tree_unflatten,
+    tree_vdot,
+)
 from ._functorch import forward_over_forward_ok
 from ._problem import Options, Problem, call_root
 
@@ -189,7 +199,14 @@ def implicit_hessian(
 
 
 def _setup(
-    api: str, k_fn: Any, z: PyTree, params: tuple[Any, ...], solve: Any, symmetric: Any, on_failure: Any, residual_tol: Any,
+    api: str,
+    k_fn: Any,
+    z: PyTree,
+    params: tuple[Any, ...],
+    solve: Any,
+    symmetric: Any,
+    on_failure: Any,
+    residual_tol: Any,
 ) -> tuple[Options, Callable[..., PyTree]]:
     if not callable(k_fn):
         raise TypeError(f"`functx.{api}`: `k_fn` must be callable, got {describe(k_fn)}.")
@@ -318,4 +335,3 @@ def _hg_matvec(Hg: Any, z: PyTree, api: str) -> Callable[[PyTree], PyTree] | Non
         return tree_unflatten(spec, out)
 
     return matvec
-

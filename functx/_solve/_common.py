@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -115,9 +116,7 @@ def check_ridge(ridge: Any, api: str) -> float | torch.Tensor | None:
                 f"{tuple(ridge.shape)}. Use `functx.vmap` to solve for several ridges."
             )
         return ridge
-    raise TypeError(
-        f"`functx.{api}`: `ridge` must be None, a float or a real 0-d tensor, got {describe(ridge)}."
-    )
+    raise TypeError(f"`functx.{api}`: `ridge` must be None, a float or a real 0-d tensor, got {describe(ridge)}.")
 
 
 # --------------------------------------------------------------------------------------
@@ -191,9 +190,7 @@ class Layout:
         pieces = torch.split(flat, self.sizes)
         if self.uniform:
             return tree_unflatten(self.spec, [p.reshape(s) for p, s in zip(pieces, self.shapes)])
-        return tree_unflatten(
-            self.spec, [p.reshape(s).to(d) for p, s, d in zip(pieces, self.shapes, self.dtypes)]
-        )
+        return tree_unflatten(self.spec, [p.reshape(s).to(d) for p, s, d in zip(pieces, self.shapes, self.dtypes)])
 
     def zeros(self) -> torch.Tensor:
         return torch.zeros(self.size, dtype=self.dtype, device=self.device)
@@ -287,7 +284,13 @@ def setup(
     A = shifted(flat_map(matvec, layout, layout, "matvec", "x"), cast_ridge(ridge, layout))
     M = None if preconditioner is None else flat_map(preconditioner, layout, layout, "preconditioner", "r")
     return Problem(
-        layout, flat_b, flat_x0, A, M, threshold(flat_b, rtol, atol), max_iter,
+        layout,
+        flat_b,
+        flat_x0,
+        A,
+        M,
+        threshold(flat_b, rtol, atol),
+        max_iter,
         early_exit_allowed(flat_b, flat_x0),
     )
 
@@ -300,6 +303,7 @@ def cast_ridge(ridge: float | torch.Tensor | None, layout: Layout) -> float | to
 
 # --------------------------------------------------------------------------------------
 # Transform-safe iteration.
+
 
 def early_exit_allowed(*tensors: torch.Tensor | None) -> bool:
     """Whether a solver may stop early by reading a tensor value (``bool(active)``): only in
@@ -334,9 +338,7 @@ def select(active: torch.Tensor, new: Any, old: Any) -> Any:
 Step = Callable[[Any, torch.Tensor], tuple[Any, torch.Tensor]]
 
 
-def iterate(
-    step: Step, state: Any, active: torch.Tensor, max_iter: int, early_exit: bool
-) -> tuple[Any, torch.Tensor]:
+def iterate(step: Step, state: Any, active: torch.Tensor, max_iter: int, early_exit: bool) -> tuple[Any, torch.Tensor]:
     """Run ``step`` at most ``max_iter`` times; return ``(state, iterations)``.
 
     ``step(state, active)`` returns ``(new_state, not_done)``. A lane stops being active

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -91,7 +92,14 @@ def bicgstab(
         (tensor([1., 1.], dtype=torch.float64), True)
     """
     problem = setup(
-        "solvers.bicgstab", matvec, b, x0, rtol=rtol, atol=atol, max_iter=max_iter,
-        preconditioner=preconditioner, ridge=ridge,
+        "solvers.bicgstab",
+        matvec,
+        b,
+        x0,
+        rtol=rtol,
+        atol=atol,
+        max_iter=max_iter,
+        preconditioner=preconditioner,
+        ridge=ridge,
     )
     return run_bicgstab(problem)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -107,8 +108,15 @@ def cg(
         (tensor(2), True)
     """
     problem = setup(
-        "solvers.cg", matvec, b, x0, rtol=rtol, atol=atol, max_iter=max_iter,
-        preconditioner=preconditioner, ridge=ridge,
+        "solvers.cg",
+        matvec,
+        b,
+        x0,
+        rtol=rtol,
+        atol=atol,
+        max_iter=max_iter,
+        preconditioner=preconditioner,
+        ridge=ridge,
     )
     return run_cg(problem)
 
@@ -185,8 +193,14 @@ def normal_cg(
     flat_x0 = None if x0 is None else x_layout.ravel(x0, "x0", "`x0`")
     M = None if preconditioner is None else flat_map(preconditioner, x_layout, x_layout, "preconditioner", "r")
     problem = Problem(
-        x_layout, rhs, flat_x0, shifted(lambda v: AT(A(v)), ridge), M, threshold(rhs, rtol, atol),
-        max_iter, early_exit_allowed(flat_b, flat_x0),
+        x_layout,
+        rhs,
+        flat_x0,
+        shifted(lambda v: AT(A(v)), ridge),
+        M,
+        threshold(rhs, rtol, atol),
+        max_iter,
+        early_exit_allowed(flat_b, flat_x0),
     )
     return run_cg(problem)
 

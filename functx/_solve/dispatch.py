@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .._tree import PyTree
 from ._common import Solution, check_callable
@@ -90,7 +91,6 @@ def solve(
     unknown = sorted(set(options) - set(OPTIONS[method]))
     if unknown:
         raise TypeError(
-            f"`functx.{api}`: method {method!r} does not accept option(s) {unknown}; "
-            f"it accepts {OPTIONS[method]}."
+            f"`functx.{api}`: method {method!r} does not accept option(s) {unknown}; it accepts {OPTIONS[method]}."
         )
     return SOLVERS[method](matvec, b, x0, **options)

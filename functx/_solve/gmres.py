@@ -13,7 +13,7 @@ contributes nothing to the update. At the start of every cycle the true residual
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -21,9 +21,7 @@ from .._tree import PyTree
 from ._common import Problem, Solution, check_int, div, finish, norm, safe_sqrt, setup
 
 
-def _givens(
-    a: torch.Tensor, h: torch.Tensor, use: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _givens(a: torch.Tensor, h: torch.Tensor, use: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rotation ``[[conj(c), s], [-s, c]]`` (``s`` real) with ``(a, h) -> (r, 0)``; the identity
     where ``use`` is False or ``a = h = 0``."""
     r = safe_sqrt(a.real * a.real + a.imag * a.imag + h * h) if a.is_complex() else safe_sqrt(a * a + h * h)
@@ -139,7 +137,14 @@ def gmres(
     """
     restart = check_int(restart, "restart", 1, "solvers.gmres")
     problem = setup(
-        "solvers.gmres", matvec, b, x0, rtol=rtol, atol=atol, max_iter=max_iter,
-        preconditioner=preconditioner, ridge=ridge,
+        "solvers.gmres",
+        matvec,
+        b,
+        x0,
+        rtol=rtol,
+        atol=atol,
+        max_iter=max_iter,
+        preconditioner=preconditioner,
+        ridge=ridge,
     )
     return run_gmres(problem, restart)

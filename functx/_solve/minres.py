@@ -8,7 +8,8 @@ rotation scalars are real, also for complex Hermitian operators.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -119,7 +120,14 @@ def minres(
         (tensor([1., 1.], dtype=torch.float64), True)
     """
     problem = setup(
-        "solvers.minres", matvec, b, x0, rtol=rtol, atol=atol, max_iter=max_iter,
-        preconditioner=preconditioner, ridge=ridge,
+        "solvers.minres",
+        matvec,
+        b,
+        x0,
+        rtol=rtol,
+        atol=atol,
+        max_iter=max_iter,
+        preconditioner=preconditioner,
+        ridge=ridge,
     )
     return run_minres(problem)
