@@ -1,0 +1,190 @@
+"""One rank of the distributed curvature tests (tests/test_curvature_distributed.py).
+
+Run as ``python tests/_dist_worker.py PORT RANK WORLD_SIZE OUT_DIR``: joins the gloo group through
+the parent's TCPStore at PORT, runs every check in ``CHECKS`` in order (each is a collective
+program: every rank runs the same checks in the same order) and writes one JSON line per check to
+``OUT_DIR/rank{RANK}.jsonl``: ``{"check": name, "error": None or the traceback}``. The parent test
+reads those lines, so that one process start-up per world size serves every check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from functx._curvature import _distributed as D
+
+API = "functx.curvature.HessianOperator"
+CHECKS: dict[str, Callable[[int, int], None]] = {}
+
+
+def check(fn: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def rank_input(seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Rank r's contribution, reproducible on every rank (so each can form the reference sum)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    scale = 10.0 ** torch.randint(-6, 7, shape, generator=gen).to(torch.float64)  # mixed magnitudes
+    return (x * scale).to(dtype)
+
+
+def all_equal_across_ranks(t: torch.Tensor, group=None) -> bool:
+    """Bitwise: every rank of ``group`` holds exactly the bits of ``t``."""
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, t.contiguous(), group=group)
+    bits = lambda x: x.view(torch.int64) if x.dtype == torch.float64 else x
+    return all(torch.equal(bits(g), bits(t.contiguous())) for g in gathered)
+
+
+# ----------------------------------------------------------------------------------- the five functions
+@check
+def resolve_group_kinds(rank: int, world: int) -> None:
+    assert D.resolve_group(None, API) is dist.group.WORLD
+    assert D.resolve_group(dist.group.WORLD, API) is dist.group.WORLD
+    with pytest.raises(TypeError, match=r"^`functx.curvature.HessianOperator`: `group` must be None or a"):
+        D.resolve_group("world", API)
+    single, _ = dist.new_subgroups(group_size=1)  # collective: every rank gets its own one-member group
+    assert D.resolve_group(single, API) is None  # one member: no collective at all
+    pair = dist.new_group([0, 1])  # collective; ranks >= 2 get GroupMember.NON_GROUP_MEMBER
+    if rank < 2:
+        assert D.resolve_group(pair, API) is pair
+    else:
+        with pytest.raises(ValueError, match=r"this rank is not a member of `group`"):
+            D.resolve_group(pair, API)
+    dist.barrier()
+
+
+@check
+def all_reduce_sum_float64_exact_and_identical(rank: int, world: int) -> None:
+    for size in (1, 7, 1000, 300_000):
+        mine = rank_input(1000 * size + rank, (size,))
+        total = D.all_reduce_sum(mine.clone(), dist.group.WORLD)
+        inputs = [rank_input(1000 * size + r, (size,)) for r in range(world)]
+        bound = world * 2.0**-52 * sum(x.abs() for x in inputs)  # summation in any order
+        assert ((total - sum(inputs)).abs() <= bound).all()
+        assert all_equal_across_ranks(total), f"all_reduce results differ across ranks (size {size})"
+
+
+@check
+def all_reduce_sum_over_a_subgroup(rank: int, world: int) -> None:
+    members = [0, world - 1]
+    group = dist.new_group(members)  # collective
+    if rank in members:
+        total = D.all_reduce_sum(rank_input(7 + rank, (5, 3)), D.resolve_group(group, API))
+        torch.testing.assert_close(total, sum(rank_input(7 + r, (5, 3)) for r in members), rtol=1e-14, atol=0)
+    dist.barrier()
+
+
+@check
+def all_reduce_sum_leaves_inputs_alone(rank: int, world: int) -> None:
+    group = D.resolve_group(None, API)
+    base = rank_input(rank, (4, 6))
+    noncontiguous = base.t()  # (6, 4), strided
+    total = D.all_reduce_sum(noncontiguous, group)
+    assert torch.equal(noncontiguous, base.t()), "input modified"
+    torch.testing.assert_close(total, sum(rank_input(r, (4, 6)) for r in range(world)).t(), rtol=1e-14, atol=0)
+    leaf = rank_input(rank, (3,)).requires_grad_()
+    total = D.all_reduce_sum(leaf, group)
+    assert leaf.requires_grad and leaf.grad is None and not total.requires_grad
+    torch.testing.assert_close(total, sum(rank_input(r, (3,)) for r in range(world)), rtol=1e-14, atol=0)
+    for dtype in (torch.float32, torch.int64):
+        ints = torch.arange(5, dtype=dtype) * (rank + 1)
+        assert torch.equal(D.all_reduce_sum(ints, group), torch.arange(5, dtype=dtype) * (world * (world + 1) // 2))
+    empty = D.all_reduce_sum(torch.zeros(0, dtype=torch.float64), group)
+    assert empty.shape == (0,)
+
+
+@check
+def empty_shard_contributes_zero(rank: int, world: int) -> None:
+    group = D.resolve_group(None, API)
+    last = rank == world - 1  # this rank has no data: it still takes part, with zeros
+    mine = torch.zeros(11, dtype=torch.float64) if last else rank_input(50 + rank, (11,))
+    total = D.all_reduce_sum(mine, group)
+    torch.testing.assert_close(total, sum(rank_input(50 + r, (11,)) for r in range(world - 1)), rtol=1e-14, atol=0)
+    assert D.global_count(0 if last else 10 * (rank + 1), group) == 10 * sum(range(1, world))
+
+
+@check
+def global_count_sums(rank: int, world: int) -> None:
+    group = D.resolve_group(None, API)
+    count = D.global_count(3 * rank + 1, group)
+    assert isinstance(count, int) and count == sum(3 * r + 1 for r in range(world))
+    assert D.global_count(2**40 + rank, group) == world * 2**40 + sum(range(world))  # no int32/float rounding
+
+
+@check
+def any_rank_and_flagged_ranks(rank: int, world: int) -> None:
+    group = D.resolve_group(None, API)
+    assert D.any_rank(rank == world - 1, group) is True
+    assert D.any_rank(False, group) is False
+    assert D.any_rank(True, group) is True
+    assert D.flagged_ranks(rank == world - 1, group) == [world - 1]
+    assert D.flagged_ranks(rank % 2 == 0, group) == list(range(0, world, 2))
+    assert D.flagged_ranks(False, group) == []
+
+
+@check
+def same_signature_passes(rank: int, world: int) -> None:
+    signature = [("layer.weight", (3, 4), torch.float64), ("layer.bias", (3,), torch.float64)]
+    D.check_same_across_ranks(signature, D.resolve_group(None, API), API)
+    D.check_same_across_ranks([], D.resolve_group(None, API), API)
+
+
+@check
+def signature_mismatch_raises_on_every_rank(rank: int, world: int) -> None:
+    group = D.resolve_group(None, API)
+    base = [("layer.weight", (3, 4), torch.float64), ("layer.bias", (3,), torch.float64)]
+    last = world - 1
+    others = ", ".join(map(str, range(world - 1)))
+    plural = "s" if world > 2 else ""
+    cases = [  # (what the last rank holds, the message every rank must raise)
+        (
+            [base[0], ("layer.bias", (4,), torch.float64)],
+            rf"Parameter entry 1: rank{plural} {others}: 'layer.bias' with shape \(3,\) and dtype torch.float64; "
+            rf"rank {last}: 'layer.bias' with shape \(4,\)",
+        ),
+        ([base[0], ("layer.bias", (3,), torch.float32)], r"Parameter entry 1: .*rank \d: 'layer.bias' .*float32"),
+        ([base[1], base[0]], r"Parameter entry 0: .*'layer.weight'.*'layer.bias'"),
+        ([*base, ("extra", (1,), torch.float64)], r"Parameter entry 2: .*no such entry \(only 2 parameters\).*'extra'"),
+        (base[:1], r"Parameter entry 1: .*'layer.bias'.*no such entry \(only 1 parameters\)"),
+    ]
+    for theirs, message in cases:
+        signature = theirs if rank == last else base
+        with pytest.raises(ValueError, match=message) as info:
+            D.check_same_across_ranks(signature, group, API)
+        assert str(info.value).startswith(f"`{API}`: the parameters differ across the ranks"), str(info.value)
+
+
+def main() -> None:
+    port, rank, world, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    warnings.simplefilter("error")
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, world, False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    with open(os.path.join(out, f"rank{rank}.jsonl"), "w") as log:
+        for name, fn in CHECKS.items():
+            torch.manual_seed(0)
+            try:
+                fn(rank, world)
+                error = None
+            except BaseException:  # reported to the parent, which fails the test
+                error = traceback.format_exc()
+            log.write(json.dumps({"check": name, "error": error}) + "\n")
+            log.flush()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
