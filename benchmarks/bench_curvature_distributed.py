@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import fmt_time, markdown_table  # noqa: E402
+from _timing import fmt_time, markdown_table
 
 IN, HIDDEN, OUT, BATCH = 784, 64, 10, 64
 
