@@ -152,19 +152,235 @@ def signature_mismatch_raises_on_every_rank(rank: int, world: int) -> None:
     cases = [  # (what the last rank holds, the message every rank must raise)
         (
             [base[0], ("layer.bias", (4,), torch.float64)],
-            rf"Parameter entry 1: rank{plural} {others}: 'layer.bias' with shape \(3,\) and dtype torch.float64; "
-            rf"rank {last}: 'layer.bias' with shape \(4,\)",
+            rf"Parameter entry 1: rank{plural} {others}: layer.bias with shape \(3,\) and dtype torch.float64; "
+            rf"rank {last}: layer.bias with shape \(4,\)",
         ),
-        ([base[0], ("layer.bias", (3,), torch.float32)], r"Parameter entry 1: .*rank \d: 'layer.bias' .*float32"),
-        ([base[1], base[0]], r"Parameter entry 0: .*'layer.weight'.*'layer.bias'"),
-        ([*base, ("extra", (1,), torch.float64)], r"Parameter entry 2: .*no such entry \(only 2 parameters\).*'extra'"),
-        (base[:1], r"Parameter entry 1: .*'layer.bias'.*no such entry \(only 1 parameters\)"),
+        ([base[0], ("layer.bias", (3,), torch.float32)], r"Parameter entry 1: .*rank \d: layer.bias .*float32"),
+        ([base[1], base[0]], r"Parameter entry 0: .*layer.weight.*layer.bias"),
+        ([*base, ("extra", (1,), torch.float64)], r"Parameter entry 2: .*no such entry \(only 2 parameters\).*extra"),
+        (base[:1], r"Parameter entry 1: .*layer.bias.*no such entry \(only 1 parameters\)"),
     ]
     for theirs, message in cases:
         signature = theirs if rank == last else base
         with pytest.raises(ValueError, match=message) as info:
             D.check_same_across_ranks(signature, group, API)
         assert str(info.value).startswith(f"`{API}`: the parameters differ across the ranks"), str(info.value)
+
+
+# ----------------------------------------------------------------------------------- the operators
+class Skip(Exception):
+    """Reported to the parent as a skipped check (functx.curvature not there yet)."""
+
+
+SIZES = [5, 5, 5, 5, 5, 5, 3]  # 7 batches, the last one short
+_SINGLE: list = []  # this rank's one-member group: operators over it run as one process
+
+
+def curvature():
+    try:
+        import functx.curvature as fc
+    except ImportError as error:
+        raise Skip(f"functx.curvature not importable: {error}") from None
+    return fc
+
+
+def single_group():
+    if not _SINGLE:
+        _SINGLE.append(dist.new_subgroups(group_size=1)[0])  # collective, done once on every rank
+    return _SINGLE[0]
+
+
+def mlp(hidden: int = 4, dtype: torch.dtype = torch.float64, dropout: bool = False) -> torch.nn.Module:
+    """A small tanh MLP; with ``dropout`` its Dropout layer is in training mode (nondeterministic)."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(3, hidden), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(hidden, 2)]
+    return torch.nn.Sequential(*layers).to(dtype).train(dropout)
+
+
+def all_batches(kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(sum(SIZES), 3, generator=gen, dtype=torch.float64)
+    y = (
+        torch.randint(0, 2, (sum(SIZES),), generator=gen)
+        if kind == "ce"
+        else torch.randn(sum(SIZES), 2, generator=gen, dtype=torch.float64)
+    )
+    return list(zip(X.split(SIZES), y.split(SIZES)))
+
+
+def uneven_shard(batches: list, rank: int, world: int) -> list:
+    """The last rank holds only the short last batch; rank 0 holds the most batches."""
+    if rank == world - 1:
+        return batches[-1:]
+    rest = batches[:-1]
+    first = len(rest) - 2 * (world - 2)  # rank 0: 6 (world 2) or 4 (world 3) batches; others 2
+    return rest[:first] if rank == 0 else rest[first + 2 * (rank - 1) : first + 2 * rank]
+
+
+LOSSES = {
+    "ce-mean": (lambda: torch.nn.CrossEntropyLoss(), "ce"),
+    "ce-sum": (lambda: torch.nn.CrossEntropyLoss(reduction="sum"), "ce"),
+    "mse-mean": (lambda: torch.nn.MSELoss(), "mse"),
+}
+
+
+def operator_pair(fc, name: str, loss_key: str, shard: list, **kwargs):
+    """(distributed operator over ``shard``, one-process operator over all the data)."""
+    make_loss, kind = LOSSES[loss_key]
+    model = mlp()
+    params = dict(model.named_parameters())
+    cls = getattr(fc, name)
+    return (
+        cls(model, make_loss(), params, shard, **kwargs),
+        cls(model, make_loss(), params, all_batches(kind), group=single_group()),
+    )
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max().clamp(min=1.0)))
+
+
+@check
+def products_match_one_process_on_all_data(rank: int, world: int) -> None:
+    fc = curvature()
+    for loss_key, (_, kind) in LOSSES.items():
+        shard = uneven_shard(all_batches(kind), rank, world)
+        for name in ("HessianOperator", "GGNOperator", "EFOperator"):
+            A, reference = operator_pair(fc, name, loss_key, shard)
+            assert A.num_data == reference.num_data == sum(SIZES)
+            gen = torch.Generator().manual_seed(3)  # the same v on every rank
+            v = torch.randn(A.shape[0], generator=gen, dtype=torch.float64)
+            V = torch.randn(A.shape[0], 4, generator=gen, dtype=torch.float64)
+            for x in (v, V):
+                result = A @ x
+                close(result, reference @ x)
+                assert all_equal_across_ranks(result), f"{name} {loss_key}: products differ across ranks"
+            tree = A @ A.unflatten(v)
+            close(A.flatten(tree), reference @ v)
+
+
+@check
+def hessian_equals_dense_autograd_reference(rank: int, world: int) -> None:
+    fc = curvature()
+    batches = all_batches("ce")
+    model = mlp()
+    params = dict(model.named_parameters())
+    H = fc.HessianOperator(model, torch.nn.CrossEntropyLoss(), params, uneven_shard(batches, rank, world))
+    X = torch.cat([x for x, _ in batches])
+    y = torch.cat([t for _, t in batches])
+    names, shapes = list(params), [p.shape for p in params.values()]
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        pieces = [c.view(s) for c, s in zip(theta.split([s.numel() for s in shapes]), shapes)]
+        out = torch.func.functional_call(model, dict(zip(names, pieces)), (X,))
+        return torch.nn.functional.cross_entropy(out, y)
+
+    close(H.to_dense(), torch.autograd.functional.hessian(loss, flat))
+
+
+@check
+def one_collective_per_product(rank: int, world: int) -> None:
+    fc = curvature()
+    shard = uneven_shard(all_batches("ce"), rank, world)
+    calls = []
+    inner = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    for name in ("HessianOperator", "GGNOperator", "EFOperator"):
+        A, _ = operator_pair(fc, name, "ce-mean", shard, check_deterministic=False)
+        dist.all_reduce = counting
+        try:
+            for x in (torch.ones(A.shape[0], dtype=torch.float64), torch.ones(A.shape[0], 5, dtype=torch.float64)):
+                calls.clear()
+                A @ x
+                assert len(calls) == 1, f"{name}: {len(calls)} all_reduce calls for one product"
+        finally:
+            dist.all_reduce = inner
+
+
+@check
+def estimators_match_one_process(rank: int, world: int) -> None:
+    fc = curvature()
+    if not all(hasattr(fc, name) for name in ("eigsh", "trace", "diagonal", "spectral_density")):
+        raise Skip("functx.curvature has no estimators yet")
+    shard = uneven_shard(all_batches("ce"), rank, world)
+    H, reference = operator_pair(fc, "HessianOperator", "ce-mean", shard)
+    values, vectors = fc.eigsh(H, k=3, seed=0)
+    ref_values, ref_vectors = fc.eigsh(reference, k=3, seed=0)
+    close(values, ref_values)
+    close((vectors.T @ ref_vectors).abs(), torch.eye(3, dtype=torch.float64))  # same vectors up to sign
+    dense = torch.linalg.eigvalsh(reference.to_dense())[-3:]
+    torch.testing.assert_close(values, dense, rtol=1e-8, atol=1e-10)
+    assert all_equal_across_ranks(values) and all_equal_across_ranks(vectors)
+    for method in ("hutch++", "hutchinson", "xtrace"):
+        estimate = fc.trace(H, num_matvecs=9, method=method, seed=0)
+        close(estimate, fc.trace(reference, num_matvecs=9, method=method, seed=0))
+        assert all_equal_across_ranks(estimate.reshape(1))
+    close(fc.diagonal(H, num_matvecs=6, seed=0), fc.diagonal(reference, num_matvecs=6, seed=0))
+    grid, density = fc.spectral_density(H, num_probes=2, num_steps=6, seed=0)
+    ref_grid, ref_density = fc.spectral_density(reference, num_probes=2, num_steps=6, seed=0)
+    close(grid, ref_grid)
+    close(density, ref_density)
+
+
+@check
+def empty_shard_takes_part(rank: int, world: int) -> None:
+    fc = curvature()
+    batches = all_batches("ce")
+    shard = [] if rank == world - 1 else batches[rank :: world - 1]  # the last rank has no data
+    for name in ("HessianOperator", "GGNOperator", "EFOperator"):
+        A, reference = operator_pair(fc, name, "ce-mean", shard)
+        assert A.num_data == sum(SIZES)
+        v = torch.randn(A.shape[0], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        close(A @ v, reference @ v)
+
+
+@check
+def nondeterminism_on_one_rank_raises_on_every_rank(rank: int, world: int) -> None:
+    fc = curvature()
+    model = mlp(dropout=rank == 1)  # train-mode dropout on rank 1 only
+    shard = uneven_shard(all_batches("ce"), rank, world)
+    for name in ("HessianOperator", "GGNOperator", "EFOperator"):
+        with pytest.raises(ValueError, match=r"^`functx.curvature.\w+Operator`: two passes over `data`"):
+            getattr(fc, name)(model, torch.nn.CrossEntropyLoss(), dict(model.named_parameters()), shard)
+
+
+@check
+def parameter_shapes_or_dtypes_differ_raise_on_every_rank(rank: int, world: int) -> None:
+    fc = curvature()
+    shard = uneven_shard(all_batches("ce"), rank, world)
+    last = rank == world - 1
+    for model, what in (
+        (mlp(hidden=5 if last else 4), r"shape"),
+        (mlp(dtype=torch.float32 if last else torch.float64), r"float32"),
+    ):
+        shard_here = [(x.to(next(model.parameters()).dtype), t) for x, t in shard]
+        with pytest.raises(ValueError, match=rf"the parameters differ across the ranks.*Parameter entry 0: .*{what}"):
+            fc.HessianOperator(model, torch.nn.CrossEntropyLoss(), dict(model.named_parameters()), shard_here)
+
+
+@check
+def group_argument_selects_the_ranks(rank: int, world: int) -> None:
+    fc = curvature()
+    members = [0, world - 1]
+    group = dist.new_group(members)  # collective
+    batches = all_batches("ce")
+    if rank in members:
+        shards = {0: batches[:2], world - 1: batches[2:3]}
+        model = mlp()
+        params = dict(model.named_parameters())
+        H = fc.HessianOperator(model, torch.nn.CrossEntropyLoss(), params, shards[rank], group=group)
+        reference = fc.HessianOperator(model, torch.nn.CrossEntropyLoss(), params, batches[:3], group=single_group())
+        assert H.num_data == sum(SIZES[:3])
+        v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        close(H @ v, reference @ v)
+    dist.barrier()
+    with pytest.raises(TypeError, match=r"`group` must be None or a torch.distributed.ProcessGroup"):
+        fc.HessianOperator(mlp(), torch.nn.CrossEntropyLoss(), dict(mlp().named_parameters()), batches, group=0)
 
 
 def main() -> None:
@@ -179,6 +395,8 @@ def main() -> None:
             try:
                 fn(rank, world)
                 error = None
+            except Skip as reason:
+                error = f"SKIP: {reason}"
             except BaseException:  # reported to the parent, which fails the test
                 error = traceback.format_exc()
             log.write(json.dumps({"check": name, "error": error}) + "\n")

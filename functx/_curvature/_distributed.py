@@ -192,7 +192,7 @@ def _mismatch_message(signatures: list[Any], ranks: list[int], api: str) -> str:
     for rank, sig in zip(ranks, signatures):
         if index < len(sig):
             name, shape, dtype = sig[index]
-            what = f"{name!r} with shape {shape} and dtype {dtype}"
+            what = f"{name} with shape {shape} and dtype {dtype}"
         else:
             what = f"no such entry (only {len(sig)} parameters)"
         variants.setdefault(what, []).append(rank)
