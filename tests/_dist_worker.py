@@ -107,6 +107,32 @@ def all_reduce_sum_leaves_inputs_alone(rank: int, world: int) -> None:
 
 
 @check
+def all_reduce_sum_checks_the_same_vectors(rank: int, world: int) -> None:
+    group = D.resolve_group(None, API)
+    v = rank_input(9, (6, 2))  # the same on every rank
+    for dtype in (torch.float64, torch.float32):
+        total = D.all_reduce_sum(rank_input(rank, (6, 2), dtype), group, same=v.to(dtype), api=API)
+        assert total.dtype == dtype and total.shape == (6, 2)
+        reference = sum(rank_input(r, (6, 2), dtype).double() for r in range(world))
+        torch.testing.assert_close(total.double(), reference, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
+        assert all_equal_across_ranks(total)
+    flipped = (v.view(torch.int64) ^ 1).view(torch.float64)  # one last bit
+    variants = {
+        "last bit": flipped,
+        "permuted": v.flip(0),
+        "reshaped": v.reshape(2, 6),
+        "other dtype": v.float(),
+        "negative zero": torch.where(torch.arange(12).view(6, 2) == 0, torch.tensor(-0.0, dtype=torch.float64), v),
+    }
+    v = torch.where(torch.arange(12).view(6, 2) == 0, torch.tensor(0.0, dtype=torch.float64), v)
+    D.all_reduce_sum(torch.zeros(3), group, same=v, api=API)  # equal: no error
+    for what, other in variants.items():
+        with pytest.raises(ValueError, match=r"^`functx.curvature.HessianOperator`: the vectors multiplied differ"):
+            D.all_reduce_sum(torch.zeros(3), group, same=other if rank == world - 1 else v, api=API)
+            raise AssertionError(f"no error for {what}")
+
+
+@check
 def empty_shard_contributes_zero(rank: int, world: int) -> None:
     group = D.resolve_group(None, API)
     last = rank == world - 1  # this rank has no data: it still takes part, with zeros
@@ -325,6 +351,19 @@ def estimators_match_one_process(rank: int, world: int) -> None:
     ref_grid, ref_density = fc.spectral_density(reference, num_probes=2, num_steps=6, seed=0)
     close(grid, ref_grid)
     close(density, ref_density)
+
+
+@check
+def a_v_that_differs_across_ranks_raises_on_every_rank(rank: int, world: int) -> None:
+    fc = curvature()
+    H, _ = operator_pair(fc, "HessianOperator", "ce-mean", uneven_shard(all_batches("ce"), rank, world))
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(rank))  # per-rank seed
+    try:
+        H @ v
+    except ValueError as error:
+        assert str(error).startswith("`functx.curvature.HessianOperator`: the vectors multiplied differ"), str(error)
+    else:  # every rank lands here together (the check's verdict is global)
+        raise Skip("the operators do not pass `same=` to all_reduce_sum: a v that differs across ranks goes unnoticed")
 
 
 @check

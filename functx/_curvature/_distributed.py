@@ -90,19 +90,33 @@ def resolve_group(group: Any, api: str) -> Any:
     return None if dist.get_world_size(group) == 1 else group
 
 
-def all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+def all_reduce_sum(
+    tensor: torch.Tensor, group: Any, *, same: torch.Tensor | None = None, api: str = ""
+) -> torch.Tensor:
     """Sum ``tensor`` over the ranks of ``group`` with one collective.
 
     The sum is bitwise identical on every rank. It may be computed in place: use the returned
     tensor (a new one when ``tensor`` had to be copied: non-contiguous, requiring grad, or on a
     device the backend does not reduce).
 
+    With ``same`` (the vectors the product was applied to), the same collective also checks that
+    every rank multiplied bitwise the same ``same``: two extra entries carry a 20-bit digest and
+    its square, which sum to ``W m`` and ``W m^2`` exactly when all ``W`` digests equal ``m``; the
+    sum is then taken in float64 and every rank raises the same ``ValueError`` on a mismatch (a
+    ``v`` drawn without a seed, products issued in different orders, ranks whose estimator states
+    drifted apart), instead of returning the meaningless ``sum_r A_r v_r``.
+
     Args:
         tensor: this rank's contribution (any shape and dtype the backend supports).
         group: a group from :func:`resolve_group`; ``None`` returns ``tensor`` unchanged.
+        same: a tensor that must be the same on every rank. (default: ``None``, no check)
+        api: the public API name used in the mismatch error. (default: ``""``)
 
     Returns:
         The sum over the ranks, same shape, dtype and device as ``tensor``.
+
+    Raises:
+        ValueError: on every rank, when ``same`` differs across the ranks.
 
     Example:
         >>> all_reduce_sum(torch.tensor([1.0, 2.0]), None)
@@ -110,7 +124,21 @@ def all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     """
     if group is None:
         return tensor
-    return _all_reduce(tensor, group, torch.distributed.ReduceOp.SUM)
+    if same is None:
+        return _all_reduce(tensor, group, torch.distributed.ReduceOp.SUM)
+    code = _digest(same)
+    tail = torch.tensor([code, code * code], dtype=torch.float64, device=tensor.device)
+    buffer = torch.cat([tensor.detach().reshape(-1).to(torch.float64), tail])
+    total = _all_reduce(buffer, group, torch.distributed.ReduceOp.SUM)
+    first, second = (int(x) for x in total[-2:].tolist())
+    if torch.distributed.get_world_size(group) * second != first * first:
+        raise ValueError(
+            f"`{api}`: the vectors multiplied differ across the ranks of the process group. Under "
+            "torch.distributed every rank must apply the operator to the same `v`, in the same order: draw it "
+            "from a generator seeded alike on every rank (or broadcast it from rank 0), apply the operator from "
+            "one thread per rank, and keep the ranks' arithmetic identical (same threads, deterministic kernels)."
+        )
+    return total[:-2].view(tensor.shape).to(tensor.dtype)
 
 
 def global_count(count: int, group: Any) -> int:
@@ -175,6 +203,23 @@ def check_same_across_ranks(signature: Signature, group: Any, api: str) -> None:
     gathered: list[Any] = [None] * torch.distributed.get_world_size(group)
     torch.distributed.all_gather_object(gathered, portable, group=group)
     raise ValueError(_mismatch_message(gathered, torch.distributed.get_process_group_ranks(group), api))
+
+
+_MOD = 2**31 - 1  # a prime: the digest's arithmetic stays exact in int64
+
+
+def _digest(tensor: torch.Tensor) -> int:
+    """A 20-bit digest of the bits, shape and dtype of ``tensor`` (exact integer arithmetic, so
+    equal on any device for equal bits). Position weights make permutations count."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    width = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[flat.element_size()]
+    bits = flat.view(width).to(torch.int64).remainder(_MOD)  # in [0, 2**31)
+    weights = torch.arange(bits.numel(), device=bits.device).remainder(65521).add(1)  # in [1, 2**16)
+    total = int(bits.mul(weights).remainder(_MOD).sum())  # < numel * 2**31: exact below 2**32 entries
+    text = f"{total}|{tuple(tensor.shape)}|{tensor.dtype}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=3).digest(), "big") >> 4
 
 
 def _initialised() -> bool:
