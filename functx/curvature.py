@@ -1,0 +1,31 @@
+"""Curvature of a loss over a dataset: ``functx.curvature``.
+
+Operators (matrix-free, ``P x P`` with ``P`` the number of entries of ``params``)::
+
+    H = HessianOperator(model, loss, params, data)   # Hessian of L = sum_b w_b l_b
+    G = GGNOperator(model, loss, params, data)       # sum_b w_b J_b^T (d^2 l_b / d f^2) J_b
+    F = EFOperator(model, loss, params, data)        # empirical Fisher c * sum_n g_n g_n^T
+    H @ v            # v: (P,), (P, K) or a dict like params -> the same form back
+
+* Scaling (curvlinops' convention): batch ``b`` of ``B_b`` samples enters with weight
+  ``w_b = B_b / N`` for ``reduction="mean"`` (``N`` counted in one pass, or ``num_data``)
+  and ``1`` for ``"sum"``. For ``CrossEntropyLoss``/``MSELoss``/``BCEWithLogitsLoss`` this
+  is the loss of the whole dataset taken as one batch: ``c = 1/N`` for cross-entropy,
+  ``1/(N C)`` for the other two over ``C`` output entries.
+* Flattening: ``params``' key order, each tensor raveled row-major (C order);
+  :meth:`~HessianOperator.flatten` / :meth:`~HessianOperator.unflatten` convert.
+* Pure: the module is evaluated through :func:`functx.nn.make_functional` and never
+  written; operators may be applied from several threads.
+* ``torch.distributed``: each process passes its shard of the data; products are
+  all-reduced once each, ``N`` is global, and every rank raises the same errors.
+
+Estimators, working on any object with ``shape``, ``dtype``, ``device``, ``@``,
+``flatten`` and ``unflatten``: :func:`eigsh`, :func:`trace`, :func:`diagonal`,
+:func:`spectral_density`.
+"""
+
+from ._curvature._operators import EFOperator as EFOperator
+from ._curvature._operators import GGNOperator as GGNOperator
+from ._curvature._operators import HessianOperator as HessianOperator
+
+__all__ = ["EFOperator", "GGNOperator", "HessianOperator"]
