@@ -53,38 +53,10 @@ def make_model() -> nn.Module:
 
 def hessian_operator(model: nn.Module, data: list) -> object:
     """functx's HessianOperator over this rank's shard (the world group when initialised)."""
-    try:
-        import functx.curvature as fc
-    except ImportError:  # before the operators exist: the same algorithm by hand
-        return _StandIn(model, data)
+    import functx.curvature as fc
+
     params = dict(model.named_parameters())
     return fc.HessianOperator(model, nn.CrossEntropyLoss(), params, data, check_deterministic=False)
-
-
-class _StandIn:
-    """Double-backward HVP summed over the local batches (weights B_b / N), one all-reduce."""
-
-    def __init__(self, model: nn.Module, data: list) -> None:
-        from functx._curvature import _distributed as D
-
-        self.D, self.model, self.data = D, model, data
-        self.group = D.resolve_group(None, "bench")
-        self.N = D.global_count(sum(len(y) for _, y in data), self.group)
-        self.params = [p.detach() for p in model.parameters()]
-        self.shape = (sum(p.numel() for p in self.params),) * 2
-
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        names = [n for n, _ in self.model.named_parameters()]
-        vs = [c.view_as(p) for c, p in zip(v.split([p.numel() for p in self.params]), self.params)]
-        acc = torch.zeros_like(v)
-        for X, y in self.data:
-            leaves = [p.requires_grad_() for p in (q.clone() for q in self.params)]
-            out = torch.func.functional_call(self.model, dict(zip(names, leaves)), (X,))
-            loss = nn.functional.cross_entropy(out, y) * (len(y) / self.N)
-            grads = torch.autograd.grad(loss, leaves, create_graph=True)
-            hv = torch.autograd.grad(grads, leaves, vs)
-            acc += torch.cat([h.reshape(-1) for h in hv])
-        return self.D.all_reduce_sum(acc, self.group)
 
 
 class _CommTimer:
