@@ -162,6 +162,26 @@ def any_rank_and_flagged_ranks(rank: int, world: int) -> None:
 
 
 @check
+def on_every_rank_shares_a_local_failure(rank: int, world: int) -> None:
+    group = D.resolve_group(None, API)
+    assert D.on_every_rank(lambda: rank * 10, group, API, "counting") == rank * 10
+
+    def count() -> int:
+        if rank == world - 1:
+            raise TypeError("batch 3 of `data` is not a pair")
+        return 1
+
+    if rank == world - 1:
+        with pytest.raises(TypeError, match=r"^batch 3 of `data` is not a pair$"):
+            D.on_every_rank(count, group, API, "counting the samples of `data`")
+    else:
+        message = rf"^`{API}`: counting the samples of `data` failed on rank\(s\) \[{world - 1}\] of the process"
+        with pytest.raises(ValueError, match=message):
+            D.on_every_rank(count, group, API, "counting the samples of `data`")
+    assert D.global_count(1, group) == world  # the ranks are still in step
+
+
+@check
 def same_signature_passes(rank: int, world: int) -> None:
     signature = [("layer.weight", (3, 4), torch.float64), ("layer.bias", (3,), torch.float64)]
     D.check_same_across_ranks(signature, D.resolve_group(None, API), API)

@@ -7,7 +7,8 @@ Every operator of :mod:`functx.curvature` goes through these functions and nothi
 * :func:`all_reduce_sum` once per product (``H @ v`` or a matrix product), on one flat buffer;
 * :func:`global_count` once at construction (the global number of samples ``N``);
 * :func:`any_rank` (or :func:`flagged_ranks`, which also says which ranks) for checks that must
-  raise on every rank together (determinism, an empty dataset);
+  raise on every rank together (determinism, an empty dataset), and :func:`on_every_rank` for
+  local work that may raise (counting a shard);
 * :func:`check_same_across_ranks` once at construction (parameter names, shapes, dtypes).
 
 Semantics under ``torch.distributed`` (any backend):
@@ -33,10 +34,12 @@ Without ``torch.distributed`` initialised, nothing but ``torch.distributed.is_av
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
+T = TypeVar("T")
 Signature = list[tuple[str, tuple[int, ...], torch.dtype]]
 
 
@@ -181,6 +184,38 @@ def flagged_ranks(flag: bool, group: Any) -> list[int]:
     flags = all_reduce_sum(flags, group)
     ranks = dist.get_process_group_ranks(group)
     return [ranks[i] for i in flags.nonzero().flatten().tolist()]
+
+
+def on_every_rank(fn: Callable[[], T], group: Any, api: str, what: str) -> T:
+    """``fn()`` on this rank, with its failure shared: when it raises on any rank, every rank raises.
+
+    A rank where ``fn`` raised re-raises its own exception; the others raise a ``ValueError``
+    naming the failed ranks. One collective (:func:`flagged_ranks`), so a local check on this
+    rank's shard (an unpackable batch, a wrong batch size) cannot leave the other ranks waiting
+    in the next collective.
+
+    Args:
+        fn: the local work, e.g. counting this rank's samples.
+        group: a group from :func:`resolve_group`; ``None`` just calls ``fn``.
+        api: the public API name used in the error.
+        what: what ``fn`` does, for the error ("counting the samples of `data`").
+
+    Example:
+        >>> on_every_rank(lambda: 3, None, "functx.curvature.HessianOperator", "counting")
+        3
+    """
+    if group is None:
+        return fn()
+    try:
+        result, error = fn(), None
+    except Exception as caught:  # shared with the other ranks, then re-raised below
+        result, error = None, caught
+    failed = flagged_ranks(error is not None, group)
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"`{api}`: {what} failed on rank(s) {failed} of the process group (see their error).")
+    return result  # type: ignore[return-value]
 
 
 def check_same_across_ranks(signature: Signature, group: Any, api: str) -> None:
