@@ -120,3 +120,35 @@ def test_group_without_init_is_a_value_error():
         ValueError, match=r"^`functx.curvature.HessianOperator`: `group` was given but torch.distributed"
     ):
         D.resolve_group(object(), API)
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "expected"),
+    [
+        ("gloo", "cpu", "cpu"),
+        ("gloo", "cuda:1", "cpu"),  # gloo: CUDA tensors go through host memory
+        ("cpu:gloo,cuda:nccl", "cpu", "cpu"),
+        ("mpi", "cpu", "cpu"),  # other backends: the tensor's own device
+        ("ucc", "cuda:0", "cuda:0"),
+    ],
+)
+def test_reduce_device_by_backend(monkeypatch, backend, device, expected):
+    monkeypatch.setattr(dist, "get_backend", lambda group: backend)
+    assert D._reduce_device(torch.device(device), object()) == torch.device(expected)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0", "cuda:1"])
+def test_nccl_reduces_on_the_bound_or_current_device(monkeypatch, device):
+    monkeypatch.setattr(dist, "get_backend", lambda group: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert D._reduce_device(torch.device(device), object()) == torch.device("cuda", 1)
+    bound = type("Group", (), {"bound_device_id": torch.device("cuda", 3)})()
+    assert D._reduce_device(torch.device(device), bound) == torch.device("cuda", 3)
+
+
+def test_digest_sees_bits_shape_and_dtype():
+    v = torch.linspace(-1, 1, 12, dtype=torch.float64)
+    assert D._digest(v) == D._digest(v.clone())
+    for other in (v.flip(0), v.reshape(3, 4), v.float(), (v.view(torch.int64) ^ 1).view(torch.float64)):
+        assert D._digest(other) != D._digest(v)
+    assert 0 <= D._digest(v) < 2**20
