@@ -13,8 +13,10 @@ Every operator of :mod:`functx.curvature` goes through these functions and nothi
 
 Semantics under ``torch.distributed`` (any backend):
 
-* every function here is a collective: every rank of the group calls it, in the same order,
-  or the ranks that did call it wait until the group's timeout (``init_process_group(timeout=)``);
+* every function here but :func:`resolve_group` is a collective: every rank of the group calls
+  it, in the same order, or the ranks that did call it wait until the group's timeout
+  (``init_process_group(timeout=)``; under torchrun, a rank that exits with an error gets the
+  others stopped);
   so a check that fails on one rank is first agreed on with :func:`any_rank`, then every rank
   raises the same error;
 * sums are bitwise identical on every rank: gloo and nccl compute each entry of an all-reduce
@@ -107,7 +109,8 @@ def all_reduce_sum(
     its square, which sum to ``W m`` and ``W m^2`` exactly when all ``W`` digests equal ``m``; the
     sum is then taken in float64 and every rank raises the same ``ValueError`` on a mismatch (a
     ``v`` drawn without a seed, products issued in different orders, ranks whose estimator states
-    drifted apart), instead of returning the meaningless ``sum_r A_r v_r``.
+    drifted apart), instead of returning the meaningless ``sum_r A_r v_r``. (For floating-point
+    ``tensor``; the digest sums stay exact in float64 up to 8192 ranks.)
 
     Args:
         tensor: this rank's contribution (any shape and dtype the backend supports).
