@@ -124,7 +124,7 @@ def plot(grid: torch.Tensor, density: torch.Tensor, evals: torch.Tensor, path: s
     ax.semilogy(grid.numpy(), density.clamp_min(1e-12).numpy())
     for e in evals:
         ax.axvline(float(e), color="tab:red", lw=0.8, ls="--")
-    ax.set(xlabel="eigenvalue", ylabel="density", title="Hessian spectral density (SLQ)")
+    ax.set(xlabel="eigenvalue", ylabel="density", title="Hessian spectral density (SLQ)", ylim=(1e-6, None))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot written to {path}")
