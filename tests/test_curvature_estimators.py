@@ -254,6 +254,15 @@ def test_trace_hutch_plus_plus_and_xtrace_beat_hutchinson_on_decaying_spectra():
     assert mse("xtrace") < mse("hutch++") / 3
 
 
+@pytest.mark.parametrize("num_matvecs", [3, 4, 10])
+def test_zero_operator_trace_and_diagonal(num_matvecs):
+    zero = torch.zeros(30, 30, dtype=DT)
+    for method in ("hutchinson", "hutch++", "xtrace"):
+        assert est.trace(zero, num_matvecs, method) == 0
+    for method in ("hutchinson", "xdiag"):
+        assert torch.equal(est.diagonal(zero, num_matvecs, method), torch.zeros(30, dtype=DT))
+
+
 def test_trace_float32():
     A = low_rank(50, 3).float()
     torch.testing.assert_close(est.trace(A, 12, "xtrace"), A.double().trace().float(), rtol=1e-4, atol=0)
@@ -414,6 +423,11 @@ class NoMatmul:
     shape = (3, 3)
     dtype = DT
     device = torch.device("cpu")
+
+
+class NaNOutput(DenseOp):
+    def __matmul__(self, v):
+        return super().__matmul__(v) * float("nan")
 
 
 class WrongOutput(DenseOp):

@@ -121,7 +121,8 @@ def eigsh(
     value in magnitude; the residual norms come from the Lanczos relation, at no extra product.
     Convergence is checked after every block, so easy problems stop early. The block size
     defaults to ``k``: an eigenvalue of multiplicity up to ``block_size`` is found with all its
-    copies (single-vector Lanczos, like ARPACK, can miss repeated copies). When the operator is
+    copies (single-vector Lanczos, like ARPACK, can miss repeated copies); ``block_size=1`` needs
+    fewer products when the wanted eigenvalues are known to be simple. When the operator is
     small (``P <= ncv + block_size``) it is materialised with ``P`` products and solved densely.
 
     Args:
@@ -203,7 +204,7 @@ def _hutch_plus_plus(A: Operator, num_matvecs: int, generator: torch.Generator) 
     probes = A.rademacher(num_matvecs - 2 * sketch_size, generator)
     Q = torch.linalg.qr(A.matmul(sketch)).Q
     exact_part = (Q * A.matmul(Q)).sum()
-    probes -= Q @ (Q.mT @ probes)
+    probes = probes - Q @ (Q.mT @ probes)
     return exact_part + (probes * A.matmul(probes)).sum() / probes.shape[1]
 
 

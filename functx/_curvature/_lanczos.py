@@ -42,13 +42,14 @@ def preference(values: torch.Tensor, which: str) -> torch.Tensor:
     return torch.argsort(values.abs(), descending=True, stable=True)
 
 
-def _orthogonalize(block: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Remove ``basis``'s components from ``block`` in place (two passes); return the coefficients."""
+def _orthogonalize(block: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block`` without its components along ``basis`` (two passes), and those components.
+
+    Never in place: ``block`` may be a tensor the operator returned and still owns."""
     coefficients = basis.mT @ block
-    block -= basis @ coefficients
+    block = block - basis @ coefficients
     correction = basis.mT @ block
-    block -= basis @ correction
-    return coefficients + correction
+    return block - basis @ correction, coefficients + correction
 
 
 def _next_block(
@@ -65,8 +66,7 @@ def _next_block(
         R[lost] = 0
         fresh = A.gaussian(int(lost.sum()), generator)
         kept = torch.cat([basis, U[:, ~lost]], dim=1)
-        _orthogonalize(fresh, kept)
-        U[:, lost] = torch.linalg.qr(fresh).Q
+        U[:, lost] = torch.linalg.qr(_orthogonalize(fresh, kept)[0]).Q
     return U, R
 
 
@@ -86,8 +86,7 @@ def thick_restart_lanczos(
     n, restarts, norm_estimate = 0, 0, 0.0
     while True:
         lo, hi = n, n + b
-        W = A.matmul(V[:, lo:hi])
-        C = _orthogonalize(W, V[:, :hi])
+        W, C = _orthogonalize(A.matmul(V[:, lo:hi]), V[:, :hi])
         H[:hi, lo:hi] = C
         H[lo:hi, :hi] = C.mT
         H[lo:hi, lo:hi] = (C[lo:hi] + C[lo:hi].mT) / 2
@@ -135,7 +134,7 @@ def batched_lanczos(A: Operator, starts: torch.Tensor, num_steps: int) -> tuple[
             break
         for _ in range(2):
             coefficients = torch.einsum("jpk,pk->jk", basis[: j + 1], w)
-            w -= torch.einsum("jpk,jk->pk", basis[: j + 1], coefficients)
+            w = w - torch.einsum("jpk,jk->pk", basis[: j + 1], coefficients)  # not in place: `w` is op's
         norm = torch.linalg.vector_norm(w, dim=0)
         scale = torch.maximum(scale, alpha[j].abs() + norm)
         alive = norm > 10 * (j + 1) * A.eps * scale

@@ -79,6 +79,8 @@ class Operator:
 
     def matmul(self, block: torch.Tensor) -> torch.Tensor:
         """``op @ block`` for ``block`` of shape ``(P, K)``, in chunks of ``chunk_size`` columns."""
+        if block.shape[1] == 0:
+            return torch.zeros_like(block)
         step = self.chunk_size or block.shape[1]
         parts = [self._product(block[:, i : i + step]) for i in range(0, block.shape[1], step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -94,6 +96,8 @@ class Operator:
             )
         if out.dtype != self.dtype:
             raise TypeError(f"{self.api}: `op @ V` returned dtype {out.dtype}; expected op.dtype={self.dtype}")
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{self.api}: `op @ V` returned non-finite values (inf or nan)")
         self.matvecs += block.shape[1]
         return out
 
