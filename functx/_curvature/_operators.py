@@ -16,7 +16,14 @@ import torch
 
 from .._core import plain_eager
 from ._data import Data
-from ._distributed import all_reduce_sum, any_rank, check_same_across_ranks, global_count, resolve_group
+from ._distributed import (
+    all_reduce_sum,
+    any_rank,
+    check_same_across_ranks,
+    global_count,
+    on_every_rank,
+    resolve_group,
+)
 from ._losses import LossSpec
 from ._params import Layout, model_function
 
@@ -50,7 +57,11 @@ class _CurvatureOperator:
         _check_num_data(num_data, api)
         self._group = resolve_group(group, api)
         check_same_across_ranks(self._layout.signature(), self._group, api)
-        self._num_data = num_data if num_data is not None else global_count(self._data.count(), self._group)
+        if num_data is None:  # a local failure (a bad batch) raises on every rank, not a hang
+            num_data = global_count(
+                on_every_rank(self._data.count, self._group, api, "counting the samples of `data`"), self._group
+            )
+        self._num_data = num_data
         if self._num_data == 0:
             raise ValueError(f"`{api}`: `data` holds no sample (an empty dataset); the curvature is undefined.")
         if check_deterministic:
@@ -164,7 +175,7 @@ class _CurvatureOperator:
             for a, p, n in zip(accs, products, self._layout.sizes):
                 if p is not None:
                     a.add_(p.reshape(K, n) if K > 1 else p.reshape(a.shape), alpha=alpha)
-        return all_reduce_sum(acc, self._group)
+        return all_reduce_sum(acc, self._group, same=V, api=self._api)  # also checks every rank used this V
 
     def _batch_product(
         self, leaves: list[torch.Tensor], X: Any, y: Any, size: int, vectors: list[torch.Tensor], batched: bool
@@ -206,7 +217,8 @@ class _CurvatureOperator:
     # -- construction-time checks -----------------------------------------------------------
 
     def _check_deterministic(self) -> None:
-        first, second = self._loss_and_gradient(), self._loss_and_gradient()
+        what = "the determinism check (a pass over `data`)"
+        first, second = (on_every_rank(self._loss_and_gradient, self._group, self._api, what) for _ in range(2))
         local = first[2] or second[2] or not _close(first[0], second[0]) or not _close(first[1], second[1])
         if any_rank(bool(local), self._group):
             raise ValueError(
