@@ -163,18 +163,16 @@ class _CurvatureOperator:
         """``(A V^T)^T`` for ``V`` of shape ``(K, P)``: one pass, one reduction."""
         K, batched = V.shape[0], V.shape[0] > 1
         pieces = self._layout.split(V)
-        vectors = pieces if batched else [p[0] for p in pieces]
-        acc = torch.zeros(K, self._layout.size, dtype=self.dtype, device=self.device)
-        accs = [
-            a.view(K, *s) if K == 1 else a for a, s in zip(acc.split(self._layout.sizes, dim=1), self._layout.shapes)
-        ]
+        vectors = [p.contiguous() for p in pieces] if batched else [p[0] for p in pieces]  # dense: fast vmap
+        accs = [torch.zeros(K, *s, dtype=self.dtype, device=self.device) for s in self._layout.shapes]
         for X, y, size in self._data.batches("product"):
             leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
             with torch.enable_grad():
                 products, alpha = self._batch_product(leaves, X, y, size, vectors, batched)
-            for a, p, n in zip(accs, products, self._layout.sizes):
+            for a, p in zip(accs, products):
                 if p is not None:
-                    a.add_(p.reshape(K, n) if K > 1 else p.reshape(a.shape), alpha=alpha)
+                    a.add_(p.reshape(a.shape), alpha=alpha)
+        acc = torch.cat([a.reshape(K, -1) for a in accs], dim=1)
         return all_reduce_sum(acc, self._group, same=V, api=self._api)  # also checks every rank used this V
 
     def _batch_product(
@@ -191,7 +189,7 @@ class _CurvatureOperator:
                 f"`{self._api}`: products run eager autograd over the data; they cannot run inside a "
                 f"functx/torch.func transform, torch.compile or inference mode."
             )
-        if not (v.is_floating_point() or v.is_complex()) or v.is_complex():
+        if not v.is_floating_point():
             raise TypeError(f"`{self._api}`: `v` must be a real floating-point tensor, got dtype {v.dtype}.")
         if v.ndim not in (1, 2) or v.shape[0] != P:
             raise ValueError(f"`{self._api}`: `v` must have shape ({P},) or ({P}, K), got {tuple(v.shape)}.")
