@@ -20,12 +20,31 @@ Operators (matrix-free, ``P x P`` with ``P`` the number of entries of ``params``
   all-reduced once each, ``N`` is global, and every rank raises the same errors.
 
 Estimators, working on any object with ``shape``, ``dtype``, ``device``, ``@``,
-``flatten`` and ``unflatten``: :func:`eigsh`, :func:`trace`, :func:`diagonal`,
-:func:`spectral_density`.
+``flatten`` and ``unflatten`` (or a symmetric tensor), reproducible from ``seed`` on every
+rank::
+
+    evals, evecs = eigsh(H, k=3, which="LA")                  # block Lanczos, thick restarts
+    trace(H, num_matvecs=100, method="hutch++")               # "hutchinson", "xtrace"
+    diagonal(H, num_matvecs=100, method="xdiag", as_tree=True)  # "hutchinson"; (P,) or a dict
+    grid, density = spectral_density(H, num_probes=10, num_steps=50)  # stochastic Lanczos quadrature
 """
 
+from ._curvature._estimators import EigshInfo as EigshInfo
+from ._curvature._estimators import diagonal as diagonal
+from ._curvature._estimators import eigsh as eigsh
+from ._curvature._estimators import spectral_density as spectral_density
+from ._curvature._estimators import trace as trace
 from ._curvature._operators import EFOperator as EFOperator
 from ._curvature._operators import GGNOperator as GGNOperator
 from ._curvature._operators import HessianOperator as HessianOperator
 
-__all__ = ["EFOperator", "GGNOperator", "HessianOperator"]
+__all__ = [
+    "EFOperator",
+    "EigshInfo",
+    "GGNOperator",
+    "HessianOperator",
+    "diagonal",
+    "eigsh",
+    "spectral_density",
+    "trace",
+]

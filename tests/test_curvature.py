@@ -508,3 +508,36 @@ def test_bad_construction():
         fc.GGNOperator(model, loss, params, [X])
     with pytest.raises(ValueError, match=api + r"every tensor of `params` must have one dtype and device"):
         fc.GGNOperator(model, loss, {"0.bias": params["0.bias"], "2.bias": params["2.bias"].float()}, data)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.CrossEntropyLoss(label_smoothing=0.1),
+        lambda: nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=F64)),
+        lambda: nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 1.0, 3.0], dtype=F64)),
+        lambda: nn.HuberLoss(delta=0.5),
+    ],
+    ids=["ce-label-smoothing", "ce-weight", "bce-pos-weight", "huber"],
+)
+def test_ggn_autodiff_output_hessian_where_no_closed_form(make):
+    loss = make()
+    kind = "ce" if isinstance(loss, nn.CrossEntropyLoss) else "bce" if isinstance(loss, nn.BCEWithLogitsLoss) else "mse"
+    model = mlp()
+    X = torch.randn(10, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    data = split(X, targets(kind, 10))
+    G = fc.GGNOperator(model, loss, dict(model.named_parameters()), data)
+    torch.testing.assert_close(G.to_dense(), dense_ggn(model, loss, ALL, data, "mean"))
+
+
+@pytest.mark.parametrize("name", ["ce-mean", "mse-sum", "bce-mean"])
+def test_closed_form_output_hessians_are_used(name, monkeypatch):
+    from functx._curvature import _losses
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("autodiff used where a closed form applies")
+
+    monkeypatch.setattr(_losses, "_autodiff_hessian_product", refuse)
+    model, loss, _, X, y = setup(name)
+    G = fc.GGNOperator(model, loss, dict(model.named_parameters()), split(X, y))
+    G @ torch.randn(G.shape[0], dtype=F64)

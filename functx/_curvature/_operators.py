@@ -16,7 +16,14 @@ import torch
 
 from .._core import plain_eager
 from ._data import Data
-from ._distributed import all_reduce_sum, any_rank, check_same_across_ranks, global_count, resolve_group
+from ._distributed import (
+    all_reduce_sum,
+    any_rank,
+    check_same_across_ranks,
+    global_count,
+    on_every_rank,
+    resolve_group,
+)
 from ._losses import LossSpec
 from ._params import Layout, model_function
 
@@ -50,7 +57,11 @@ class _CurvatureOperator:
         _check_num_data(num_data, api)
         self._group = resolve_group(group, api)
         check_same_across_ranks(self._layout.signature(), self._group, api)
-        self._num_data = num_data if num_data is not None else global_count(self._data.count(), self._group)
+        if num_data is None:  # a local failure (a bad batch) raises on every rank, not a hang
+            num_data = global_count(
+                on_every_rank(self._data.count, self._group, api, "counting the samples of `data`"), self._group
+            )
+        self._num_data = num_data
         if self._num_data == 0:
             raise ValueError(f"`{api}`: `data` holds no sample (an empty dataset); the curvature is undefined.")
         if check_deterministic:
@@ -152,19 +163,17 @@ class _CurvatureOperator:
         """``(A V^T)^T`` for ``V`` of shape ``(K, P)``: one pass, one reduction."""
         K, batched = V.shape[0], V.shape[0] > 1
         pieces = self._layout.split(V)
-        vectors = pieces if batched else [p[0] for p in pieces]
-        acc = torch.zeros(K, self._layout.size, dtype=self.dtype, device=self.device)
-        accs = [
-            a.view(K, *s) if K == 1 else a for a, s in zip(acc.split(self._layout.sizes, dim=1), self._layout.shapes)
-        ]
+        vectors = [p.contiguous() for p in pieces] if batched else [p[0] for p in pieces]  # dense: fast vmap
+        accs = [torch.zeros(K, *s, dtype=self.dtype, device=self.device) for s in self._layout.shapes]
         for X, y, size in self._data.batches("product"):
             leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
             with torch.enable_grad():
                 products, alpha = self._batch_product(leaves, X, y, size, vectors, batched)
-            for a, p, n in zip(accs, products, self._layout.sizes):
+            for a, p in zip(accs, products):
                 if p is not None:
-                    a.add_(p.reshape(K, n) if K > 1 else p.reshape(a.shape), alpha=alpha)
-        return all_reduce_sum(acc, self._group)
+                    a.add_(p.reshape(a.shape), alpha=alpha)
+        acc = torch.cat([a.reshape(K, -1) for a in accs], dim=1)
+        return all_reduce_sum(acc, self._group, same=V, api=self._api)  # also checks every rank used this V
 
     def _batch_product(
         self, leaves: list[torch.Tensor], X: Any, y: Any, size: int, vectors: list[torch.Tensor], batched: bool
@@ -180,7 +189,7 @@ class _CurvatureOperator:
                 f"`{self._api}`: products run eager autograd over the data; they cannot run inside a "
                 f"functx/torch.func transform, torch.compile or inference mode."
             )
-        if not (v.is_floating_point() or v.is_complex()) or v.is_complex():
+        if not v.is_floating_point():
             raise TypeError(f"`{self._api}`: `v` must be a real floating-point tensor, got dtype {v.dtype}.")
         if v.ndim not in (1, 2) or v.shape[0] != P:
             raise ValueError(f"`{self._api}`: `v` must have shape ({P},) or ({P}, K), got {tuple(v.shape)}.")
@@ -206,7 +215,8 @@ class _CurvatureOperator:
     # -- construction-time checks -----------------------------------------------------------
 
     def _check_deterministic(self) -> None:
-        first, second = self._loss_and_gradient(), self._loss_and_gradient()
+        what = "the determinism check (a pass over `data`)"
+        first, second = (on_every_rank(self._loss_and_gradient, self._group, self._api, what) for _ in range(2))
         local = first[2] or second[2] or not _close(first[0], second[0]) or not _close(first[1], second[1])
         if any_rank(bool(local), self._group):
             raise ValueError(
