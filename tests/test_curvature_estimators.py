@@ -114,6 +114,21 @@ def test_eigsh_matches_eigvalsh(spectrum, which, k):
     check_pairs(A, values, vectors, reference(A, k, which), atol=1e-10)
 
 
+@pytest.mark.parametrize("spectrum", ["indefinite", "negative-dominant"])
+@pytest.mark.parametrize(("k", "block_size"), [(1, None), (3, None), (3, 1)])
+@pytest.mark.parametrize("tol", [1e-6, 1e-10])
+def test_eigsh_reported_residuals_are_the_true_ones(spectrum, k, block_size, tol):
+    # convergence is read off the Lanczos relation: it must equal ||A x - lambda x|| computed directly
+    A = rotated(SPECTRA[spectrum].tolist())
+    values, vectors, info = est.eigsh(A, k=k, tol=tol, block_size=block_size, return_info=True)
+    true = torch.linalg.vector_norm(A @ vectors - vectors * values, dim=0)
+    scale = float(torch.linalg.matrix_norm(A, 2))
+    torch.testing.assert_close(info.residual_norms, true, rtol=0, atol=1e-13 * scale)
+    assert info.converged and true.max() <= info.threshold + 1e-13 * scale
+    # ||A|| is estimated from below by the extreme Ritz value, which converges first
+    assert 0.999 * tol * scale <= info.threshold <= tol * scale * (1 + 1e-12)
+
+
 def test_eigsh_default_tolerance_float64_is_1e_10_accurate():
     A = rotated(SPECTRA["indefinite"].tolist(), seed=1)
     values, vectors = est.eigsh(A, k=2)
