@@ -17,6 +17,15 @@ from functx._curvature import _estimators as est
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # thousands of products of tiny matrices: intra-op threads only add contention on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class DenseOp:
     """The operator protocol around a symmetric matrix; counts products and the largest block."""
 
@@ -105,6 +114,21 @@ def test_eigsh_matches_eigvalsh(spectrum, which, k):
     check_pairs(A, values, vectors, reference(A, k, which), atol=1e-10)
 
 
+@pytest.mark.parametrize("spectrum", ["indefinite", "negative-dominant"])
+@pytest.mark.parametrize(("k", "block_size"), [(1, None), (3, None), (3, 1)])
+@pytest.mark.parametrize("tol", [1e-6, 1e-10])
+def test_eigsh_reported_residuals_are_the_true_ones(spectrum, k, block_size, tol):
+    # convergence is read off the Lanczos relation: it must equal ||A x - lambda x|| computed directly
+    A = rotated(SPECTRA[spectrum].tolist())
+    values, vectors, info = est.eigsh(A, k=k, tol=tol, block_size=block_size, return_info=True)
+    true = torch.linalg.vector_norm(A @ vectors - vectors * values, dim=0)
+    scale = float(torch.linalg.matrix_norm(A, 2))
+    torch.testing.assert_close(info.residual_norms, true, rtol=0, atol=1e-13 * scale)
+    assert info.converged and true.max() <= info.threshold + 1e-13 * scale
+    # ||A|| is estimated from below by the extreme Ritz value, which converges first
+    assert 0.999 * tol * scale <= info.threshold <= tol * scale * (1 + 1e-12)
+
+
 def test_eigsh_default_tolerance_float64_is_1e_10_accurate():
     A = rotated(SPECTRA["indefinite"].tolist(), seed=1)
     values, vectors = est.eigsh(A, k=2)
@@ -118,6 +142,19 @@ def test_eigsh_degenerate_eigenvalues_keep_every_copy(multiplicity):
     A = rotated(spectrum, seed=2)
     values, vectors = est.eigsh(A, k=3)
     check_pairs(A, values, vectors, reference(A, 3, "LA"), atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_eigsh_few_distinct_eigenvalues_exhaust_the_block_krylov_space(seed):
+    # 7 distinct eigenvalues of multiplicity ~5: the block Krylov space becomes invariant after a
+    # few steps and the iteration continues from fresh random directions (a regression: a
+    # direction with a residual just above rounding level once broke the basis' orthogonality)
+    g = torch.Generator().manual_seed(seed)
+    A = rotated(torch.randint(-3, 4, (32,), generator=g).tolist(), seed=seed)
+    for which in ("LA", "SA"):
+        values, vectors, info = est.eigsh(A, k=2, which=which, return_info=True)
+        assert info.converged
+        check_pairs(A, values, vectors, reference(A, 2, which), atol=1e-10)
 
 
 def test_eigsh_clustered_eigenvalues():
@@ -224,31 +261,33 @@ def test_trace_hutchinson_exact_on_diagonal():
 @pytest.mark.parametrize(("method", "num_matvecs"), [("hutchinson", 5), ("hutch++", 9), ("xtrace", 8)])
 def test_trace_unbiased(method, num_matvecs):
     A = rotated(torch.linspace(-1.0, 3.0, 40).tolist(), seed=6)
-    samples = [est.trace(A, num_matvecs, method, seed=seed) for seed in range(400)]
+    samples = [est.trace(A, num_matvecs, method, seed=seed) for seed in range(200)]
     mean, error = mean_and_standard_error(samples)
     assert abs(mean - A.trace()) <= 6 * error
 
 
-@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
-def test_trace_error_shrinks_with_num_matvecs(method):
-    # the mean squared error over 60 seeds falls by 4x or more from 6 to 36 products (about 6x for
-    # Hutchinson, more for the others); a reversal by chance is far below 1e-6
+@pytest.mark.parametrize(("method", "factor"), [("hutchinson", 2), ("hutch++", 20), ("xtrace", 20)])
+def test_trace_error_shrinks_with_num_matvecs(method, factor):
+    # from 6 to 36 products the mean squared error falls about 6x for Hutchinson (1/m) and 200x or
+    # more for Hutch++ and XTrace on this decaying spectrum; with 200 seeds the relative standard
+    # error of each mean is about 0.1-0.15, so `factor` leaves over 7 standard errors (in log scale)
     A = rotated((0.8 ** torch.arange(50.0)).tolist(), seed=7)
     exact = A.trace()
 
     def mse(m):
-        return torch.stack([(est.trace(A, m, method, seed=s) - exact) ** 2 for s in range(60)]).mean()
+        return torch.stack([(est.trace(A, m, method, seed=s) - exact) ** 2 for s in range(200)]).mean()
 
-    assert mse(36) < mse(6) / 4
+    assert mse(36) < mse(6) / factor
 
 
 def test_trace_hutch_plus_plus_and_xtrace_beat_hutchinson_on_decaying_spectra():
-    # mean squared errors over 100 seeds are about 0.1, 1.3e-3 and 6e-5: margins of 7x on each ratio
+    # mean squared errors are about 0.1, 1.3e-3 and 6e-5: margins of 7x on each ratio, over 7 standard
+    # errors of the log-ratio with 200 seeds
     A = rotated((0.7 ** torch.arange(60.0)).tolist(), seed=8)
     exact = A.trace()
 
     def mse(method):
-        return torch.stack([(est.trace(A, 30, method, seed=s) - exact) ** 2 for s in range(100)]).mean()
+        return torch.stack([(est.trace(A, 30, method, seed=s) - exact) ** 2 for s in range(200)]).mean()
 
     assert mse("hutch++") < mse("hutchinson") / 10
     assert mse("xtrace") < mse("hutch++") / 3
@@ -294,12 +333,13 @@ def test_diagonal_xdiag_exact_on_low_rank():
 @pytest.mark.parametrize(("method", "num_matvecs"), [("hutchinson", 4), ("xdiag", 8)])
 def test_diagonal_unbiased(method, num_matvecs):
     A = rotated(torch.linspace(-1.0, 3.0, 30).tolist(), seed=9)
-    samples = torch.stack([est.diagonal(A, num_matvecs, method, seed=seed) for seed in range(400)])
+    samples = torch.stack([est.diagonal(A, num_matvecs, method, seed=seed) for seed in range(200)])
     mean, error = samples.mean(0), samples.std(0) / math.sqrt(len(samples))
     assert torch.all((mean - A.diagonal()).abs() <= 6 * error + 1e-12)
 
 
 def test_diagonal_xdiag_beats_hutchinson_on_decaying_spectra():
+    # squared errors about 0.06 and 8e-5: 70x margin
     A = rotated((0.7 ** torch.arange(60.0)).tolist(), seed=10)
 
     def mse(method):
@@ -347,21 +387,30 @@ def test_spectral_density_approaches_the_eigenvalue_histogram():
     assert torch.equal(grid_out, grid)
     truth = smoothed(eigenvalues.to(DT), grid, 0.1)
     l1 = torch.trapezoid((density - truth).abs(), grid)
-    assert l1 < 0.05
+    assert l1 < 0.08  # over 100 seeds: mean 0.025, standard deviation 0.006
     # mass of the two bumps
     for low, high, mass in [(-0.5, 1.5, 150 / 251), (2.5, 4.0, 100 / 251)]:
         inside = (grid >= low) & (grid <= high)
-        assert abs(torch.trapezoid(density[inside], grid[inside]) - mass) < 0.03
+        assert abs(torch.trapezoid(density[inside], grid[inside]) - mass) < 0.04  # mean 0.005, std 0.004
 
 
 def test_spectral_density_more_steps_than_the_krylov_space():
     A = low_rank(12, 3)
-    grid, density = est.spectral_density(A, num_probes=3, num_steps=40)
+    grid, density = est.spectral_density(A, num_probes=30, num_steps=40)
     assert torch.isfinite(density).all()
     torch.testing.assert_close(torch.trapezoid(density, grid), torch.tensor(1.0, dtype=DT), rtol=0, atol=1e-12)
-    # 9 of the 12 eigenvalues are zero: three quarters of the mass sits at 0
+    # 9 of the 12 eigenvalues are zero: three quarters of the mass sits at 0 (probe noise: std 0.03)
     near_zero = grid.abs() < 0.2 * float(grid.max())
     assert abs(torch.trapezoid(density[near_zero], grid[near_zero]) - 0.75) < 0.2
+
+
+def test_spectral_density_float32():
+    A = rotated(SPECTRA["hessian-like"].tolist(), seed=13).float()
+    grid, density = est.spectral_density(A, num_probes=5, num_steps=20)
+    assert grid.dtype == density.dtype == torch.float32
+    torch.testing.assert_close(torch.trapezoid(density, grid), torch.tensor(1.0), rtol=0, atol=1e-5)
+    mean = torch.trapezoid(grid * density, grid)
+    torch.testing.assert_close(mean, est.trace(A, 5, "hutchinson") / 150, rtol=1e-4, atol=1e-5)
 
 
 def test_spectral_density_chunks_and_coarse_grid_warning():

@@ -115,10 +115,12 @@ def eigsh(
 ) -> Any:
     """``k`` eigenvalues and eigenvectors of a symmetric operator, by block Lanczos with thick restarts.
 
-    The Krylov basis is fully reorthogonalised and restarted by keeping the ``k + (n - k) // 2``
-    best Ritz vectors (thick restart). A pair ``(lambda, x)`` has converged when
-    ``||op @ x - lambda x|| <= tol * ||op||``, with ``||op||`` estimated by the largest Ritz
-    value in magnitude; the residual norms come from the Lanczos relation, at no extra product.
+    The Krylov basis (``P x ncv`` numbers) is fully reorthogonalised and, when full, restarted
+    from its ``min(k + (n - k) // 2, ncv - 2 * block_size)`` best Ritz vectors (thick restart). A
+    pair ``(lambda, x)`` has converged when ``||op @ x - lambda x|| <= tol * ||op||``, with
+    ``||op||`` estimated by the largest Ritz value in magnitude (ARPACK's test is
+    ``tol * |lambda|``: the same for the eigenvalue of largest magnitude); the residual norms come
+    from the Lanczos relation, at no extra product.
     Convergence is checked after every block, so easy problems stop early. The block size
     defaults to ``k``: an eigenvalue of multiplicity up to ``block_size`` is found with all its
     copies (single-vector Lanczos, like ARPACK, can miss repeated copies); ``block_size=1`` needs

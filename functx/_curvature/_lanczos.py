@@ -58,16 +58,18 @@ def _next_block(
     """``residual = Q R`` with ``Q`` orthonormal and orthogonal to ``basis``.
 
     Directions of ``residual`` with singular value ``<= tiny`` (an invariant subspace was found)
-    are replaced by random ones, with zero coupling, so the iteration can go on."""
+    are replaced by random ones, with zero coupling, so the iteration can go on. A direction
+    with a singular value just above ``tiny`` is mostly rounding noise, and noise need not be
+    orthogonal to ``basis``: the singular vectors are orthogonalised against ``basis`` once more
+    (which moves the well-determined ones by rounding only)."""
     U, sigma, Zh = torch.linalg.svd(residual, full_matrices=False)
     R = sigma[:, None] * Zh
     lost = sigma <= tiny
     if bool(lost.any()):
         R[lost] = 0
-        fresh = A.gaussian(int(lost.sum()), generator)
-        kept = torch.cat([basis, U[:, ~lost]], dim=1)
-        U[:, lost] = torch.linalg.qr(_orthogonalize(fresh, kept)[0]).Q
-    return U, R
+        U[:, lost] = A.gaussian(int(lost.sum()), generator)
+    Q, T = torch.linalg.qr(_orthogonalize(U, basis)[0])
+    return Q * torch.sign(torch.diagonal(T)), R
 
 
 def thick_restart_lanczos(
