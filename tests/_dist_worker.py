@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import traceback
-import types
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
@@ -22,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import functx.curvature as fc
 from functx._curvature import _distributed as D
 
 API = "functx.curvature.HessianOperator"
@@ -215,34 +215,8 @@ def signature_mismatch_raises_on_every_rank(rank: int, world: int) -> None:
 
 
 # ----------------------------------------------------------------------------------- the operators
-class Skip(Exception):
-    """Reported to the parent as a skipped check (functx.curvature not there yet)."""
-
-
 SIZES = [5, 5, 5, 5, 5, 5, 3]  # 7 batches, the last one short
 _SINGLE: list = []  # this rank's one-member group: operators over it run as one process
-
-
-def curvature():
-    try:
-        import functx.curvature as fc
-    except ImportError as error:
-        raise Skip(f"functx.curvature not importable: {error}") from None
-    return fc
-
-
-def estimators():
-    """functx.curvature, or its private estimators module while the public one does not re-export them."""
-    fc = curvature()
-    if all(hasattr(fc, name) for name in ("HessianOperator", "eigsh", "trace", "diagonal", "spectral_density")):
-        return fc
-    try:
-        from functx._curvature import _estimators
-    except ImportError:
-        raise Skip("functx.curvature has no estimators yet") from None
-    return types.SimpleNamespace(
-        **vars(fc), **{k: getattr(_estimators, k) for k in ("eigsh", "trace", "diagonal", "spectral_density")}
-    )
 
 
 def single_group():
@@ -303,7 +277,6 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @check
 def products_match_one_process_on_all_data(rank: int, world: int) -> None:
-    fc = curvature()
     for loss_key, (_, kind) in LOSSES.items():
         shard = uneven_shard(all_batches(kind), rank, world)
         for name in ("HessianOperator", "GGNOperator", "EFOperator"):
@@ -322,7 +295,6 @@ def products_match_one_process_on_all_data(rank: int, world: int) -> None:
 
 @check
 def hessian_equals_dense_autograd_reference(rank: int, world: int) -> None:
-    fc = curvature()
     batches = all_batches("ce")
     model = mlp()
     params = dict(model.named_parameters())
@@ -342,7 +314,6 @@ def hessian_equals_dense_autograd_reference(rank: int, world: int) -> None:
 
 @check
 def one_collective_per_product(rank: int, world: int) -> None:
-    fc = curvature()
     shard = uneven_shard(all_batches("ce"), rank, world)
     calls = []
     inner = dist.all_reduce
@@ -365,7 +336,6 @@ def one_collective_per_product(rank: int, world: int) -> None:
 
 @check
 def estimators_match_one_process(rank: int, world: int) -> None:
-    fc = estimators()
     shard = uneven_shard(all_batches("ce"), rank, world)
     H, reference = operator_pair(fc, "HessianOperator", "ce-mean", shard)
     values, vectors = fc.eigsh(H, k=3, seed=0)
@@ -388,20 +358,29 @@ def estimators_match_one_process(rank: int, world: int) -> None:
 
 @check
 def a_v_that_differs_across_ranks_raises_on_every_rank(rank: int, world: int) -> None:
-    fc = curvature()
     H, _ = operator_pair(fc, "HessianOperator", "ce-mean", uneven_shard(all_batches("ce"), rank, world))
     v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(rank))  # per-rank seed
-    try:
+    with pytest.raises(ValueError, match=r"^`functx.curvature.HessianOperator`: the vectors multiplied differ"):
         H @ v
-    except ValueError as error:
-        assert str(error).startswith("`functx.curvature.HessianOperator`: the vectors multiplied differ"), str(error)
-    else:  # every rank lands here together (the check's verdict is global)
-        raise Skip("the operators do not pass `same=` to all_reduce_sum: a v that differs across ranks goes unnoticed")
+
+
+@check
+def a_bad_batch_on_one_rank_raises_on_every_rank(rank: int, world: int) -> None:
+    shard = uneven_shard(all_batches("ce"), rank, world)
+    last = rank == world - 1
+    if last:
+        shard = [*shard, shard[0][0]]  # X alone, not an (X, y) pair
+    message = (
+        r"batch 1 of `data` must be a pair" if last else rf"failed on rank\(s\) \[{world - 1}\] of the process group"
+    )
+    model = mlp()
+    with pytest.raises(ValueError, match=message):
+        fc.HessianOperator(model, torch.nn.CrossEntropyLoss(), dict(model.named_parameters()), shard)
+    assert D.global_count(1, D.resolve_group(None, API)) == world  # the ranks are still in step
 
 
 @check
 def empty_shard_takes_part(rank: int, world: int) -> None:
-    fc = curvature()
     batches = all_batches("ce")
     shard = [] if rank == world - 1 else batches[rank :: world - 1]  # the last rank has no data
     for name in ("HessianOperator", "GGNOperator", "EFOperator"):
@@ -413,7 +392,6 @@ def empty_shard_takes_part(rank: int, world: int) -> None:
 
 @check
 def nondeterminism_on_one_rank_raises_on_every_rank(rank: int, world: int) -> None:
-    fc = curvature()
     model = mlp(dropout=rank == 1)  # train-mode dropout on rank 1 only
     shard = uneven_shard(all_batches("ce"), rank, world)
     for name in ("HessianOperator", "GGNOperator", "EFOperator"):
@@ -423,7 +401,6 @@ def nondeterminism_on_one_rank_raises_on_every_rank(rank: int, world: int) -> No
 
 @check
 def parameter_shapes_or_dtypes_differ_raise_on_every_rank(rank: int, world: int) -> None:
-    fc = curvature()
     shard = uneven_shard(all_batches("ce"), rank, world)
     last = rank == world - 1
     for model, what in (
@@ -437,7 +414,6 @@ def parameter_shapes_or_dtypes_differ_raise_on_every_rank(rank: int, world: int)
 
 @check
 def group_argument_selects_the_ranks(rank: int, world: int) -> None:
-    fc = curvature()
     members = [0, world - 1]
     group = dist.new_group(members)  # collective
     batches = all_batches("ce")
@@ -467,8 +443,6 @@ def main() -> None:
             try:
                 fn(rank, world)
                 error = None
-            except Skip as reason:
-                error = f"SKIP: {reason}"
             except BaseException:  # reported to the parent, which fails the test
                 error = traceback.format_exc()
             log.write(json.dumps({"check": name, "error": error}) + "\n")
