@@ -1,0 +1,145 @@
+"""Side-by-side benchmark of functx.curvature: ``python benchmarks/bench_curvature.py [--quick]``.
+
+Problem (issue 8): MLP 784-64(tanh)-10 (50,890 parameters), ``CrossEntropyLoss(mean)``, 8 batches
+of 64, float32, 1 thread. Anchors measured in the same run: a plain double-backward HVP summed
+over the batches, and curvlinops 3.0.1 when installed (bench step:
+``pip install --no-deps curvlinops-for-pytorch==3.0.1 einops einconv linear_operator``).
+Prints medians and ratios (ratios are what to compare across machines).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import compare, fmt_time, markdown_table
+
+import functx.curvature as fc
+
+QUICK = "--quick" in sys.argv
+
+
+def problem(batches: int = 8, batch: int = 64) -> tuple[torch.nn.Module, torch.nn.Module, list]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(784, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
+    data = [(torch.randn(batch, 784), torch.randint(0, 10, (batch,))) for _ in range(batches)]
+    return model, torch.nn.CrossEntropyLoss(), data
+
+
+def plain_hvp(model: torch.nn.Module, loss: torch.nn.Module, data: list, v: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The anchor: double backward per batch, summed (weights B_b / N), on the module itself."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    n = sum(len(X) for X, _ in data)
+    for X, y in data:
+        value = loss(model(X), y) * (len(X) / n)
+        grads = torch.autograd.grad(value, params, create_graph=True)
+        for t, h in zip(total, torch.autograd.grad(grads, params, v)):
+            t.add_(h)
+    return total
+
+
+def curvlinops_ops(model: torch.nn.Module, loss: torch.nn.Module, data: list) -> dict | None:
+    try:
+        import curvlinops
+    except ImportError:
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "H": curvlinops.HessianLinearOperator(model, loss, params, data),
+        "G": curvlinops.GGNLinearOperator(model, loss, params, data),
+        "F": curvlinops.EFLinearOperator(model, loss, params, data),
+    }
+
+
+def products_table() -> str:
+    model, loss, data = problem()
+    params = dict(model.named_parameters())
+    ops = {"H": fc.HessianOperator, "G": fc.GGNOperator, "F": fc.EFOperator}
+    ours = {k: cls(model, loss, params, data) for k, cls in ops.items()}
+    theirs = curvlinops_ops(model, loss, data)
+    P = ours["H"].shape[0]
+    v, V = torch.randn(P), torch.randn(P, 16)
+    v_list = [t.detach() for t in ours["H"].unflatten(v).values()]
+    candidates = {
+        "plain HVP": lambda: plain_hvp(model, loss, data, v_list),
+        "H @ v": lambda: ours["H"] @ v,
+        "G @ v": lambda: ours["G"] @ v,
+        "F @ v": lambda: ours["F"] @ v,
+        "H @ V (16)": lambda: ours["H"] @ V,
+        "G @ V (16)": lambda: ours["G"] @ V,
+    }
+    if theirs is not None:
+        candidates |= {f"curvlinops {k} @ v": (lambda op=op: op @ v) for k, op in theirs.items()}
+    t = compare(candidates, rounds=3 if QUICK else 11, block=0.05 if QUICK else 0.2)
+    rows = [
+        ["H @ v", fmt_time(t["H @ v"]), f"{t['H @ v'] / t['plain HVP']:.2f}x plain HVP", _vs(t, "H")],
+        ["G @ v", fmt_time(t["G @ v"]), f"{t['G @ v'] / t['plain HVP']:.2f}x plain HVP", _vs(t, "G")],
+        ["F @ v", fmt_time(t["F @ v"]), f"{t['F @ v'] / t['plain HVP']:.2f}x plain HVP", _vs(t, "F")],
+        ["H @ V, V (P, 16)", fmt_time(t["H @ V (16)"]), f"{t['H @ V (16)'] / (16 * t['H @ v']):.2f}x 16 H @ v", ""],
+        ["G @ V, V (P, 16)", fmt_time(t["G @ V (16)"]), f"{t['G @ V (16)'] / (16 * t['G @ v']):.2f}x 16 G @ v", ""],
+        ["plain HVP (anchor)", fmt_time(t["plain HVP"]), "1.00x", ""],
+    ]
+    return markdown_table(["product over 8 batches of 64", "median", "ratio", "vs curvlinops 3.0.1"], rows)
+
+
+def _vs(t: dict[str, float], key: str) -> str:
+    theirs = t.get(f"curvlinops {key} @ v")
+    return f"{t[f'{key} @ v'] / theirs:.2f}x ({fmt_time(theirs)})" if theirs else "not installed"
+
+
+def eigsh_table() -> str | None:
+    """``fc.eigsh(H, k=1)`` against scipy's ``eigsh`` on curvlinops' operator (same tolerance)."""
+    if not hasattr(fc, "eigsh"):
+        return None
+    model, loss, data = problem()
+    H = fc.HessianOperator(model, loss, dict(model.named_parameters()), data)
+    start = time.perf_counter()
+    evals, _, info = fc.eigsh(H, k=1, tol=1e-4, return_info=True)
+    ours, ours_mv = time.perf_counter() - start, info.matvecs
+    rows = [["functx `fc.eigsh(H, k=1, tol=1e-4)`", fmt_time(ours), str(ours_mv), f"{float(evals[0]):.6g}", "1.00x"]]
+    theirs = curvlinops_ops(model, loss, data)
+    if theirs is not None:
+        from scipy.sparse.linalg import eigsh
+
+        scipy_op = theirs["H"].to_scipy()
+        calls = [0]
+
+        def matvec(x: object) -> object:
+            calls[0] += 1
+            return scipy_op @ x
+
+        from scipy.sparse.linalg import LinearOperator
+
+        counted = LinearOperator(scipy_op.shape, matvec=matvec, dtype=scipy_op.dtype)
+        start = time.perf_counter()
+        ref = eigsh(counted, k=1, which="LA", tol=1e-4, return_eigenvectors=False)
+        elapsed = time.perf_counter() - start
+        rows.append(
+            [
+                "scipy `eigsh(curvlinops.to_scipy(), k=1, tol=1e-4)`",
+                fmt_time(elapsed),
+                str(calls[0]),
+                f"{float(ref[0]):.6g}",
+                f"{ours / elapsed:.2f}x (functx / scipy)",
+            ]
+        )
+    return markdown_table(["top eigenvalue", "time", "matvecs", "eigenvalue", "ratio"], rows)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread, float32; MLP 784-64(tanh)-10, CrossEntropyLoss(mean), 8 x 64\n")
+    print(products_table())
+    table = eigsh_table()
+    if table is not None:
+        print()
+        print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Loss specifications: the reduction (scaling), the loss's Hessian with respect to the
+prediction (closed forms for ``CrossEntropyLoss``, ``MSELoss`` and ``BCEWithLogitsLoss``,
+autodiff otherwise) and the per-row gradients of the empirical Fisher.
+
+Conventions (those of curvlinops 3.0.1). A batch ``b`` of ``B_b`` samples enters the dataset
+loss with the weight ``w_b = B_b / N`` ("mean") or ``1`` ("sum"), applied to the loss module's
+own batch value ``l_b``: ``L = sum_b w_b l_b``. For the three modules without ignored targets
+this is the loss of the whole dataset taken as one batch. The empirical Fisher sums outer
+products of per-row gradients ("rows": samples, or every position of a sequence output; for
+a callable loss, samples), scaled so that it equals ``c * sum_n g_n g_n^T`` with ``g_n`` the
+gradient of row ``n``'s sum-reduced loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+_REDUCTIONS = ("mean", "sum")
+
+
+class LossSpec:
+    """What the operators need to know about ``loss``.
+
+    Args:
+        loss: a ``torch.nn`` loss module or a callable ``loss(prediction, y) -> scalar``.
+        reduction: ``"mean"`` or ``"sum"``; required for a callable, optional (and checked)
+            for a loss module.
+        api: the public name used in error messages.
+    """
+
+    def __init__(self, loss: Any, reduction: str | None, api: str) -> None:
+        if not callable(loss):
+            raise TypeError(
+                f"`{api}`: `loss` must be a torch.nn loss module or a callable loss(prediction, y) -> scalar, "
+                f"got a value of type {type(loss).__name__}."
+            )
+        own = getattr(loss, "reduction", None) if isinstance(loss, nn.modules.loss._Loss) else None
+        if own is None and reduction is None:
+            raise TypeError(
+                f"`{api}`: `loss` is a callable without a `reduction` attribute; pass `reduction='mean'` "
+                f"(the callable averages over the samples of a batch) or `reduction='sum'`."
+            )
+        if own is not None and reduction is not None and reduction != own:
+            raise ValueError(
+                f"`{api}`: `reduction={reduction!r}` disagrees with the loss module's reduction {own!r}; "
+                f"leave `reduction` out for a loss module."
+            )
+        chosen = own if own is not None else reduction
+        if chosen not in _REDUCTIONS:
+            raise ValueError(
+                f"`{api}`: the loss's reduction must be 'mean' or 'sum' (it sets the scaling over the dataset), "
+                f"got {chosen!r}."
+            )
+        self.fn: Callable[[Any, Any], torch.Tensor] = loss
+        self.reduction: str = chosen
+        self.kind = _kind(loss)
+
+    def weight(self, batch_size: int, num_data: int) -> float:
+        """``w_b``: the weight of a batch's loss in the dataset loss."""
+        return batch_size / num_data if self.reduction == "mean" else 1.0
+
+    def ef_scale(self, out: torch.Tensor, batch_size: int, num_data: int) -> float:
+        """``w_b * R_b``: the empirical Fisher's factor on ``sum_rows u_n u_n^T`` of a batch, with
+        ``u_n`` the gradient of the batch loss with respect to row ``n`` of the prediction and
+        ``R_b`` the number of terms the batch loss averages over ("mean")."""
+        if self.reduction == "sum":
+            return 1.0
+        if self.kind == "ce":
+            terms = out.numel() // out.shape[1] if out.ndim >= 2 else 1
+        elif self.kind in ("mse", "bce"):
+            terms = out.numel()
+        else:
+            terms = batch_size
+        return self.weight(batch_size, num_data) * terms
+
+    def row_dims(self, out: torch.Tensor) -> tuple[int, ...]:
+        """The axes of the prediction that belong to one row (summed in the EF's inner products)."""
+        if self.kind == "ce":
+            return (1,) if out.ndim >= 2 else (0,)
+        if self.kind in ("mse", "bce"):
+            return (out.ndim - 1,) if out.ndim >= 1 else ()
+        return tuple(range(1, out.ndim))
+
+    def output_gradient(self, out: torch.Tensor, y: Any) -> torch.Tensor:
+        """``d l_b / d out`` (detached)."""
+        leaf = out.detach().requires_grad_()
+        with torch.enable_grad():
+            value = self.fn(leaf, y)
+            (grad,) = torch.autograd.grad(value, leaf, allow_unused=True)
+        return torch.zeros_like(leaf) if grad is None else grad
+
+    def output_hessian_product(self, out: torch.Tensor, y: Any, t: torch.Tensor, batched: bool) -> torch.Tensor:
+        """``(d^2 l_b / d out^2) t`` for ``t`` shaped like ``out`` (with a leading axis when
+        ``batched``); closed forms for the three loss modules, autodiff otherwise."""
+        closed = _CLOSED_FORMS.get(self.kind)
+        if closed is not None and _closed_form_applies(self.kind, self.fn, out, y):
+            return closed(self.fn, out.detach(), y, t, self.reduction == "mean", batched)
+        return _autodiff_hessian_product(self.fn, out, y, t, batched)
+
+
+def _kind(loss: Any) -> str:
+    for cls, kind in ((nn.CrossEntropyLoss, "ce"), (nn.MSELoss, "mse"), (nn.BCEWithLogitsLoss, "bce")):
+        if type(loss) is cls:
+            return kind
+    return "generic"
+
+
+def _closed_form_applies(kind: str, loss: Any, out: torch.Tensor, y: Any) -> bool:
+    if not isinstance(y, torch.Tensor):
+        return False
+    if kind == "ce":
+        plain = loss.weight is None and loss.label_smoothing == 0.0 and out.ndim >= 2
+        return plain and not y.is_floating_point() and y.shape == out.shape[:1] + out.shape[2:]
+    if kind == "bce":
+        return loss.weight is None and loss.pos_weight is None and y.shape == out.shape
+    return y.shape == out.shape  # mse: no broadcasting between prediction and target
+
+
+def _ce(loss: Any, z: torch.Tensor, y: torch.Tensor, t: torch.Tensor, mean: bool, batched: bool) -> torch.Tensor:
+    # Hessian of the sum-reduced cross-entropy per row: diag(p) - p p^T, weighted per row.
+    p = torch.softmax(z, dim=1)
+    keep = (y != loss.ignore_index).to(z.dtype).unsqueeze(1)
+    if mean:
+        keep = keep / keep.sum()
+    dim = 2 if batched else 1
+    pt = p * t
+    return keep * (pt - p * pt.sum(dim=dim, keepdim=True))
+
+
+def _mse(loss: Any, z: torch.Tensor, y: torch.Tensor, t: torch.Tensor, mean: bool, batched: bool) -> torch.Tensor:
+    return t * (2.0 / z.numel() if mean else 2.0)
+
+
+def _bce(loss: Any, z: torch.Tensor, y: torch.Tensor, t: torch.Tensor, mean: bool, batched: bool) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return (s * (1 - s) * (1.0 / z.numel() if mean else 1.0)) * t
+
+
+_CLOSED_FORMS = {"ce": _ce, "mse": _mse, "bce": _bce}
+
+
+def _autodiff_hessian_product(loss: Any, out: torch.Tensor, y: Any, t: torch.Tensor, batched: bool) -> torch.Tensor:
+    leaf = out.detach().requires_grad_()
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss(leaf, y), leaf, create_graph=True, allow_unused=True)
+        if grad is None or not grad.requires_grad:  # the loss is at most linear in the prediction
+            return torch.zeros_like(t)
+        (product,) = torch.autograd.grad(grad, leaf, t, is_grads_batched=batched, allow_unused=True)
+    return torch.zeros_like(t) if product is None else product
