@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._nn import make_functional
+from ..nn import make_functional
 from .._tree import leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
 
 
