@@ -3,9 +3,8 @@ communication share.
 
 Run: ``python benchmarks/bench_curvature_distributed.py [--worlds 1 2] [--batches 800] [--rounds 2]``
 (the worlds run alternately, ``rounds`` times each, so that changes in the machine's load hit
-them alike). The script
-starts each world itself (one subprocess per rank joined through a TCPStore on a free port); every
-rank holds the batches ``k`` with ``k % world == rank`` of the same synthetic dataset (MLP
+them alike). The script starts each world itself (one subprocess per rank joined through a
+TCPStore on a free port); every rank holds the batches ``k`` with ``k % world == rank`` of the same synthetic dataset (MLP
 784-64(tanh)-10, CrossEntropyLoss(mean), float32, batches of 64, as in bench_curvature.py). World 1
 is a plain process with ``torch.distributed`` not initialised.
 
