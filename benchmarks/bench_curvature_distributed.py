@@ -1,9 +1,10 @@
 """One ``H @ v`` over a fixed dataset with 1 and 2 gloo processes (1 thread each): speedup and
 communication share.
 
-Run: ``python benchmarks/bench_curvature_distributed.py [--worlds 1 2] [--batches 400]``. The script
-starts each world itself (one subprocess per rank joined through a TCPStore on a free port); every
-rank holds the batches ``k`` with ``k % world == rank`` of the same synthetic dataset (MLP
+Run: ``python benchmarks/bench_curvature_distributed.py [--worlds 1 2] [--batches 800] [--rounds 2]``
+(the worlds run alternately, ``rounds`` times each, so that changes in the machine's load hit
+them alike). The script starts each world itself (one subprocess per rank joined through a
+TCPStore on a free port); every rank holds the batches ``k`` with ``k % world == rank`` of the same synthetic dataset (MLP
 784-64(tanh)-10, CrossEntropyLoss(mean), float32, batches of 64, as in bench_curvature.py). World 1
 is a plain process with ``torch.distributed`` not initialised.
 
@@ -142,46 +143,45 @@ def run_world(world: int, num_batches: int, reps: int) -> list[dict[str, object]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batches", type=int, default=400)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--batches", type=int, default=800)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="worlds run alternately, rounds times each")
     args = parser.parse_args()
-    rows, base, base_cpu = [], None, None
+    checksums: dict[int, float] = {}
+    samples: dict[int, dict[str, list[float]]] = {
+        w: {"time": [], "cpu": [], "comm": [], "bare": []} for w in args.worlds
+    }
+    for k in range(args.rounds):  # alternate the worlds so that load changes hit them alike
+        for world in args.worlds if k % 2 == 0 else args.worlds[::-1]:
+            ranks = run_world(world, args.batches, args.reps)
+            checksums[world] = float(ranks[0]["checksum"])
+            for key, name in (("time", "times"), ("cpu", "cpu"), ("comm", "comm"), ("bare", "bare")):
+                if ranks[0][name]:
+                    samples[world][key] += [max(r[name][i] for r in ranks) for i in range(args.reps)]  # slowest rank
+    base = {key: statistics.median(samples[args.worlds[0]][key]) for key in ("time", "cpu")}
+    rows = []
     for world in args.worlds:
-        ranks = run_world(world, args.batches, args.reps)
-        per_product = [max(r["times"][i] for r in ranks) for i in range(args.reps)]  # the slowest rank
-        median = statistics.median(per_product)
-        base = base if base is not None else median
-        cpu = statistics.median(max(r["cpu"][i] for r in ranks) for i in range(args.reps))
-        base_cpu = base_cpu if base_cpu is not None else cpu
-        comm = statistics.median(max(r["comm"][i] for r in ranks) for i in range(args.reps))
-        bare = statistics.median(max(r["bare"][i] for r in ranks) for i in range(args.reps)) if world > 1 else 0.0
+        median = {key: statistics.median(values) if values else 0.0 for key, values in samples[world].items()}
         rows.append(
             [
                 str(world),
-                fmt_time(median),
-                f"{base / median:.2f}x",
-                fmt_time(cpu),
-                f"{base_cpu / cpu:.2f}x",
-                f"{100 * comm / median:.1f}%" if world > 1 else "-",
-                fmt_time(bare) if world > 1 else "-",
-                f"{ranks[0]['checksum']:.6g}",
+                fmt_time(median["time"]),
+                f"{base['time'] / median['time']:.2f}x",
+                fmt_time(median["cpu"]),
+                f"{base['cpu'] / median['cpu']:.2f}x",
+                f"{100 * median['comm'] / median['time']:.1f}%" if world > 1 else "-",
+                fmt_time(median["bare"]) if world > 1 else "-",
+                f"{checksums[world]:.6g}",
             ]
         )
     P = ranks[0]["P"]
     print(
         f"`H @ v` over {args.batches} batches of {BATCH} (MLP {IN}-{HIDDEN}-{OUT}, P={P}, float32), "
-        f"torch {torch.__version__}, 1 thread per process, gloo, {os.cpu_count()} CPUs\n"
+        f"torch {torch.__version__}, 1 thread per process, gloo, {os.cpu_count()} CPUs, "
+        f"{args.rounds} rounds x {args.reps} products per world\n"
     )
-    header = [
-        "processes",
-        "H @ v (median)",
-        "speedup",
-        "CPU (slowest rank)",
-        "CPU-time speedup",
-        "all_reduce share",
-        f"bare all_reduce of {P} floats",
-        "sum(Hv)",
-    ]
+    header = ["processes", "H @ v (median)", "speedup", "CPU (slowest rank)", "CPU-time speedup"]
+    header += ["all_reduce share", f"bare all_reduce of {P} floats", "sum(H @ v)"]
     print(markdown_table(header, rows))
 
 
