@@ -1,15 +1,17 @@
-# Quick start: `make demo` runs examples/quickstart.py, `make test` runs the whole test suite.
+# Quick start: `make demo` runs examples/quickstart.py, `make test` runs the whole test suite
+# (which also builds the docs site strictly and runs every snippet of README.md and docs/).
 # Both create .venv and install functx (editable) with the pinned versions from constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.functx-installed
+EXTRAS ?= test,docs,plot
 
-.PHONY: demo test bench clean
+.PHONY: demo test docs docs-serve bench bench-docs cookbook test-min clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -18,8 +20,31 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The site, built strictly (a broken link or reference fails) into site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
+# Run every benchmark and regenerate docs/benchmarks.md (the one place where numbers live).
+bench-docs: $(STAMP)
+	$(PY) benchmarks/run.py --write-docs
+
+# Rerun the cookbook examples and store their printed output and figures for the site.
+cookbook: $(STAMP)
+	$(PY) docs/_render_cookbook.py
+
+# The oldest versions the package claims (constraints-min.txt), in a second venv.
+MIN_VENV ?= .venv-min
+MIN_PYTHON ?= python3.10
+test-min:
+	$(MIN_PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q -c constraints-min.txt -e ".[test]"
+	$(MIN_VENV)/bin/python -m pytest -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) .pytest_cache build site *.egg-info
