@@ -3,7 +3,9 @@
 The blocks of one page share a namespace and run in order, so a page may build its example
 data once and use it in later blocks. A block that is not meant to run (a signature list, a
 sketch with placeholders) is marked by the HTML comment ``<!-- snippet: skip -->`` on the line
-before its opening fence: invisible on the site and on GitHub, explicit here.
+before its opening fence (a reason may follow: ``<!-- snippet: skip: signatures -->``):
+invisible on the site and on GitHub, explicit here. The cookbook pages include whole scripts
+from examples/ that way; tests/test_examples.py runs those.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-SKIP = "<!-- snippet: skip -->"
+SKIP = re.compile(r"^<!-- snippet: skip(:.*)? -->$")
 _FENCE = re.compile(r"^```python\s*$")
 
 
@@ -27,7 +29,7 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
         if _FENCE.match(lines[i]):
             start, previous = i + 1, next((line.strip() for line in reversed(lines[:i]) if line.strip()), "")
             end = next(j for j in range(start, len(lines)) if lines[j].startswith("```"))
-            blocks.append((start + 1, "\n".join(lines[start:end]) + "\n", previous == SKIP))
+            blocks.append((start + 1, "\n".join(lines[start:end]) + "\n", bool(SKIP.match(previous))))
             i = end
         i += 1
     return blocks
@@ -36,6 +38,8 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
 def test_block_parser_finds_blocks_and_skip_markers():
     text = "x\n```python\na = 1\n```\n\n<!-- snippet: skip -->\n```python\nf(...)\n```\n```bash\nls\n```\n"
     assert python_blocks(text) == [(3, "a = 1\n", False), (8, "f(...)\n", True)]
+    text = "<!-- snippet: skip: a signature -->\n```python\ndef f(x, /, *, y=None) -> Tree\n```\n"
+    assert python_blocks(text) == [(3, "def f(x, /, *, y=None) -> Tree\n", True)]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
