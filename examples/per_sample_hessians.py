@@ -32,11 +32,14 @@ def loss(params, x, y):
 
 # H[a][b] has shape (batch, *params[a].shape, *params[b].shape).
 per_sample_hessians = functx.vmap(functx.hessian(loss), in_dims=(None, 0, 0))
-H = per_sample_hessians(params, x, y)  # the first call pays one-time setup (see the Sharp bits page)
-start = time.perf_counter()
-for _ in range(5):
+for _ in range(5):  # the first calls pay one-time setup (see the Sharp bits page): warm up
     H = per_sample_hessians(params, x, y)
-elapsed = (time.perf_counter() - start) / 5
+times = []
+for _ in range(5):
+    start = time.perf_counter()
+    H = per_sample_hessians(params, x, y)
+    times.append(time.perf_counter() - start)
+elapsed = sorted(times)[2]  # the median of 5 calls
 names = list(params)
 dense = torch.cat(
     [torch.cat([H[a][b].reshape(32, params[a].numel(), params[b].numel()) for b in names], 2) for a in names], 1
@@ -57,7 +60,7 @@ for i in range(4):
     torch.testing.assert_close(dense[i], expected[perm][:, perm], rtol=1e-10, atol=1e-12)
 loop = (time.perf_counter() - start) / 4 * len(x)
 print(f"matches torch.autograd.functional.hessian; a loop of it would take ~{loop * 1e3:.0f} ms for the batch")
-print("(after warm-up, one run; timings vary: docs/benchmarks.md has the measured ratios)")
+print("(median of 5 calls after 5 warm-up calls; timings vary with load: docs/benchmarks.md has measured ratios)")
 
 # What per-sample curvature tells us: the spread of the top eigenvalue across samples.
 top = torch.linalg.eigvalsh(dense)[:, -1]
