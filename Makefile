@@ -38,12 +38,19 @@ bench-docs: $(STAMP)
 cookbook: $(STAMP)
 	$(PY) docs/_render_cookbook.py
 
-# The oldest versions the package claims (constraints-min.txt), in a second venv.
+# The oldest versions the package claims (constraints-min.txt: Python 3.10, the oldest torch and
+# optree), in a second venv. PyPI's Linux torch wheels are CUDA builds: about 5 GB and several
+# minutes to install. With pyenv: `PYENV_VERSION=3.10.13 make test-min`.
 MIN_VENV ?= .venv-min
 MIN_PYTHON ?= python3.10
-test-min:
+MIN_STAMP := $(MIN_VENV)/.functx-installed
+$(MIN_STAMP): pyproject.toml constraints-min.txt
 	$(MIN_PYTHON) -m venv $(MIN_VENV)
-	$(MIN_VENV)/bin/python -m pip install -q -c constraints-min.txt -e ".[test]"
+	$(MIN_VENV)/bin/python -m pip install -q --no-cache-dir -c constraints-min.txt -e . torch optree pytest hypothesis numpy
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -c "import sys, torch, optree; print('test-min:', sys.version.split()[0], 'torch', torch.__version__, 'optree', optree.__version__)"
 	$(MIN_VENV)/bin/python -m pytest -p no:cacheprovider
 
 clean:
