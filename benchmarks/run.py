@@ -67,17 +67,24 @@ _TARGET = re.compile(r"^\s*(<=|>=|<|>)\s*([0-9.]+)\s*x?")
 _NUMBER = re.compile(r"[0-9]*\.?[0-9]+")
 
 
-def target_met(target: str, ratio: str) -> str:
-    """``yes``/``**miss**`` for a target such as ``<= 1.10x`` or ``speed-up``; ``""`` if not checkable."""
-    number = _NUMBER.search(ratio)
+def target_met(target: str, value: str, higher_is_better: bool = False) -> str:
+    """``yes``/``**miss**`` for a target such as ``<= 1.10x`` or ``speed-up``; ``""`` if not checkable.
+
+    ``value`` is the row's ratio: a time ratio functx / anchor (lower is better), or with
+    ``higher_is_better`` a speed-up anchor / functx. A target "``<= 1.10x slower``" bounds the
+    slowdown whichever way the column is written.
+    """
+    number = _NUMBER.search(value)
     if not target.strip() or number is None:
         return ""
-    value = float(number.group())
+    ratio = float(number.group())
     if target.strip().startswith("speed-up"):
-        ok = value < 1.0
+        ok = ratio > 1.0 if higher_is_better else ratio < 1.0
     elif match := _TARGET.match(target):
         op, bound = match.group(1), float(match.group(2))
-        ok = {"<=": value <= bound, ">=": value >= bound, "<": value < bound, ">": value > bound}[op]
+        if "slower" in target:
+            ratio = 1.0 / ratio if higher_is_better else ratio
+        ok = {"<=": ratio <= bound, ">=": ratio >= bound, "<": ratio < bound, ">": ratio > bound}[op]
     else:
         return ""
     return "yes" if ok else "**miss**"
@@ -99,13 +106,14 @@ def mark_targets(lines: list[str]) -> list[str]:
         if header is None:
             header = [c.lower() for c in cells]
             ratio = next((i for i, c in enumerate(header) if c in ("ratio", "speedup", "speed-up")), None)
+            higher_is_better = ratio is not None and header[ratio] != "ratio"
             checkable = "target" in header and ratio is not None
             out.append(line.rstrip() + (" met |" if checkable else ""))
         elif set(line.replace("|", "").strip()) <= set("-: "):
             out.append(line.rstrip() + ("---|" if checkable else ""))
         else:
             if checkable and len(cells) == len(header):
-                cells.append(target_met(cells[header.index("target")], cells[ratio]))
+                cells.append(target_met(cells[header.index("target")], cells[ratio], higher_is_better))
                 line = "| " + " | ".join(cells) + " |"
             out.append(line)
     return out

@@ -17,6 +17,8 @@ _spec.loader.exec_module(run)
     ("target", "ratio", "expected"),
     [
         ("<= 1.10x", "1.09x", "yes"),
+        ("<= 1.10x slower", "1.05x", "yes"),  # a time ratio functx / anchor
+        ("<= 1.10x slower", "1.20x", "**miss**"),
         ("<= 1.10x", "1.11x", "**miss**"),
         (">= 10x at n=256", "13.67x", "yes"),
         (">= 5x at n=256", "4.9x", "**miss**"),
@@ -28,6 +30,20 @@ _spec.loader.exec_module(run)
 )
 def test_target_met(target, ratio, expected):
     assert run.target_met(target, ratio) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "speedup", "expected"),
+    [
+        (">= 10x at n=256", "13.67x", "yes"),
+        ("<= 1.10x slower", "0.95x", "yes"),  # 1.05x slower
+        ("<= 1.10x slower", "0.71x", "**miss**"),  # 1.41x slower
+        ("<= 1.10x slower", "1.13x", "yes"),  # faster
+        ("speed-up", "2.0x", "yes"),
+    ],
+)
+def test_target_met_on_a_speedup_column(target, speedup, expected):
+    assert run.target_met(target, speedup, higher_is_better=True) == expected
 
 
 def test_to_markdown_marks_targets_drops_progress_and_demotes_headings():
