@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.functx-installed
 EXTRAS ?= test,docs,plot
 
-.PHONY: demo test docs docs-serve bench bench-docs cookbook test-min clean
+.PHONY: demo test lint docs docs-serve bench bench-docs cookbook min-venv test-min clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,8 @@ $(MIN_STAMP): pyproject.toml constraints-min.txt
 	$(MIN_PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -m pip install -q --no-cache-dir -c constraints-min.txt -e . torch optree pytest hypothesis numpy
 	touch $(MIN_STAMP)
+
+min-venv: $(MIN_STAMP)
 
 test-min: $(MIN_STAMP)
 	$(MIN_VENV)/bin/python -c "import sys, torch, optree; print('test-min:', sys.version.split()[0], 'torch', torch.__version__, 'optree', optree.__version__)"

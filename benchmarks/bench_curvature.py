@@ -3,7 +3,7 @@
 Problem (issue 8): MLP 784-64(tanh)-10 (50,890 parameters), ``CrossEntropyLoss(mean)``, 8 batches
 of 64, float32, 1 thread. Anchors measured in the same run: a plain double-backward HVP summed
 over the batches, and curvlinops 3.0.1 when installed (bench step:
-``pip install --no-deps curvlinops-for-pytorch==3.0.1 einops einconv linear_operator``).
+``pip install --no-deps curvlinops-for-pytorch==3.0.1 einops einconv linear_operator scipy``).
 Prints medians and ratios (ratios are what to compare across machines).
 """
 

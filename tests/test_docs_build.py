@@ -21,10 +21,6 @@ ROOMS = ["functx", "functx.nn", "functx.implicit", "functx.solvers", "functx.aut
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    # The curvature room (docs/curvature.md, functx/curvature.py) lands from its own branch; the nav
-    # names it already. TODO(merge): delete this skip once both files are on main.
-    if not ((ROOT / "docs" / "curvature.md").exists() and (ROOT / "functx" / "curvature.py").exists()):
-        pytest.skip("the curvature room is not merged yet")
     out = tmp_path_factory.mktemp("site")
     command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)]
     if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
@@ -57,6 +53,4 @@ def test_readme_links_point_to_files():
     text = (ROOT / "README.md").read_text()
     targets = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
     missing = [t for t in targets if "://" not in t and not (ROOT / t).exists()]
-    if missing == ["docs/curvature.md"]:
-        pytest.skip("the curvature room is not merged yet")  # TODO(merge): delete once it is
     assert not missing, f"README.md links to missing files: {missing}"
