@@ -34,25 +34,25 @@ transform active, not compiling or tracing) do the iterative solvers stop as soo
 they converge; the results are the same either way, up to rounding.
 """
 
-from ._solve._common import Solution as Solution
-from ._solve.bicgstab import bicgstab as bicgstab
-from ._solve.cg import cg as cg
-from ._solve.cg import normal_cg as normal_cg
-from ._solve.dense import (
+from ._solvers._common import Solution as Solution
+from ._solvers.bicgstab import bicgstab as bicgstab
+from ._solvers.cg import cg as cg
+from ._solvers.cg import normal_cg as normal_cg
+from ._solvers.dense import (
     Factorization as Factorization,
 )
-from ._solve.dense import (
+from ._solvers.dense import (
     cholesky as cholesky,
 )
-from ._solve.dense import (
+from ._solvers.dense import (
     factorize as factorize,
 )
-from ._solve.dense import (
+from ._solvers.dense import (
     lu as lu,
 )
-from ._solve.dispatch import solve as solve
-from ._solve.gmres import gmres as gmres
-from ._solve.minres import minres as minres
+from ._solvers.dispatch import solve as solve
+from ._solvers.gmres import gmres as gmres
+from ._solvers.minres import minres as minres
 
 __all__ = [
     "Factorization",

@@ -10,7 +10,7 @@ import torch
 
 import functx
 from functx import solvers
-from functx._implicit import _functorch
+from functx._solvers import _functorch
 from functx.implicit import (
     NonConvergenceError,
     NonConvergenceWarning,

@@ -17,7 +17,7 @@ from helpers import assert_tree_allclose, tree_catalogue, tree_leaves, tree_map
 
 import functx
 from functx import solvers
-from functx._solve._common import early_exit_allowed
+from functx._solvers._common import early_exit_allowed
 
 F64, F32 = torch.float64, torch.float32
 N = 12  # unknowns in the pytree systems below

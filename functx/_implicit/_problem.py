@@ -6,7 +6,7 @@ By the implicit function theorem, with ``A = dF/dz`` and ``B = dF/dtheta`` at ``
 * reverse mode: ``theta_bar = -B^T A^{-T} z_bar`` (one solve with ``A^T``).
 
 :class:`Root` is the ``autograd.Function`` that runs the user's solver (never under
-autograd) and attaches these rules. The solves are :class:`~._linear.LinearSolve` calls
+autograd) and attaches these rules. The solves are :class:`~functx._solvers.linear_solve.LinearSolve` calls
 whose own rules are solves too, and ``z*`` is saved as an *output* of :class:`Root`, so the
 rules stay differentiable through the dependence of ``z*`` on ``theta``: every order of
 every transform is exact.
@@ -22,6 +22,8 @@ from typing import Any
 import torch
 
 from .._core import is_differentiable
+from .._solvers._functorch import forward_rule, plain, revive
+from .._solvers.linear_solve import Operator, Tensors, check_on_failure, check_solve, norm, report, solve
 from .._tree import (
     PyTree,
     TreeSpec,
@@ -31,8 +33,7 @@ from .._tree import (
     tree_flatten,
     tree_unflatten,
 )
-from ._functorch import CaptureCheck, check_no_plain_duals, forward_rule, plain, revive
-from ._linear import Operator, Tensors, check_on_failure, check_solve, norm, report, solve
+from ._capture import CaptureCheck, check_no_plain_duals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Options:
         return cls(api, fn_name, solve, symmetric, check_on_failure(on_failure, api), residual_tol)
 
 
-class Problem:
+class RootProblem:
     """One call of an implicit function: flattened arguments, and ``F`` on flat leaves.
 
     The positional and keyword arguments are flattened together. Floating-point and
@@ -279,12 +280,12 @@ class Problem:
 
 
 class Root(torch.autograd.Function):
-    """``z* = solver(init, *args)`` with implicit derivative rules; inputs ``(problem, *problem.inputs())``."""
+    """``z* = solver(init, *args)`` with implicit derivative rules; inputs ``(problem, *problem.inputs())`` with ``problem`` a :class:`RootProblem`."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(problem: Problem, *tensors: torch.Tensor) -> Tensors:
+    def forward(problem: RootProblem, *tensors: torch.Tensor) -> Tensors:
         return problem.run_solver(tensors)
 
     @staticmethod
@@ -312,7 +313,7 @@ class Root(torch.autograd.Function):
         return (*z_dot, *[None] * sum(a is None for a in problem.aux_static))
 
 
-def call_root(problem: Problem) -> Any:
+def call_root(problem: RootProblem) -> Any:
     inputs = problem.inputs()
     check_no_plain_duals(inputs, problem.options.api)
     return problem.outputs(Root.apply(problem, *inputs))

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from .._core import is_differentiable
+from .._solvers.linear_solve import Tensors
 from .._tree import PyTree, TreeSpec, describe, leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
-from ._linear import Tensors
-from ._problem import Options, Problem, call_root
+from ._problem import Options, RootProblem, call_root
 
 # --------------------------------------------------------------------------------------
 # Public entry points.
@@ -153,7 +153,7 @@ def fixed_point_residual(fixed_point_fn: Callable[..., Any]) -> Callable[..., An
         leaves, spec = tree_flatten(out)
         z_leaves, z_spec = tree_flatten(z)
         if spec != z_spec:
-            return out  # reported by Problem.F with key paths
+            return out  # reported by RootProblem.F with key paths
         return tree_unflatten(spec, [t - zi for t, zi in zip(leaves, z_leaves)])
 
     return residual
@@ -168,7 +168,7 @@ def _decorator(optimality_fn: Callable[..., Any], options: Options, has_aux: boo
 
         @functools.wraps(solver)
         def implicit_solver(init: PyTree, *args: Any, **kwargs: Any) -> Any:
-            return call_root(Problem(options, optimality_fn, solver, has_aux, init, args, kwargs))
+            return call_root(RootProblem(options, optimality_fn, solver, has_aux, init, args, kwargs))
 
         return implicit_solver
 
@@ -296,14 +296,14 @@ def _primitive_problem(
     symmetric: Any,
     on_failure: Any,
     residual_tol: Any,
-) -> tuple[Problem, Tensors, Tensors, Tensors]:
+) -> tuple[RootProblem, Tensors, Tensors, Tensors]:
     _check_callable(optimality_fn, "optimality_fn", api)
     options = Options.make(api, "optimality_fn", solve, symmetric, on_failure, residual_tol)
     if not isinstance(args, tuple):
         raise TypeError(
             f"`functx.{api}`: `args` must be a tuple of the arguments of `optimality_fn` after z, got {describe(args)}."
         )
-    problem = Problem(options, optimality_fn, None, False, None, args, {})
+    problem = RootProblem(options, optimality_fn, None, False, None, args, {})
     z_leaves, problem.z_spec = tree_flatten(solution)
     problem.check_z(solution, z_leaves)
     leaves = problem.arg_leaves

@@ -17,6 +17,7 @@ import torch
 
 from .. import _grad, _hessian, _jacobian, _vjp_jvp
 from .._core import is_differentiable
+from .._solvers._functorch import forward_over_forward_ok
 from .._tree import (
     PyTree,
     describe,
@@ -27,13 +28,12 @@ from .._tree import (
     tree_unflatten,
     tree_vdot,
 )
-from ._functorch import forward_over_forward_ok
-from ._problem import Options, Problem, call_root
+from ._problem import Options, RootProblem, call_root
 
 
 def implicit_solution(k_fn: Callable[..., Any], z: PyTree, params: tuple[Any, ...], options: Options) -> PyTree:
     """``z`` (the root of ``k_fn(., *params)``) as a differentiable function of ``params``."""
-    return call_root(Problem(options, k_fn, _given, False, z, params, {}))
+    return call_root(RootProblem(options, k_fn, _given, False, z, params, {}))
 
 
 def _given(init: PyTree, *params: Any) -> PyTree:
@@ -94,7 +94,7 @@ def implicit_jacobian(
                 [0.0000, 0.1667]], dtype=torch.float64)
     """
     api = "implicit.implicit_jacobian"
-    options, zfun = _setup(api, k_fn, z, params, solve, symmetric, on_failure, residual_tol)
+    _, zfun = _setup(api, k_fn, z, params, solve, symmetric, on_failure, residual_tol)
     if Dg is not None and jvp_vec is not None:
         raise ValueError(f"`functx.{api}`: pass at most one of `Dg` (for a VJP) and `jvp_vec` (for JVPs).")
     if Dg is not None:
@@ -171,7 +171,7 @@ def implicit_hessian(
         (tensor(0.2500, dtype=torch.float64), tensor(-0.0312, dtype=torch.float64))
     """
     api = "implicit.implicit_hessian"
-    options, zfun = _setup(api, k_fn, z, params, solve, symmetric, on_failure, residual_tol)
+    _, zfun = _setup(api, k_fn, z, params, solve, symmetric, on_failure, residual_tol)
     if Dg is None:
         if Hg is not None or jvp_vec is not None:
             raise ValueError(f"`functx.{api}`: `Hg` and `jvp_vec` need `Dg` (the outer objective's gradient).")

@@ -26,6 +26,8 @@ import torch
 
 from .._tree import TreeSpec, describe, structure_mismatch, tree_flatten, tree_unflatten
 from ._functorch import all_true, forward_rule, plain, revive
+from .cg import normal_cg
+from .dispatch import SOLVERS
 
 Tensors = tuple[torch.Tensor, ...]
 MakeMatvec = Callable[[Tensors], Callable[[Tensors], Tensors]]
@@ -148,13 +150,11 @@ class Operator:
     def _call_solver(self, matvec: Callable[[Any], Any], b: Any, ops: Tensors) -> Any:
         if callable(self.solve):
             return self.solve(matvec, b)
-        from .. import solvers  # deferred: functx.solvers imports the core only
-
         if self.solve == "normal_cg":
             rmatvec = self.make_rmatvec(ops)
             tree_rmatvec = lambda u: tree_unflatten(self.spec, rmatvec(tuple(tree_flatten(u)[0])))
-            return solvers.normal_cg(matvec, b, rmatvec=tree_rmatvec)
-        return getattr(solvers, self.solve)(matvec, b)
+            return normal_cg(matvec, b, rmatvec=tree_rmatvec)
+        return SOLVERS[self.solve](matvec, b)
 
     def _check_x(self, x: Any) -> list[torch.Tensor]:
         leaves, spec = tree_flatten(x)

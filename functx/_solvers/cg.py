@@ -12,7 +12,7 @@ from .._vjp_jvp import vjp
 from ._common import (
     Flat,
     Layout,
-    Problem,
+    LinearProblem,
     Solution,
     cast_ridge,
     check_callable,
@@ -40,7 +40,7 @@ class _State(NamedTuple):
     rz: torch.Tensor  # <r, M r>
 
 
-def run_cg(problem: Problem) -> Solution:
+def run_cg(problem: LinearProblem) -> Solution:
     """Preconditioned CG on a validated problem (``A`` Hermitian positive definite)."""
     A, tol = problem.A, problem.target
     x, r = problem.start()
@@ -192,7 +192,7 @@ def normal_cg(
         rhs = AT(flat_b)
     flat_x0 = None if x0 is None else x_layout.ravel(x0, "x0", "`x0`")
     M = None if preconditioner is None else flat_map(preconditioner, x_layout, x_layout, "preconditioner", "r")
-    problem = Problem(
+    problem = LinearProblem(
         x_layout,
         rhs,
         flat_x0,

@@ -1,6 +1,5 @@
-"""The only place where implicit differentiation touches torch.func internals.
-
-Three needs that torch has no public API for:
+"""The torch.func internals that the differentiable linear solve, the solvers' vmap early
+stop and implicit differentiation need (torch has no public API for them).
 
 1. **Forward-over-forward through an ``autograd.Function``** (pytorch/pytorch#197867).
    torch calls a Function's ``jvp`` staticmethod with forward AD switched off globally, so
@@ -12,13 +11,12 @@ Three needs that torch has no public API for:
    :func:`forward_over_forward_ok` checks, once per process, that this fix gives the right
    third derivative of ``x**4`` on the installed torch; when it does not, the rules raise a
    clear error for nested forward mode instead of returning wrong numbers.
-2. **Reading a convergence flag under ``vmap``** (:func:`all_true`): the flag is a batched
-   tensor; we peel the functorch wrappers to read every lane at once, for reporting only
-   (the value never flows back into the computation).
-3. **Detecting tensors captured by closure** (:class:`CaptureCheck`): inside a Function's
-   ``forward`` every transform level of the caller is popped, so a captured tensor that a
-   transform is differentiating (or vmapping) shows up as a wrapper of a level that is not
-   live; a captured plain tensor with ``requires_grad=True`` is the eager-mode equivalent.
+2. **Reading a flag in every ``vmap`` lane** (:func:`all_true`): the flag is a batched
+   tensor; we peel the functorch wrappers to read every lane at once, for failure reports
+   and for the iterative solvers' early stop (a value read there never flows back into
+   the computation, it only decides whether more masked no-op iterations run).
+3. **Peeling wrappers** (:func:`peel`, :func:`jvp_levels`) for implicit differentiation's
+   closure-capture and dual-number checks (:mod:`functx._implicit._capture`).
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch.overrides import TorchFunctionMode
 
 try:  # private torch APIs; every use degrades to "raise a clear error" when missing
     import torch._C._functorch as _ft
@@ -45,6 +42,11 @@ except ImportError:  # pragma: no cover - depends on the torch version
 
 def transforms_active() -> bool:
     return _HAVE_INTERNALS and torch._C._are_functorch_transforms_active()
+
+
+def jvp_levels() -> list[int]:
+    """The levels of the live forward-mode (``jvp``/``jacfwd``) transforms."""
+    return _levels(forward_only=True)
 
 
 def _levels(forward_only: bool = False) -> list[int]:
@@ -98,21 +100,6 @@ def forward_rule(saved: Sequence[torch.Tensor], api: str, *, check: bool = True)
     level = max(jvp_levels)
     with _set_fwd_grad_enabled(True):
         yield [_strip_level(t, level) for t in saved]
-
-
-def check_no_plain_duals(tensors: Sequence[torch.Tensor], api: str) -> None:
-    """Refuse ``torch.autograd.forward_ad`` dual numbers (outside functorch transforms).
-
-    The rules compute forward-mode products with ``torch.func.jvp``, which cannot open its
-    own level inside a plain dual level; functx's and torch.func's forward transforms work.
-    """
-    if fwAD._current_level < 0 or _levels(forward_only=True):
-        return
-    if any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
-        raise NotImplementedError(
-            f"`functx.{api}`: torch.autograd.forward_ad dual numbers are not supported by implicit "
-            f"differentiation; use `functx.jvp`/`functx.jacfwd` (or `torch.func.jvp`) instead."
-        )
 
 
 class _Probe(torch.autograd.Function):
@@ -198,66 +185,9 @@ def plain(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-# --------------------------------------------------------------------------------------
-# 3. Closure capture.
-
-
-class CaptureCheck(TorchFunctionMode):
-    """Watch a function's torch calls for captured tensors whose derivatives would be lost.
-
-    A tensor argument of a torch call is *known* if it is an input of the function, the
-    output of an earlier call, or a functorch wrapper (made by a transform inside the
-    function) around a known tensor. Any other tensor was captured (closure or global): it
-    is harmless as a constant, and reported in :attr:`offenders` when it carries
-    derivatives: a plain tensor with ``requires_grad=True`` (eager autograd), or a
-    ``grad``/``jvp`` wrapper made outside the function (an enclosing functorch transform;
-    its level is popped while a Function's ``forward`` runs, and level numbers are reused,
-    so the wrapper chain is what identifies it). Captured ``vmap``-batched tensors are fine:
-    torch restores their level for the Function.
-    """
-
-    def __init__(self, inputs: Sequence[Any]) -> None:
-        super().__init__()
-        self._known = {id(t) for t in inputs if isinstance(t, torch.Tensor)}
-        self._keep: list[Any] = list(inputs)  # keep ids unique while the mode is active
-        self.offenders: list[str] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        unknown = [
-            t
-            for t in torch.utils._pytree.tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor) and id(t) not in self._known
-        ]
-        out = func(*args, **kwargs)
-        outputs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if outputs and func not in _CONSTANT_MAKERS:  # metadata reads and .detach() are harmless
-            for t in unknown:
-                self._inspect(t)
-        for t in outputs:
-            self._remember(t)
-        return out
-
-    def _remember(self, t: torch.Tensor) -> None:
-        self._known.add(id(t))
-        self._keep.append(t)
-
-    def _inspect(self, t: torch.Tensor) -> None:
-        self._remember(t)
-        tracked, inner = False, t
-        while _HAVE_INTERNALS and _ft.is_functorch_wrapped_tensor(inner):
-            tracked = tracked or _ft.is_gradtrackingtensor(inner)
-            inner = _ft.get_unwrapped(inner)
-            if id(inner) in self._known:
-                return
-        if tracked:
-            self.offenders.append(f"{_short(t)} traced by an enclosing grad/jvp transform")
-        elif inner.requires_grad:
-            self.offenders.append(f"{_short(t)} with requires_grad=True")
-
-
-_CONSTANT_MAKERS = (torch.Tensor.detach, torch.detach)
-
-
-def _short(t: torch.Tensor) -> str:
-    return f"a {t.dtype} tensor of shape {tuple(t.shape)}"
+def peel(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """One functorch wrapper off ``t``: ``(inner, whether it was a grad/jvp wrapper)``, or
+    ``None`` when ``t`` is not wrapped (or the internals are missing)."""
+    if not (_HAVE_INTERNALS and _ft.is_functorch_wrapped_tensor(t)):
+        return None
+    return _ft.get_unwrapped(t), bool(_ft.is_gradtrackingtensor(t))

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from .._tree import PyTree
-from ._common import Problem, Solution, check_int, div, finish, norm, safe_sqrt, setup
+from ._common import LinearProblem, Solution, check_int, div, finish, norm, safe_sqrt, setup
 
 
 def _givens(a: torch.Tensor, h: torch.Tensor, use: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,7 +32,7 @@ def _givens(a: torch.Tensor, h: torch.Tensor, use: torch.Tensor) -> tuple[torch.
 
 
 def _cycle(
-    problem: Problem, x: torch.Tensor, r: torch.Tensor, active: torch.Tensor, m: int, iterations: torch.Tensor
+    problem: LinearProblem, x: torch.Tensor, r: torch.Tensor, active: torch.Tensor, m: int, iterations: torch.Tensor
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """At most ``m`` Arnoldi steps from ``x`` (residual ``r``); returns ``(x, steps, iterations)``."""
     start_active, tol, dtype = active, problem.target, r.dtype
@@ -75,7 +75,7 @@ def _cycle(
     return torch.where(start_active, x + dx, x), k, iterations
 
 
-def run_gmres(problem: Problem, restart: int) -> Solution:
+def run_gmres(problem: LinearProblem, restart: int) -> Solution:
     x, r = problem.start()
     iterations = torch.zeros((), dtype=torch.int64, device=r.device)
     steps = 0

@@ -4,7 +4,7 @@
 * :class:`Layout` maps a pytree of tensors to one flat vector and back, checking the
   structure, shapes and dtypes of everything that comes back from user callables. The
   kernels work on flat 1-D tensors: one tensor op per vector update, whatever the tree.
-* :class:`Problem` is a validated system ``(A + ridge I) x = b`` on flat vectors.
+* :class:`LinearProblem` is a validated system ``(A + ridge I) x = b`` on flat vectors.
 * :func:`iterate` is the one loop driver: a fixed trip count with masked updates (the
   state of a lane that has converged is frozen with ``torch.where``), and an early exit
   only in plain eager mode (see :func:`early_exit_allowed`).
@@ -227,7 +227,7 @@ def shifted(op: Flat, ridge: float | torch.Tensor | None) -> Flat:
 LOOP_MARGIN = 0.5
 
 
-class Problem(NamedTuple):
+class LinearProblem(NamedTuple):
     """``(A + ridge I) x = b`` on flat vectors; ``A`` already includes the ridge."""
 
     layout: Layout  # of the solution x
@@ -270,8 +270,8 @@ def setup(
     max_iter: Any,
     preconditioner: Any,
     ridge: Any,
-) -> Problem:
-    """Validate the arguments of a square solve and build its :class:`Problem`."""
+) -> LinearProblem:
+    """Validate the arguments of a square solve and build its :class:`LinearProblem`."""
     check_callable(matvec, "matvec", api)
     check_callable(preconditioner, "preconditioner", api, optional=True)
     layout = Layout(b, "b", api)
@@ -283,7 +283,7 @@ def setup(
     flat_x0 = None if x0 is None else layout.ravel(x0, "x0", "`x0`")
     A = shifted(flat_map(matvec, layout, layout, "matvec", "x"), cast_ridge(ridge, layout))
     M = None if preconditioner is None else flat_map(preconditioner, layout, layout, "preconditioner", "r")
-    return Problem(
+    return LinearProblem(
         layout,
         flat_b,
         flat_x0,
@@ -361,7 +361,7 @@ def iterate(step: Step, state: Any, active: torch.Tensor, max_iter: int, early_e
 
 
 def finish(
-    problem: Problem, x: torch.Tensor, iterations: torch.Tensor, residual: torch.Tensor | None = None
+    problem: LinearProblem, x: torch.Tensor, iterations: torch.Tensor, residual: torch.Tensor | None = None
 ) -> Solution:
     """Package ``x``: recompute the true residual (unless given) and the converged flag."""
     if residual is None:
