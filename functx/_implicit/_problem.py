@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from .._core import is_differentiable
-from .._solvers._functorch import forward_rule, plain, revive
+from .._solvers._common import same_structure
+from .._solvers._functorch import eager_under_compile, forward_rule, plain, revive
 from .._solvers.linear_solve import Operator, Tensors, check_on_failure, check_solve, norm, report, solve
 from .._tree import (
     PyTree,
@@ -80,7 +81,8 @@ class RootProblem:
         kwargs: dict[str, Any],
     ) -> None:
         self.options, self.optimality_fn, self.solver, self.has_aux = options, optimality_fn, solver, has_aux
-        self.arg_leaves, self.arg_spec = tree_flatten((tuple(args), dict(kwargs)))
+        # an empty dict is left out: torch.compile cannot trace optree over one
+        self.arg_leaves, self.arg_spec = tree_flatten((tuple(args), dict(kwargs)) if kwargs else (tuple(args),))
         self.diff_pos = [k for k, leaf in enumerate(self.arg_leaves) if is_differentiable(leaf)]
         self.static_pos = [
             k
@@ -117,7 +119,8 @@ class RootProblem:
         leaves = list(self.arg_leaves)
         for k, t in zip(self.diff_pos + self.static_pos, list(diff) + list(static)):
             leaves[k] = t
-        return tree_unflatten(self.arg_spec, leaves)
+        args_kwargs = tree_unflatten(self.arg_spec, leaves)
+        return args_kwargs[0], (args_kwargs[1] if len(args_kwargs) > 1 else {})
 
     def init_from(self, tensors: Sequence[torch.Tensor]) -> PyTree:
         leaves = list(self.init_leaves)
@@ -130,7 +133,7 @@ class RootProblem:
         args, kwargs = self.args_from(diff, static)
         out = self.optimality_fn(tree_unflatten(self.z_spec, list(z)), *args, **kwargs)
         leaves, spec = tree_flatten(out)
-        if spec != self.z_spec:
+        if not same_structure(spec, self.z_spec):
             raise ValueError(
                 f"`functx.{self.options.api}`: `{self.options.fn_name}` must return a pytree with the "
                 f"structure of the solution z: {structure_mismatch(self.z_spec, out, 'output')}. "
@@ -313,6 +316,7 @@ class Root(torch.autograd.Function):
         return (*z_dot, *[None] * sum(a is None for a in problem.aux_static))
 
 
+@eager_under_compile
 def call_root(problem: RootProblem) -> Any:
     inputs = problem.inputs()
     check_no_plain_duals(inputs, problem.options.api)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .._core import is_differentiable
+from .._solvers._common import same_structure
 from .._solvers.linear_solve import Tensors
 from .._tree import PyTree, TreeSpec, describe, leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
 from ._problem import Options, RootProblem, call_root
@@ -152,7 +153,7 @@ def fixed_point_residual(fixed_point_fn: Callable[..., Any]) -> Callable[..., An
         out = fixed_point_fn(z, *args, **kwargs)
         leaves, spec = tree_flatten(out)
         z_leaves, z_spec = tree_flatten(z)
-        if spec != z_spec:
+        if not same_structure(spec, z_spec):
             return out  # reported by RootProblem.F with key paths
         return tree_unflatten(spec, [t - zi for t, zi in zip(leaves, z_leaves)])
 
@@ -319,7 +320,7 @@ def _arg_tangents(arg: Any, tangent: Any, name: str, api: str) -> list[torch.Ten
     if tangent is None:
         return [None] * len(diff)
     t_leaves, t_spec = tree_flatten(tangent)
-    if t_spec != spec:
+    if not same_structure(t_spec, spec):
         raise ValueError(
             f"`functx.{api}`: `{name}` must have the structure of the argument: "
             f"{structure_mismatch(spec, tangent, name)}. Expected {spec}, got {t_spec}."
@@ -334,7 +335,7 @@ def _flatten_like(
     tree: PyTree, spec: TreeSpec, like: Sequence[torch.Tensor], name: str, api: str
 ) -> list[torch.Tensor]:
     leaves, got = tree_flatten(tree)
-    if got != spec:
+    if not same_structure(got, spec):
         raise ValueError(
             f"`functx.{api}`: `{name}` must have the structure of the solution: "
             f"{structure_mismatch(spec, tree, name)}. Expected {spec}, got {got}."

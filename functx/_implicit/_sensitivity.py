@@ -17,6 +17,7 @@ import torch
 
 from .. import _grad, _hessian, _jacobian, _vjp_jvp
 from .._core import is_differentiable
+from .._solvers._common import same_structure
 from .._solvers._functorch import forward_over_forward_ok
 from .._tree import (
     PyTree,
@@ -233,7 +234,7 @@ def _check_float_tree(tree: PyTree, name: str, api: str) -> None:
 
 def _check_like(tree: PyTree, like: PyTree, name: str, api: str) -> None:
     spec, want = tree_structure(tree), tree_structure(like)
-    if spec != want:
+    if not same_structure(spec, want):
         raise ValueError(
             f"`functx.{api}`: `{name}` must have the structure of `z`: {structure_mismatch(want, tree, name)}."
         )

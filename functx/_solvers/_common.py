@@ -20,7 +20,17 @@ from typing import Any, NamedTuple
 import torch
 
 from .._core import plain_eager
-from .._tree import PyTree, describe, leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
+from ._functorch import all_true
+from .._tree import (
+    NAMESPACE,
+    PyTree,
+    TreeSpec,
+    describe,
+    leaf_paths,
+    structure_mismatch,
+    tree_flatten,
+    tree_unflatten,
+)
 
 MAX_ITER_FACTOR = 10
 MAX_ITER_CAP = 1000
@@ -123,6 +133,19 @@ def check_ridge(ridge: Any, api: str) -> float | torch.Tensor | None:
 # Pytrees <-> flat vectors.
 
 
+def same_structure(a: TreeSpec, b: TreeSpec) -> bool:
+    """``a == b``, also across a ``torch.compile`` graph break: Dynamo's optree polyfill
+    drops the namespace of the specs it builds, so a spec made in a compiled frame differs
+    from the same structure made eagerly; compare their namespace-free reprs then."""
+    if a == b:
+        return True
+    return _plain_repr(a) == _plain_repr(b)
+
+
+def _plain_repr(spec: TreeSpec) -> str:
+    return repr(spec).replace(f", namespace='{NAMESPACE}'", "")
+
+
 class Layout:
     """The flat-vector layout of a pytree of floating-point or complex tensors.
 
@@ -154,7 +177,7 @@ class Layout:
         """The leaves of ``tree``, checked against this layout; ``what`` names ``tree`` in errors."""
         leaves, spec = tree_flatten(tree)
         api, ref = self.api, f"`{self.name}`"
-        if spec != self.spec:
+        if not same_structure(spec, self.spec):
             raise ValueError(
                 f"`functx.{api}`: {what} must have the tree structure of {ref}: "
                 f"{structure_mismatch(self.spec, tree, root)}. Expected {self.spec}, got {spec}."
@@ -306,10 +329,25 @@ def cast_ridge(ridge: float | torch.Tensor | None, layout: Layout) -> float | to
 
 
 def early_exit_allowed(*tensors: torch.Tensor | None) -> bool:
-    """Whether a solver may stop early by reading a tensor value (``bool(active)``): only in
-    plain eager mode (see ``functx._core.plain_eager``). Everywhere else the solvers run
-    ``max_iter`` masked iterations."""
+    """Whether a solver may stop early by reading a tensor value (``bool(active)``) and skip
+    the masking: only in plain eager mode (see ``functx._core.plain_eager``). Elsewhere the
+    solvers run masked iterations and stop when :func:`stop` sees every lane done."""
     return plain_eager(*tensors)
+
+
+def stop(active: torch.Tensor, early_exit: bool) -> bool:
+    """Whether no lane is active any more, so the remaining iterations may be skipped.
+
+    In plain eager mode this is ``not bool(active)``. Under transforms (``vmap``, ``grad``,
+    ``jvp``... in eager mode) the flag is read in every lane at once under the functorch
+    wrappers (:func:`~functx._solvers._functorch.all_true`): once every lane has converged,
+    the remaining masked iterations would be no-ops in values and derivatives, so stopping
+    changes nothing but the time. Where the flag cannot be read (``torch.compile``,
+    tracing, fake tensors) the loop keeps its fixed trip count of ``max_iter``.
+    """
+    if early_exit:
+        return not bool(active)
+    return all_true(~active) is True
 
 
 def norm(v: torch.Tensor) -> torch.Tensor:
@@ -342,15 +380,15 @@ def iterate(step: Step, state: Any, active: torch.Tensor, max_iter: int, early_e
     """Run ``step`` at most ``max_iter`` times; return ``(state, iterations)``.
 
     ``step(state, active)`` returns ``(new_state, not_done)``. A lane stops being active
-    once ``not_done`` is False; its state is frozen from then on. With ``early_exit``
-    (plain eager mode) the loop stops as soon as nothing is active, and no masking is
-    needed since every executed step is active.
+    once ``not_done`` is False; its state is frozen from then on. The loop stops as soon
+    as :func:`stop` sees no active lane; with ``early_exit`` (plain eager mode) no masking
+    is needed since every executed step is active.
     """
     iterations = torch.zeros((), dtype=torch.int64, device=active.device)
     for _ in range(max_iter):
+        if stop(active, early_exit):
+            break
         if early_exit:
-            if not bool(active):
-                break
             state, not_done = step(state, active)
         else:
             new, not_done = step(state, active)

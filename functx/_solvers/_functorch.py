@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
+
+T = TypeVar("T")
 
 try:  # private torch APIs; every use degrades to "raise a clear error" when missing
     import torch._C._functorch as _ft
@@ -183,6 +185,29 @@ def plain(t: torch.Tensor) -> torch.Tensor:
     while _HAVE_INTERNALS and _ft.is_functorch_wrapped_tensor(t):
         t = _ft.get_unwrapped(t)
     return t
+
+
+COMPILE_LIMITATION = (
+    "functx.implicit runs eagerly: torch.compile (torch 2.13) inlines an autograd.Function's "
+    "forward inside torch.func transforms and drops its custom derivative rules (implicit "
+    "derivatives would be silently zero), so functx marks implicit differentiation as not "
+    "traceable; without fullgraph=True, torch.compile runs it eagerly at a graph break."
+)
+
+
+def eager_under_compile(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn``, run eagerly at a graph break when called inside ``torch.compile`` (and refused,
+    with :data:`COMPILE_LIMITATION` as the reason, under ``fullgraph=True``); eager calls pay
+    nothing."""
+    disabled = torch.compiler.disable(fn, reason=COMPILE_LIMITATION)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        if torch.compiler.is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def peel(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from .._tree import PyTree
-from ._common import LinearProblem, Solution, check_int, div, finish, norm, safe_sqrt, setup
+from ._common import LinearProblem, Solution, check_int, div, finish, norm, safe_sqrt, setup, stop
 
 
 def _givens(a: torch.Tensor, h: torch.Tensor, use: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,7 +41,7 @@ def _cycle(
     g = [beta.to(dtype)]  # rotated right-hand side beta e_1
     columns, rotations, used = [], [], []
     for j in range(m):
-        if problem.early_exit and not bool(active):
+        if stop(active, problem.early_exit):
             break
         w = problem.A(problem.precondition(basis[j]))
         V = torch.stack(basis)
@@ -81,7 +81,7 @@ def run_gmres(problem: LinearProblem, restart: int) -> Solution:
     steps = 0
     while steps < problem.max_iter:  # a Python int: the same trip count in every lane
         active = norm(r) > problem.tol
-        if problem.early_exit and not bool(active):
+        if stop(active, problem.early_exit):
             break
         x, taken, iterations = _cycle(problem, x, r, active, min(restart, problem.max_iter - steps), iterations)
         steps += taken

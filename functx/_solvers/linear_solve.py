@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from .._tree import TreeSpec, describe, structure_mismatch, tree_flatten, tree_unflatten
-from ._functorch import all_true, forward_rule, plain, revive
+from ._common import same_structure
+from ._functorch import all_true, eager_under_compile, forward_rule, plain, revive
 from .cg import normal_cg
 from .dispatch import SOLVERS
 
@@ -158,7 +159,7 @@ class Operator:
 
     def _check_x(self, x: Any) -> list[torch.Tensor]:
         leaves, spec = tree_flatten(x)
-        if spec != self.spec:
+        if not same_structure(spec, self.spec):
             raise ValueError(
                 f"`functx.{self.api}`: the linear `solve` must return a pytree shaped like its "
                 f"right-hand side `b` (or a `functx.solvers.Solution`): "
@@ -276,6 +277,8 @@ class LinearSolve(torch.autograd.Function):
             return solve(op.with_role("tangent"), ops, tuple(rhs))
 
 
+@eager_under_compile
 def solve(op: Operator, ops: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> Tensors:
-    """``A(ops)^{-1} b`` on flat leaves, differentiable in ``b`` and the first ``op.n_diff`` ops."""
+    """``A(ops)^{-1} b`` on flat leaves, differentiable in ``b`` and the first ``op.n_diff`` ops
+    (eager at a graph break under ``torch.compile``, see :func:`eager_under_compile`)."""
     return LinearSolve.apply(op, *b, *ops)
