@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 
 import pytest
@@ -74,7 +75,7 @@ def no_warnings():
     ],
 )
 def test_bad_options(kwargs, exc, fragment):
-    with pytest.raises(exc, match="`functx.implicit.custom_root`") as info:
+    with pytest.raises(exc, match=r"`functx.implicit.custom_root`") as info:
         custom_root(F, **kwargs)
     assert fragment in str(info.value)
 
@@ -82,7 +83,7 @@ def test_bad_options(kwargs, exc, fragment):
 def test_bad_callables():
     with pytest.raises(TypeError, match="`optimality_fn` must be callable"):
         custom_root(3)
-    with pytest.raises(TypeError, match="`functx.implicit.custom_fixed_point`: `fixed_point_fn` must be callable"):
+    with pytest.raises(TypeError, match=r"`functx.implicit.custom_fixed_point`: `fixed_point_fn` must be callable"):
         custom_fixed_point(None)
     with pytest.raises(TypeError, match="`solver` must be callable"):
         custom_root(F)("not a solver")
@@ -95,7 +96,7 @@ def test_bad_callables():
 def test_solver_returns_integers():
     solver = custom_root(lambda z, lam: z - lam)(lambda init, lam: torch.ones(2, dtype=torch.int64))
     with pytest.raises(
-        TypeError, match="every leaf of the solver's solution must be a floating-point tensor, but z is a torch.int64"
+        TypeError, match=r"every leaf of the solver's solution must be a floating-point tensor, but z is a torch.int64"
     ):
         solver(INIT, LAM)
 
@@ -229,7 +230,7 @@ def test_ignore_silences_the_linear_solves(no_warnings):
 def test_capture_of_a_tensor_requiring_grad_raises():
     lam = LAM.clone().requires_grad_()
     solver = custom_root(lambda z, X, y: F(z, lam, X, y))(lambda init, X, y: exact(init, lam.detach(), X, y))
-    with pytest.raises(ValueError, match="uses a torch.float64 tensor of shape \\(\\) with requires_grad=True"):
+    with pytest.raises(ValueError, match=r"uses a torch.float64 tensor of shape \(\) with requires_grad=True"):
         solver(INIT, X, Y)
     assert lam.requires_grad and lam.grad is None
 
@@ -247,7 +248,7 @@ def test_capture_of_a_traced_tensor_raises(transform):
         "jacrev(jacfwd)": functx.jacrev(functx.jacfwd(outer)),
     }[transform]
     # a top-level functx.grad runs plain autograd, where the capture is a tensor requiring grad
-    with pytest.raises(ValueError, match="traced by an enclosing grad/jvp transform|requires_grad=True"):
+    with pytest.raises(ValueError, match=r"traced by an enclosing grad/jvp transform|requires_grad=True"):
         fn(LAM)
 
 
@@ -299,7 +300,7 @@ def test_plain_forward_ad_dual_numbers_are_refused():
     solver = custom_root(F, symmetric=True)(exact)
     with fwAD.dual_level():
         solver(INIT, LAM, X, Y)  # no dual input: fine
-        with pytest.raises(NotImplementedError, match="torch.autograd.forward_ad dual numbers are not supported"):
+        with pytest.raises(NotImplementedError, match=r"torch.autograd.forward_ad dual numbers are not supported"):
             solver(INIT, fwAD.make_dual(LAM, torch.ones_like(LAM)), X, Y)
 
 
@@ -382,14 +383,13 @@ def k_fn(z, lam):
     ],
 )
 def test_sensitivity_and_primitive_errors(call, exc, fragment):
-    with pytest.raises(exc) as info:
+    with pytest.raises(exc, match=re.escape(fragment)) as info:
         call()
-    assert fragment in str(info.value)
     assert str(info.value).startswith("`functx.implicit.")
 
 
 def test_sensitivity_checks_the_solution():
     with pytest.warns(NonConvergenceWarning, match=r"\|\|k_fn\(z, \.\.\.\)\|\|"):
         implicit_jacobian(k_fn, INIT, LAM)
-    with pytest.raises(NonConvergenceError):
+    with pytest.raises(NonConvergenceError, match=r"is not a root"):
         root_vjp(k_fn, INIT, (LAM,), INIT, on_failure="raise")

@@ -15,6 +15,8 @@ every transform is exact.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -100,6 +102,18 @@ class RootProblem:
         """The tensors handed to :class:`Root`: ``diff + static + init``."""
         leaves = self.arg_leaves
         return [leaves[k] for k in self.diff_pos + self.static_pos] + [self.init_leaves[k] for k in self.init_pos]
+
+    def check_signature(self) -> None:
+        """``F`` must accept ``(z, *args, **kwargs)``: refused before the solver runs."""
+        args, kwargs = self.args_from((), ())  # the arguments as given
+        error = signature_error(self.optimality_fn, 1 + len(args), tuple(sorted(kwargs)))
+        if error is not None:
+            o = self.options
+            raise TypeError(
+                f"`functx.{o.api}`: `{o.fn_name}` must accept `(z, *args, **kwargs)` with the "
+                f"decorated function's arguments after z ({len(args)} positional"
+                f"{', keywords ' + str(sorted(kwargs)) if kwargs else ''}), but {error}."
+            )
 
     @property
     def n_diff(self) -> int:
@@ -248,18 +262,43 @@ class RootProblem:
                 f"Pass it as an argument (to both the solver and `{name}`), or `.detach()` it if it is "
                 f"a constant."
             )
-        for k, (o, zi) in enumerate(zip(out, z)):
-            if not isinstance(o, torch.Tensor) or o.shape != zi.shape or o.dtype != zi.dtype:
-                path = leaf_paths(tree_unflatten(self.z_spec, list(out)), "output")[k]
-                raise ValueError(
-                    f"`functx.{api}`: `{name}` must return a pytree shaped like the solution z (same "
-                    f"shapes and dtypes), but {path} is {describe(o)} where z has {describe(zi)}."
-                )
+        check_shaped_like(out, z, self.z_spec, api, name)
         residual = norm(out)
         tol = self.options.residual_tol
         if tol is None:
             tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (1 + norm(z))
         report(residual <= tol, self.options.on_failure, lambda: self._residual_message(residual, tol))
+        if self.options.symmetric:
+            self.check_symmetric(z, d, s)
+
+    def check_symmetric(self, z: Tensors, d: Tensors, s: Tensors) -> None:
+        """A declared symmetric ``A = dF/dz`` must be: ``u.(A v) = v.(A u)`` for two fixed
+        pseudo-random ``u, v`` (one VJP of ``F``, two pullbacks), to ``sqrt(eps)`` relative.
+
+        Without this, a nonsymmetric ``A`` with a direct solve (``"lu"``) silently gives the
+        transposed derivatives (``A v`` is computed as ``A^T v``).
+        """
+        if any(zi.is_complex() for zi in z):
+            return
+        with torch.enable_grad():
+            _, pullback = torch.func.vjp(lambda *zz: self.F(zz, d, s), *z)
+        u, v = probe(z, 0.7548776662), probe(z, 0.5698402910)
+        ATu, ATv = pullback(u), pullback(v)
+        uAv, vAu = dot(ATu, v), dot(ATv, u)
+        tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (norm(ATu) * norm(v) + norm(ATv) * norm(u))
+        asym = (uAv - vAu).abs()
+        report(asym <= tol, self.options.on_failure, lambda: self._symmetry_message(asym, tol))
+
+    def _symmetry_message(self, asym: torch.Tensor, tol: torch.Tensor) -> str:
+        o = self.options
+        return (
+            f"`functx.{o.api}`: the Jacobian of `{o.fn_name}` with respect to z was declared symmetric "
+            f"(symmetric=True, or solve={o.solve!r}) but is not: |u.(A v) - v.(A u)| = "
+            f"{float(plain(asym).max()):.3g} > {float(plain(tol).max()):.3g} for random u, v, so the "
+            f"implicit derivatives would be those of the transposed system. Pass symmetric=False with "
+            f"solve='gmres', 'bicgstab' or 'lu'. Pass on_failure='raise' to make this an error, or "
+            f"'ignore' to silence it."
+        )
 
     def _residual_message(self, residual: torch.Tensor, tol: Any) -> str:
         worst = float(plain(residual).max())
@@ -280,6 +319,49 @@ class RootProblem:
         tensors = iter(flat[self.nz :])
         aux = tree_unflatten(self.aux_spec, [next(tensors) if a is None else a for a in self.aux_static])
         return z, aux
+
+
+@functools.lru_cache(maxsize=256)
+def signature_error(fn: Callable[..., Any], n_positional: int, keywords: tuple[str, ...]) -> str | None:
+    """Why ``fn`` cannot be called with ``n_positional`` positional arguments and ``keywords``
+    (``None`` when it can, or when its signature cannot be read)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*range(n_positional), **dict.fromkeys(keywords))
+    except TypeError as e:
+        return f"its signature {signature} does not: {e}"
+    return None
+
+
+def check_shaped_like(out: Sequence[Any], z: Sequence[torch.Tensor], z_spec: TreeSpec, api: str, name: str) -> None:
+    """Every leaf of ``out`` (a function's output, already checked for structure) is a tensor
+    with the shape and dtype of the matching leaf of ``z``."""
+    for k, (o, zi) in enumerate(zip(out, z)):
+        if not isinstance(o, torch.Tensor) or o.shape != zi.shape or o.dtype != zi.dtype:
+            path = leaf_paths(tree_unflatten(z_spec, list(out)), "output")[k]
+            raise ValueError(
+                f"`functx.{api}`: `{name}` must return a pytree shaped like the solution z (same "
+                f"shapes and dtypes), but {path} is {describe(o)} where z has {describe(zi)}."
+            )
+
+
+def probe(like: Sequence[torch.Tensor], step: float) -> Tensors:
+    """Deterministic pseudo-random vectors shaped like ``like`` (no RNG: usable under
+    ``vmap`` and reproducible), entries in ``[-1, 1]``."""
+    out, offset = [], 0
+    for t in like:
+        k = torch.arange(offset, offset + t.numel(), dtype=t.dtype, device=t.device)
+        out.append(torch.sin(k * step * 1000.0 + step).reshape(t.shape))
+        offset += t.numel()
+    return tuple(out)
+
+
+def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_k <a_k, b_k>`` over leaves, without gradient."""
+    return sum(((x.detach() * y.detach()).sum() for x, y in zip(a, b)), torch.zeros((), dtype=a[0].dtype, device=a[0].device))
 
 
 class Root(torch.autograd.Function):
@@ -318,6 +400,7 @@ class Root(torch.autograd.Function):
 
 @eager_under_compile
 def call_root(problem: RootProblem) -> Any:
+    problem.check_signature()
     inputs = problem.inputs()
     check_no_plain_duals(inputs, problem.options.api)
     return problem.outputs(Root.apply(problem, *inputs))

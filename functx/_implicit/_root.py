@@ -16,7 +16,7 @@ from .._core import is_differentiable
 from .._solvers._common import same_structure
 from .._solvers.linear_solve import Tensors
 from .._tree import PyTree, TreeSpec, describe, leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
-from ._problem import Options, RootProblem, call_root
+from ._problem import Options, RootProblem, call_root, check_shaped_like
 
 # --------------------------------------------------------------------------------------
 # Public entry points.
@@ -142,11 +142,12 @@ def custom_fixed_point(
     api = "implicit.custom_fixed_point"
     _check_callable(fixed_point_fn, "fixed_point_fn", api)
     options = Options.make(api, "fixed_point_fn", solve, symmetric, on_failure, residual_tol)
-    return _decorator(fixed_point_residual(fixed_point_fn), options, has_aux)
+    return _decorator(fixed_point_residual(fixed_point_fn, api), options, has_aux)
 
 
-def fixed_point_residual(fixed_point_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``F(z, ...) = T(z, ...) - z`` (structure checked by the caller)."""
+def fixed_point_residual(fixed_point_fn: Callable[..., Any], api: str) -> Callable[..., Any]:
+    """``F(z, ...) = T(z, ...) - z``, with ``T``'s output checked against ``z`` before the
+    subtraction (which would broadcast a scalar or mismatched shape without a word)."""
 
     @functools.wraps(fixed_point_fn)
     def residual(z: PyTree, *args: Any, **kwargs: Any) -> PyTree:
@@ -155,6 +156,7 @@ def fixed_point_residual(fixed_point_fn: Callable[..., Any]) -> Callable[..., An
         z_leaves, z_spec = tree_flatten(z)
         if not same_structure(spec, z_spec):
             return out  # reported by RootProblem.F with key paths
+        check_shaped_like(leaves, z_leaves, z_spec, api, "fixed_point_fn")
         return tree_unflatten(spec, [t - zi for t, zi in zip(leaves, z_leaves)])
 
     return residual
@@ -305,6 +307,7 @@ def _primitive_problem(
             f"`functx.{api}`: `args` must be a tuple of the arguments of `optimality_fn` after z, got {describe(args)}."
         )
     problem = RootProblem(options, optimality_fn, None, False, None, args, {})
+    problem.check_signature()
     z_leaves, problem.z_spec = tree_flatten(solution)
     problem.check_z(solution, z_leaves)
     leaves = problem.arg_leaves

@@ -224,6 +224,13 @@ def _adjoint(matvec: Any, rmatvec: Any, x_layout: Layout, b_layout: Layout) -> F
     if rmatvec is not None:
         return flat_map(rmatvec, b_layout, x_layout, "rmatvec", "y")
     zero = x_layout.unravel(x_layout.zeros())
-    out, vjp_fn = vjp(matvec, zero)
+    try:
+        out, vjp_fn = vjp(matvec, zero)
+    except RuntimeError as e:  # most often a rectangular A applied to a vector shaped like b
+        raise ValueError(
+            "`functx.solvers.normal_cg`: `matvec` failed on a vector shaped like `b` (the solution "
+            "space when neither `x0` nor `rmatvec` is given, i.e. a square A). For a rectangular A, "
+            f"pass `x0` (a pytree in the solution space) or `rmatvec`. The error was: {e}"
+        ) from e
     b_layout.check(out, "matvec(x)", "the output of `matvec`")
     return lambda y: x_layout.ravel(vjp_fn(b_layout.unravel(y))[0], "rmatvec(y)", "the adjoint of `matvec`")

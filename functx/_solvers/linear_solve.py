@@ -142,7 +142,7 @@ class Operator:
             iterations = result.iterations
         else:
             x, ok, residual, iterations = result, None, None, None
-        x_leaves = self._check_x(x)
+        x_leaves = self._check_x(x, b)
         if ok is None:  # a user solve without a convergence report: check the residual
             ok, residual = _residual_ok(matvec, x_leaves, b)
         report(ok, self.on_failure, lambda: self._failure_message(residual, iterations))
@@ -157,7 +157,7 @@ class Operator:
             return normal_cg(matvec, b, rmatvec=tree_rmatvec)
         return SOLVERS[self.solve](matvec, b)
 
-    def _check_x(self, x: Any) -> list[torch.Tensor]:
+    def _check_x(self, x: Any, b: Tensors) -> list[torch.Tensor]:
         leaves, spec = tree_flatten(x)
         if not same_structure(spec, self.spec):
             raise ValueError(
@@ -165,10 +165,20 @@ class Operator:
                 f"right-hand side `b` (or a `functx.solvers.Solution`): "
                 f"{structure_mismatch(self.spec, x, 'x')}. Expected {self.spec}, got {spec}."
             )
-        for leaf in leaves:
+        for leaf, ref in zip(leaves, b):
             if not isinstance(leaf, torch.Tensor):
                 raise TypeError(
                     f"`functx.{self.api}`: the linear `solve` returned {describe(leaf)} where a tensor was expected."
+                )
+            if leaf.shape != ref.shape:
+                raise ValueError(
+                    f"`functx.{self.api}`: the linear `solve` must return x shaped like its right-hand "
+                    f"side b, but returned {describe(leaf)} where b has {describe(ref)}."
+                )
+            if leaf.dtype != ref.dtype:
+                raise TypeError(
+                    f"`functx.{self.api}`: the linear `solve` must return x with the dtype of its "
+                    f"right-hand side b, but returned {describe(leaf)} where b has {describe(ref)}."
                 )
         return leaves
 
