@@ -361,7 +361,9 @@ def probe(like: Sequence[torch.Tensor], step: float) -> Tensors:
 
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     """``sum_k <a_k, b_k>`` over leaves, without gradient."""
-    return sum(((x.detach() * y.detach()).sum() for x, y in zip(a, b)), torch.zeros((), dtype=a[0].dtype, device=a[0].device))
+    return sum(
+        ((x.detach() * y.detach()).sum() for x, y in zip(a, b)), torch.zeros((), dtype=a[0].dtype, device=a[0].device)
+    )
 
 
 class Root(torch.autograd.Function):

@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 import torch
 
 from .._core import plain_eager
-from ._functorch import all_true
 from .._tree import (
     NAMESPACE,
     PyTree,
@@ -31,6 +30,7 @@ from .._tree import (
     tree_flatten,
     tree_unflatten,
 )
+from ._functorch import all_true
 
 MAX_ITER_FACTOR = 10
 MAX_ITER_CAP = 1000

@@ -191,7 +191,9 @@ COMPILE_LIMITATION = (
     "functx.implicit runs eagerly: torch.compile (torch 2.13) inlines an autograd.Function's "
     "forward inside torch.func transforms and drops its custom derivative rules (implicit "
     "derivatives would be silently zero), so functx marks implicit differentiation as not "
-    "traceable; without fullgraph=True, torch.compile runs it eagerly at a graph break."
+    "traceable. Without fullgraph=True, torch.compile runs the implicit function's value "
+    "(and vmap of it) eagerly at a graph break; for derivatives, apply the transform outside "
+    "torch.compile."
 )
 
 
