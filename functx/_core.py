@@ -17,22 +17,27 @@ so ``aux`` may hold arbitrary Python objects and only tensors cross into ``torch
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from . import _torch_internals
+from ._torch_internals import is_exporting, lift, transforms_active, version
 from ._tree import (
     PyTree,
     TreeSpec,
+    check_float_leaves,
     describe,
+    input_hint,
+    is_differentiable,
     leaf_paths,
-    structure_mismatch,
     tree_flatten,
     tree_unflatten,
 )
+
+__all__ = ["input_hint", "is_differentiable"]  # re-exported: the rooms import them from here
 
 _RANGES: list[tuple[int, ...]] = [tuple(range(n)) for n in range(64)]
 
@@ -46,9 +51,13 @@ def all_argnums(n: int) -> tuple[int, ...]:
 # Option validation, done once when a transform is created.
 
 
-def check_callable(func: Any, api: str) -> None:
+def check_callable(func: Any, name: str, api: str, optional: bool = False) -> None:
+    """``TypeError`` unless ``func`` is callable (or ``None`` when ``optional``)."""
+    if func is None and optional:
+        return
     if not callable(func):
-        raise TypeError(f"`functx.{api}`: `func` must be callable, got {type(func).__name__}.")
+        kind = "None or a callable" if optional else "callable"
+        raise TypeError(f"`functx.{api}`: `{name}` must be {kind}, got {describe(func)}.")
 
 
 def check_bool(value: Any, name: str, api: str) -> None:
@@ -130,9 +139,9 @@ def plain_eager(*tensors: torch.Tensor | None) -> bool:
     Plain autograd is used only there (where it is measurably faster than ``torch.func`` and
     gives the same result), and solvers may stop early by reading tensor values only there.
     """
-    if torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if transforms_active():
         return False
     return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
 
@@ -142,11 +151,6 @@ def plain_autograd(*tensors: torch.Tensor) -> bool:
     mode, outside inference mode, and no tensor is part of an outer autograd graph (then
     ``torch.func``'s results would be differentiable with respect to it)."""
     return plain_eager(*tensors) and not torch.is_inference_mode_enabled() and not any(t.requires_grad for t in tensors)
-
-
-def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting and is_exporting())
 
 
 def reaches_other_leaves(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
@@ -197,21 +201,6 @@ def autograd_grad(
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
 
 
-def is_differentiable(leaf: Any) -> bool:
-    return isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex())
-
-
-def check_out_leaves(leaves: Sequence[Any], out: PyTree, api: str) -> None:
-    """Every output leaf must be a floating-point or complex tensor."""
-    for k, leaf in enumerate(leaves):
-        if not is_differentiable(leaf):
-            path = leaf_paths(out, "output")[k]
-            raise TypeError(
-                f"`functx.{api}`: every output of `func` must be a floating-point or complex "
-                f"tensor, but {path} is {describe(leaf)}."
-            )
-
-
 # --------------------------------------------------------------------------------------
 # One call of a transform.
 
@@ -225,6 +214,7 @@ class Call:
     """
 
     __slots__ = (
+        "_versions",
         "api",
         "argnums",
         "args",
@@ -232,6 +222,7 @@ class Call:
         "aux_static",
         "func",
         "has_aux",
+        "holomorphic",
         "in_spec",
         "kwargs",
         "leaves",
@@ -258,9 +249,10 @@ class Call:
             selected = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
         self.argnums = argnums
         self.leaves, self.in_spec = tree_flatten(selected)
-        for k, leaf in enumerate(self.leaves):
-            if not is_differentiable(leaf):
-                self._bad_input(k, leaf)
+        if not all(map(is_differentiable, self.leaves)):
+            check_float_leaves(self.leaves, self.input_paths, api=api, what="differentiated input ")
+        self._versions: list[tuple[int, ...] | None] = []
+        self.holomorphic: bool | None = None  # None: complex outputs are not checked (vjp, jvp)
         self.out_spec: TreeSpec | None = None
         self.aux_spec: TreeSpec | None = None
         self.aux_static: list[Any] = []
@@ -280,12 +272,21 @@ class Call:
         """Key paths of the differentiated leaves, e.g. ``["params['w']", "x"]``."""
         return [p for i in self._selected_indices() for p in leaf_paths(self.args[i], self._root(i))]
 
-    def _bad_input(self, k: int, leaf: Any) -> None:
-        path = self.input_paths()[k]
-        raise TypeError(
-            f"`functx.{self.api}`: differentiated input {path} must be a floating-point or complex "
-            f"tensor, got {describe(leaf)}. {input_hint(leaf)}"
-        )
+    def require_leaves(self, name: str) -> None:
+        """``ValueError`` when there is nothing to differentiate (forward mode needs a tangent)."""
+        if not self.leaves:
+            raise ValueError(
+                f"`functx.{self.api}`: `{name}` must contain at least one floating-point or complex "
+                f"tensor to differentiate with respect to, got {self.args!r}."
+            )
+
+    def set_holomorphic(self, holomorphic: bool) -> None:
+        """Apply the complex-number rule of ``jacrev``/``jacfwd``/``hessian`` (JAX's): with
+        ``holomorphic`` every differentiated input and every output must be complex; without,
+        outputs must be real (complex inputs are fine: see the ``_jacobian`` module doc)."""
+        self.holomorphic = holomorphic
+        if holomorphic:
+            check_complex(self.leaves, self.input_paths, True, "input", self.api)
 
     # -- the function torch.func sees -------------------------------------------------
     def call_func(self, leaves: Sequence[torch.Tensor]) -> Any:
@@ -293,7 +294,8 @@ class Call:
         argnums = self.argnums
         if argnums is None:
             return self.func(*selected, **self.kwargs)
-        args = list(self.args)
+        lifted = len(self.args) > 1 and not torch.compiler.is_compiling() and transforms_active()
+        args = self.lifted_args() if lifted else list(self.args)
         if isinstance(argnums, int):
             args[argnums] = selected
         else:
@@ -301,14 +303,81 @@ class Call:
                 args[i] = sub
         return self.func(*args, **self.kwargs)
 
+    # -- the two kinds of argument ----------------------------------------------------
+    # A differentiated input is never changed: an in-place write to it raises, in every
+    # mode. A non-differentiated positional argument belongs to `func`, which may write it
+    # in place as under torch.func (it is wrapped at the running transform's level).
+
+    def lifted_args(self) -> list[Any]:
+        """The positional arguments with the tensors of the non-differentiated ones wrapped at
+        the level of the innermost running transform (see ``_torch_internals.lift``)."""
+        args = list(self.args)
+        chosen = self._selected_indices()
+        for i, arg in enumerate(args):
+            if i not in chosen:
+                leaves, spec = tree_flatten(arg)
+                if any(isinstance(t, torch.Tensor) for t in leaves):
+                    args[i] = tree_unflatten(spec, lift(leaves))
+        return args
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """The tensors in the non-differentiated positional arguments."""
+        if self.argnums is None or len(self.args) == 1:
+            return []
+        chosen = self._selected_indices()
+        leaves = [leaf for i, arg in enumerate(self.args) if i not in chosen for leaf in tree_flatten(arg)[0]]
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+    def fresh_leaves(self) -> list[torch.Tensor]:
+        """Copies of the differentiated leaves for the forward-mode paths, where torch would
+        let `func` write the caller's tensors; :meth:`check_unwritten` checks them after."""
+        fresh = [t.clone() for t in self.leaves]
+        if not torch.compiler.is_compiling():  # compiled: the copies still protect the caller
+            self._versions = [version(t) for t in fresh]
+        return fresh
+
+    def check_unwritten(self, fresh: Sequence[torch.Tensor]) -> None:
+        if torch.compiler.is_compiling():  # the copies still protect the caller's tensors
+            return
+        for k, (t, before) in enumerate(zip(fresh, self._versions)):
+            if before is not None and version(t) != before:
+                raise self._inplace_error(k)
+
+    def raise_if_inplace(self, err: RuntimeError) -> None:
+        """After a ``RuntimeError`` in a reverse-mode path (torch refuses in-place writes to
+        the inputs it differentiates): run `func` once more on copies of the inputs, and if
+        it writes one in place, raise functx's error instead. torch's message is not read."""
+        if not _torch_internals.HAVE_VERSION or torch.compiler.is_compiling():
+            return
+        copies = [t.detach().clone() for t in self.leaves]
+        before = [version(t) for t in copies]
+        try:
+            with torch.no_grad():
+                self.call_func(copies)
+        except Exception:  # not an in-place write we can identify: torch's error stands
+            return
+        for k, (t, v) in enumerate(zip(copies, before)):
+            if version(t) != v:
+                raise self._inplace_error(k) from err
+
+    def _inplace_error(self, k: int) -> ValueError:
+        return ValueError(
+            f"`functx.{self.api}`: `func` writes in place to its differentiated input {self.input_paths()[k]} "
+            f"(for example `x.mul_(2)`, `x += 1` or `x[0] = 0`). functx never changes the tensors it "
+            f"differentiates, in any mode: compute a new tensor instead (`x = x * 2`), or pass the tensor "
+            f"in an argument not listed in `argnums` (those belong to `func`, which may write them)."
+        )
+
     def flat_fn(self, *leaves: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """``func`` as a function of flat tensors: returns ``(output_leaves, aux_tensors)``."""
         out, aux_tensors = self._split_aux(self.call_func(leaves))
         out_leaves, self.out_spec = tree_flatten(out)
         if not out_leaves:
             raise ValueError(f"`functx.{self.api}`: `func` returned no tensors to differentiate (got {out!r}).")
+        if self.holomorphic is not None:
+            check_complex(out_leaves, lambda: leaf_paths(out, "output"), self.holomorphic, "output", self.api)
         if not all(map(is_differentiable, out_leaves)):
-            check_out_leaves(out_leaves, out, self.api)
+            check_float_leaves(out_leaves, lambda: leaf_paths(out, "output"), api=self.api, hint=self._aux_hint(out))
         return tuple(out_leaves), aux_tensors
 
     def torch_fn(self, *leaves: torch.Tensor) -> Any:
@@ -322,14 +391,19 @@ class Call:
     def scalar_fn(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Like :meth:`flat_fn` for a function that must return a real scalar tensor."""
         out, aux_tensors = self._split_aux(self.call_func(leaves))
-        check_scalar(out, self.api)
+        check_scalar(out, self.api, self.has_aux)
         return out, aux_tensors
 
     def scalar_fn_no_aux(self, *leaves: torch.Tensor) -> torch.Tensor:
         """:meth:`scalar_fn` for ``has_aux=False``: returns the scalar alone."""
         out = self.call_func(leaves)
-        check_scalar(out, self.api)
+        check_scalar(out, self.api, self.has_aux)
         return out
+
+    def _aux_hint(self, out: Any) -> str:
+        if not self.has_aux and _is_pair(out):
+            return "`func` returned a pair: did you forget has_aux=True?"
+        return "Every output of `func` is differentiated; return other values as `aux` (has_aux=True)."
 
     def _split_aux(self, result: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
         if not self.has_aux:
@@ -386,23 +460,29 @@ def unpack(result: tuple[Any, ...], has_aux: bool) -> tuple[Any, ...]:
     return result if has_aux else (*result, ())
 
 
-def input_hint(leaf: Any) -> str:
-    """How to fix a leaf that cannot be differentiated."""
-    if isinstance(leaf, torch.Tensor):
-        return "Convert it with `.float()`, or pass it in an argument not listed in `argnums`."
-    if isinstance(leaf, torch.nn.Module):
-        return "Use `functx.nn.make_functional(module)` to get its parameters as a dict of tensors."
-    if dataclasses.is_dataclass(leaf):
-        return (
-            "Dataclasses are pytrees only when registered: decorate the class with "
-            "`@optree.dataclasses.dataclass(namespace='functx')`."
-        )
-    return "Pass non-tensor values in an argument not listed in `argnums`, or close over them."
+def check_complex(
+    leaves: Sequence[torch.Tensor], paths: Callable[[], list[str]], holomorphic: bool, what: str, api: str
+) -> None:
+    """``TypeError`` unless every leaf is complex (``holomorphic``) or none is (``what="output"``)."""
+    for k, leaf in enumerate(leaves):
+        if holomorphic and isinstance(leaf, torch.Tensor) and not leaf.is_complex():
+            raise TypeError(
+                f"`functx.{api}`: with holomorphic=True every differentiated {what} must be a complex "
+                f"tensor, but {paths()[k]} is {describe(leaf)}."
+            )
+        if not holomorphic and isinstance(leaf, torch.Tensor) and leaf.is_complex():
+            raise TypeError(
+                f"`functx.{api}`: {paths()[k]} is {describe(leaf)}: the Jacobian of a complex output is "
+                f"defined only for a holomorphic function. Pass holomorphic=True (with complex inputs) "
+                f"if `func` is holomorphic; otherwise return the real and imaginary parts as real "
+                f"outputs (e.g. `torch.view_as_real(out)`)."
+            )
 
 
-def check_scalar(out: Any, api: str) -> None:
+def check_scalar(out: Any, api: str, has_aux: bool = True) -> None:
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"`functx.{api}`: `func` must return a scalar tensor, got {describe(out)}.")
+        hint = " `func` returned a pair: did you forget has_aux=True?" if not has_aux and _is_pair(out) else ""
+        raise TypeError(f"`functx.{api}`: `func` must return a scalar tensor, got {describe(out)}.{hint}")
     if out.dim() != 0:
         raise ValueError(
             f"`functx.{api}`: `func` must return a scalar (0-dimensional) tensor, got a tensor of "
@@ -413,31 +493,8 @@ def check_scalar(out: Any, api: str) -> None:
         raise TypeError(f"`functx.{api}`: `func` must return a real floating-point scalar, got {describe(out)}.")
 
 
-def flatten_like(tree: PyTree, spec: TreeSpec, like: Sequence[torch.Tensor], name: str, api: str) -> list[torch.Tensor]:
-    """Flatten ``tree`` (tangents or cotangents) and check it matches ``spec`` and the
-    shapes and dtypes of the reference leaves ``like``."""
-    leaves, got = tree_flatten(tree)
-    if got != spec:
-        raise ValueError(
-            f"`functx.{api}`: `{name}` must have the same tree structure as the "
-            f"{'outputs' if name == 'cotangents' else 'primals'}: {structure_mismatch(spec, tree, name)}. "
-            f"Expected {spec}, got {got}."
-        )
-    for k, (leaf, ref) in enumerate(zip(leaves, like)):
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"`functx.{api}`: {leaf_paths(tree, name)[k]} must be a tensor, got {describe(leaf)}.")
-        if leaf.shape != ref.shape:
-            raise ValueError(
-                f"`functx.{api}`: {leaf_paths(tree, name)[k]} has shape {tuple(leaf.shape)} but the "
-                f"corresponding {'output' if name == 'cotangents' else 'primal'} has shape {tuple(ref.shape)}."
-            )
-        if leaf.dtype != ref.dtype:
-            raise TypeError(
-                f"`functx.{api}`: {leaf_paths(tree, name)[k]} has dtype {leaf.dtype} but the "
-                f"corresponding {'output' if name == 'cotangents' else 'primal'} has dtype {ref.dtype}; "
-                f"cast it with `.to({ref.dtype})`."
-            )
-    return leaves
+def _is_pair(out: Any) -> bool:
+    return isinstance(out, (tuple, list)) and len(out) == 2
 
 
 def check_primals(primals: Any, name: str, api: str) -> tuple[Any, ...]:

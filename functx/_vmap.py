@@ -64,7 +64,7 @@ def vmap(
         >>> functx.vmap(f, in_dims=(0, None))(ensemble, torch.ones(3)).shape
         torch.Size([4, 2])
     """
-    check_callable(func, "vmap")
+    check_callable(func, "func", "vmap")
     check_choice(randomness, "randomness", RANDOMNESS, "vmap")
     chunk_size = check_chunk_size(chunk_size, "vmap")
     _check_dims_tree(in_dims, "in_dims")
@@ -86,6 +86,7 @@ def vmap(
             out_leaves, outputs["spec"] = tree_flatten(out)
             outputs["dims"] = broadcast_prefix(out_dims, out, "the output", "out_dims", "vmap")
             outputs["leaves"] = out_leaves
+            _check_out_dims(out, out_leaves, outputs["dims"])
             tensors = [(t, d) for t, d in zip(out_leaves, outputs["dims"]) if isinstance(t, torch.Tensor)]
             return [t for t, d in tensors if d is not None], [t for t, d in tensors if d is None]
 
@@ -113,6 +114,21 @@ def _rebuild(outputs: dict[str, Any], mapped: Any, unmapped: Any) -> Any:
             t = next(mapped)
             rebuilt.append(t if dim == 0 else t.movedim(0, dim))
     return tree_unflatten(outputs["spec"], rebuilt)
+
+
+def _check_out_dims(out: Any, leaves: list[Any], dims: list[Any]) -> None:
+    """Every ``out_dims`` entry must be an int that exists in the batched output (checked
+    while ``func``'s outputs are traced, before torch moves any dimension)."""
+    for k, (leaf, dim) in enumerate(zip(leaves, dims)):
+        if dim is None or not isinstance(leaf, torch.Tensor):
+            continue
+        _check_dim(dim, "out_dims")
+        rank = leaf.dim() + 1  # with the batch dimension
+        if not -rank <= dim < rank:
+            raise ValueError(
+                f"`functx.vmap`: `out_dims` puts the batch dimension of {leaf_paths(out, 'output')[k]} at "
+                f"{dim}, but with the batch dimension it has {rank} dimension(s) (valid: {-rank} to {rank - 1})."
+            )
 
 
 def _check_dims_tree(dims: Any, name: str) -> None:
