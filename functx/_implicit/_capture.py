@@ -22,6 +22,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
 
+from .. import _torch_internals as ti
 from .._solvers._functorch import jvp_levels, peel
 from .._tree import tree_leaves
 
@@ -32,7 +33,7 @@ def check_no_plain_duals(tensors: Sequence[torch.Tensor], api: str) -> None:
     The rules compute forward-mode products with ``torch.func.jvp``, which cannot open its
     own level inside a plain dual level; functx's and torch.func's forward transforms work.
     """
-    if fwAD._current_level < 0 or jvp_levels():
+    if ti.forward_ad_level() < 0 or jvp_levels():
         return
     if any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(

@@ -29,21 +29,25 @@ from typing import Any, TypeVar
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from .. import _torch_internals as ti
+
 T = TypeVar("T")
 
-try:  # private torch APIs; every use degrades to "raise a clear error" when missing
-    import torch._C._functorch as _ft
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
-    _HAVE_INTERNALS = True
-except ImportError:  # pragma: no cover - depends on the torch version
-    _HAVE_INTERNALS = False
+def _have_internals() -> bool:
+    """Whether every private name the rules need is available (see
+    :mod:`functx._torch_internals`); where not, the rules refuse with a clear error."""
+    return (
+        ti.functorch is not None
+        and ti.retrieve_all_functorch_interpreters is not None
+        and ti.set_fwd_grad_enabled is not None
+    )
 
 
 def transforms_active() -> bool:
-    return _HAVE_INTERNALS and torch._C._are_functorch_transforms_active()
+    """Whether a functorch transform is live (``False`` when the internals are missing:
+    the callers then have nothing they could peel or strip)."""
+    return _have_internals() and ti.transforms_active()
 
 
 def jvp_levels() -> list[int]:
@@ -55,8 +59,8 @@ def _levels(forward_only: bool = False) -> list[int]:
     """The levels of the live functorch transforms (only the forward-mode ones if asked)."""
     if not transforms_active():
         return []
-    interpreters = retrieve_all_functorch_interpreters()
-    return [i.level() for i in interpreters if not forward_only or i.key() == TransformType.Jvp]
+    interpreters = ti.retrieve_all_functorch_interpreters()  # type: ignore[misc]
+    return [i.level() for i in interpreters if not forward_only or i.key() == ti.TransformType.Jvp]
 
 
 # --------------------------------------------------------------------------------------
@@ -65,14 +69,15 @@ def _levels(forward_only: bool = False) -> list[int]:
 
 def _strip_level(t: torch.Tensor, level: int) -> torch.Tensor:
     """``t`` without its tangent at functorch level ``level``; every other level is kept."""
-    lvl = _ft.maybe_get_level(t)
+    ft = ti.functorch
+    lvl = ft.maybe_get_level(t)
     if lvl < level:
         return t
-    if _ft.is_batchedtensor(t):  # a vmap level above the rule's (torch's generated vmap rule)
-        inner, bdim = _ft._unwrap_batched(t, lvl)
-        return _ft._add_batch_dim(_strip_level(inner, level), bdim, lvl)
+    if ft.is_batchedtensor(t):  # a vmap level above the rule's (torch's generated vmap rule)
+        inner, bdim = ft._unwrap_batched(t, lvl)
+        return ft._add_batch_dim(_strip_level(inner, level), bdim, lvl)
     if lvl == level:
-        return _ft._wrap_for_grad(_ft._unwrap_for_grad(t, level), level)
+        return ft._wrap_for_grad(ft._unwrap_for_grad(t, level), level)
     raise NotImplementedError(  # pragma: no cover - torch never saves such a tensor
         "functx: unexpected functorch wrapper above the running forward-mode level."
     )
@@ -87,6 +92,8 @@ def forward_rule(saved: Sequence[torch.Tensor], api: str, *, check: bool = True)
     forward-mode transforms exactly as by outer reverse-mode ones. With ``check``, nested
     forward mode is refused when :func:`forward_over_forward_ok` fails.
     """
+    if not _have_internals():
+        ti.require(None, "forward-mode differentiation of an implicit function or linear solve", api)
     jvp_levels = _levels(forward_only=True)
     if not jvp_levels:  # pragma: no cover - plain dual numbers are refused at call time
         yield [fwAD.unpack_dual(t).primal for t in saved]
@@ -100,7 +107,7 @@ def forward_rule(saved: Sequence[torch.Tensor], api: str, *, check: bool = True)
             f"`jacfwd(jacrev(f))`, `jacrev(jacfwd(f))` or `hvp(..., mode='rev-rev')`."
         )
     level = max(jvp_levels)
-    with _set_fwd_grad_enabled(True):
+    with ti.set_fwd_grad_enabled(True):  # type: ignore[misc]
         yield [_strip_level(t, level) for t in saved]
 
 
@@ -136,13 +143,13 @@ def forward_over_forward_ok() -> bool:
     Checks the first three derivatives of ``x**4 = Probe(Probe(x))`` at ``x = 3`` by
     ``jacfwd``, ``jacfwd(jacfwd)`` and ``jacfwd(jacfwd(jacfwd))`` (108, 108, 72).
     """
-    if not _HAVE_INTERNALS:  # pragma: no cover
+    if not _have_internals():
         return False
     jacfwd = torch.func.jacfwd
     f = lambda x: _Probe.apply(_Probe.apply(x))
     x = torch.tensor(3.0, dtype=torch.float64)
     try:
-        with torch.enable_grad(), _set_fwd_grad_enabled(True):
+        with torch.enable_grad(), ti.set_fwd_grad_enabled(True):  # type: ignore[misc]
             got = [jacfwd(f)(x), jacfwd(jacfwd(f))(x), jacfwd(jacfwd(jacfwd(f)))(x)]
     except Exception:  # pragma: no cover - a torch change broke the fix: refuse, never guess
         return False
@@ -153,12 +160,13 @@ def revive(tensors: Sequence[Any]) -> list[Any]:
     """Unwrap dead functorch wrappers (of transforms that have exited), as torch's own
     operators do implicitly: a ``vjp_fn`` called after its ``vjp`` returned runs backward
     rules on such tensors, and nested ``torch.func`` calls cannot take them as inputs."""
-    if not _HAVE_INTERNALS:  # pragma: no cover
+    ft = ti.functorch
+    if ft is None:
         return list(tensors)
     out = []
     for t in tensors:
-        while isinstance(t, torch.Tensor) and _ft.is_dead_tensor_wrapper(t):
-            t = _ft.unwrap_if_dead(t)
+        while isinstance(t, torch.Tensor) and ft.is_dead_tensor_wrapper(t):
+            t = ft.unwrap_if_dead(t)
         out.append(t)
     return out
 
@@ -172,9 +180,9 @@ def all_true(flag: torch.Tensor) -> bool | None:
     (under ``torch.compile``/tracing, or on fake/meta tensors)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None
-    t = flag
-    while _HAVE_INTERNALS and _ft.is_functorch_wrapped_tensor(t):
-        t = _ft.get_unwrapped(t)
+    if not ti.CAN_UNWRAP and ti.transforms_active():
+        return None  # a wrapped flag that cannot be read in every lane
+    t = ti.unwrap_all(flag)
     if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type == "meta":
         return None
     return bool(t.all())
@@ -182,9 +190,7 @@ def all_true(flag: torch.Tensor) -> bool | None:
 
 def plain(t: torch.Tensor) -> torch.Tensor:
     """The tensor under every functorch wrapper (all vmap lanes), for report messages."""
-    while _HAVE_INTERNALS and _ft.is_functorch_wrapped_tensor(t):
-        t = _ft.get_unwrapped(t)
-    return t
+    return ti.unwrap_all(t)
 
 
 COMPILE_LIMITATION = (
@@ -215,6 +221,7 @@ def eager_under_compile(fn: Callable[..., T]) -> Callable[..., T]:
 def peel(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """One functorch wrapper off ``t``: ``(inner, whether it was a grad/jvp wrapper)``, or
     ``None`` when ``t`` is not wrapped (or the internals are missing)."""
-    if not (_HAVE_INTERNALS and _ft.is_functorch_wrapped_tensor(t)):
+    chain = ti.wrapper_chain(t)
+    if len(chain) == 1 or ti.functorch is None:
         return None
-    return _ft.get_unwrapped(t), bool(_ft.is_gradtrackingtensor(t))
+    return chain[1], bool(ti.functorch.is_gradtrackingtensor(t))
