@@ -473,12 +473,16 @@ MV = lambda x: x
 B3 = torch.ones(3, dtype=F64)
 
 ERRORS = [
-    (lambda: solvers.cg(None, B3), TypeError, "`functx.solvers.cg`: `matvec` must be a callable"),
+    (lambda: solvers.cg(None, B3), TypeError, "`functx.solvers.cg`: `matvec` must be callable"),
     (lambda: solvers.cg(MV, {}), ValueError, "`b` must contain at least one tensor"),
     (lambda: solvers.cg(MV, torch.ones(3, dtype=torch.int64)), TypeError, "b must be a floating-point"),
     (lambda: solvers.cg(MV, {"w": B3, "n": 3}), TypeError, "b['n'] must be a floating-point"),
-    (lambda: solvers.cg(MV, B3, x0=(B3,)), ValueError, "`x0` must have the tree structure of `b`"),
-    (lambda: solvers.cg(MV, B3, x0=torch.ones(4, dtype=F64)), ValueError, "x0 (in `x0`) has shape (4,)"),
+    (lambda: solvers.cg(MV, B3, x0=(B3,)), ValueError, "`x0` must have the same tree structure as `b`"),
+    (
+        lambda: solvers.cg(MV, B3, x0=torch.ones(4, dtype=F64)),
+        ValueError,
+        "x0 has shape (4,) but the corresponding leaf of `b` has shape (3,)",
+    ),
     (lambda: solvers.cg(MV, B3, x0=torch.ones(3)), TypeError, "has dtype torch.float32"),
     (lambda: solvers.cg(MV, B3, rtol=-1.0), ValueError, "`rtol` must be a finite non-negative float"),
     (lambda: solvers.cg(MV, B3, atol="0"), TypeError, "`atol` must be None or a non-negative float"),
@@ -489,10 +493,18 @@ ERRORS = [
     (lambda: solvers.cg(MV, B3, ridge="1"), TypeError, "`ridge` must be None, a float"),
     (lambda: solvers.cg(MV, B3, ridge=float("inf")), ValueError, "`ridge` must be finite"),
     (lambda: solvers.gmres(MV, B3, restart=0), ValueError, "`functx.solvers.gmres`: `restart` must be an int >= 1"),
-    (lambda: solvers.cg(lambda x: {"y": x}, B3), ValueError, "the output of `matvec` must have the tree structure"),
-    (lambda: solvers.gmres(lambda x: x[:2], B3), ValueError, "matvec(x) (in the output of `matvec`) has shape (2,)"),
+    (
+        lambda: solvers.cg(lambda x: {"y": x}, B3),
+        ValueError,
+        "the output of `matvec` must have the same tree structure as `b`",
+    ),
+    (
+        lambda: solvers.gmres(lambda x: x[:2], B3),
+        ValueError,
+        "matvec(x) has shape (2,) but the corresponding leaf of `b`",
+    ),
     (lambda: solvers.bicgstab(lambda x: x.float(), B3), TypeError, "cast it with `.to(torch.float64)`"),
-    (lambda: solvers.cg(MV, B3, preconditioner=lambda r: r[:1]), ValueError, "the output of `preconditioner`"),
+    (lambda: solvers.cg(MV, B3, preconditioner=lambda r: r[:1]), ValueError, "preconditioner(r) has shape (1,)"),
     (lambda: solvers.normal_cg(MV, B3, rmatvec=3), TypeError, "`functx.solvers.normal_cg`: `rmatvec` must be None"),
     (lambda: solvers.lu(MV, B3, x0=torch.ones(2, dtype=F64)), ValueError, "`functx.solvers.lu`: x0"),
     (lambda: solvers.factorize(MV, B3, method="qr"), ValueError, "`method` must be one of ['lu', 'cholesky']"),
@@ -500,7 +512,7 @@ ERRORS = [
     (
         lambda: solvers.factorize(MV, B3).solve(torch.ones(2, dtype=F64)),
         ValueError,
-        "Factorization.solve`: b (in `b`) has shape (2,)",
+        "Factorization.solve`: b has shape (2,)",
     ),
     (lambda: solvers.solve(MV, B3, method="svd"), ValueError, "`functx.solvers.solve`: `method` must be one of"),
     (

@@ -12,24 +12,14 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
-from .._core import plain_eager
-from .._tree import (
-    NAMESPACE,
-    PyTree,
-    TreeSpec,
-    describe,
-    leaf_paths,
-    structure_mismatch,
-    tree_flatten,
-    tree_unflatten,
-)
+from .._core import check_callable, plain_eager
+from .._tree import NAMESPACE, FlatLayout, PyTree, TreeSpec, describe, flatten_float, flatten_like
 from ._functorch import all_true
 
 MAX_ITER_FACTOR = 10
@@ -70,14 +60,6 @@ class Solution(NamedTuple):
 
 # --------------------------------------------------------------------------------------
 # Option validation.
-
-
-def check_callable(fn: Any, name: str, api: str, optional: bool = False) -> None:
-    if fn is None and optional:
-        return
-    if not callable(fn):
-        kind = "None or a callable" if optional else "a callable"
-        raise TypeError(f"`functx.{api}`: `{name}` must be {kind}, got {describe(fn)}.")
 
 
 def _is_number(value: Any) -> bool:
@@ -146,77 +128,24 @@ def _plain_repr(spec: TreeSpec) -> str:
     return repr(spec).replace(f", namespace='{NAMESPACE}'", "")
 
 
-class Layout:
-    """The flat-vector layout of a pytree of floating-point or complex tensors.
-
-    Leaves are raveled and concatenated in optree order, promoted to one common dtype;
-    :meth:`unravel` restores shapes and per-leaf dtypes.
-    """
+class Layout(FlatLayout):
+    """The flat-vector layout of a pytree of floating-point or complex tensors (core's
+    :class:`~functx._tree.FlatLayout`), and the check of everything that comes back from
+    user callables against it (:func:`~functx._tree.flatten_like`)."""
 
     def __init__(self, tree: PyTree, name: str, api: str) -> None:
-        leaves, self.spec = tree_flatten(tree)
-        self.api, self.name = api, name
-        if not leaves:
-            raise ValueError(f"`functx.{api}`: `{name}` must contain at least one tensor, got {tree!r}.")
-        for k, leaf in enumerate(leaves):
-            if not (isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex())):
-                raise TypeError(
-                    f"`functx.{api}`: {leaf_paths(tree, name)[k]} must be a floating-point or complex "
-                    f"tensor, got {describe(leaf)}."
-                )
-        self.shapes = [leaf.shape for leaf in leaves]
-        self.dtypes = [leaf.dtype for leaf in leaves]
-        self.sizes = [leaf.numel() for leaf in leaves]
-        self.size = sum(self.sizes)
-        self.dtype = functools.reduce(torch.promote_types, self.dtypes)
-        self.real_dtype = self.dtype.to_real() if self.dtype.is_complex else self.dtype
-        self.uniform = all(d == self.dtype for d in self.dtypes)  # no casts needed
-        self.device = leaves[0].device
+        leaves, spec = flatten_float(tree, name=name, api=api, nonempty=True, hint="")
+        super().__init__(leaves, spec, name=name, api=api)
+        self.like = leaves
 
     def check(self, tree: PyTree, root: str, what: str) -> list[torch.Tensor]:
         """The leaves of ``tree``, checked against this layout; ``what`` names ``tree`` in errors."""
-        leaves, spec = tree_flatten(tree)
-        api, ref = self.api, f"`{self.name}`"
-        if not same_structure(spec, self.spec):
-            raise ValueError(
-                f"`functx.{api}`: {what} must have the tree structure of {ref}: "
-                f"{structure_mismatch(self.spec, tree, root)}. Expected {self.spec}, got {spec}."
-            )
-        for k, leaf in enumerate(leaves):
-            if isinstance(leaf, torch.Tensor) and leaf.shape == self.shapes[k] and leaf.dtype == self.dtypes[k]:
-                continue
-            path = leaf_paths(tree, root)[k]
-            if not isinstance(leaf, torch.Tensor):
-                raise TypeError(f"`functx.{api}`: {path} (in {what}) must be a tensor, got {describe(leaf)}.")
-            if leaf.shape != self.shapes[k]:
-                raise ValueError(
-                    f"`functx.{api}`: {path} (in {what}) has shape {tuple(leaf.shape)}, but the "
-                    f"corresponding leaf of {ref} has shape {tuple(self.shapes[k])}."
-                )
-            raise TypeError(
-                f"`functx.{api}`: {path} (in {what}) has dtype {leaf.dtype}, but the corresponding "
-                f"leaf of {ref} has dtype {self.dtypes[k]}; cast it with `.to({self.dtypes[k]})`."
-            )
-        return leaves
+        return flatten_like(
+            tree, self.spec, self.like, name=root, api=self.api, ref=f"`{self.name}`", root=root, what=what
+        )
 
     def ravel(self, tree: PyTree, root: str, what: str) -> torch.Tensor:
-        leaves = self.check(tree, root, what)
-        if len(leaves) == 1:
-            return leaves[0].reshape(-1)
-        if self.uniform:
-            return torch.cat([leaf.reshape(-1) for leaf in leaves])
-        return torch.cat([leaf.reshape(-1).to(self.dtype) for leaf in leaves])
-
-    def unravel(self, flat: torch.Tensor) -> PyTree:
-        if len(self.sizes) == 1:
-            return tree_unflatten(self.spec, [flat.reshape(self.shapes[0])])
-        pieces = torch.split(flat, self.sizes)
-        if self.uniform:
-            return tree_unflatten(self.spec, [p.reshape(s) for p, s in zip(pieces, self.shapes)])
-        return tree_unflatten(self.spec, [p.reshape(s).to(d) for p, s, d in zip(pieces, self.shapes, self.dtypes)])
-
-    def zeros(self) -> torch.Tensor:
-        return torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        return self.ravel_leaves(self.check(tree, root, what))
 
 
 Flat = Callable[[torch.Tensor], torch.Tensor]

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._core import check_callable
 from .._tree import PyTree
 from .._vjp_jvp import vjp
 from ._common import (
@@ -15,7 +16,6 @@ from ._common import (
     LinearProblem,
     Solution,
     cast_ridge,
-    check_callable,
     check_int,
     check_ridge,
     check_tolerance,

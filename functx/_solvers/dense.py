@@ -9,12 +9,12 @@ from typing import Any
 import optree
 import torch
 
+from .._core import check_callable
 from .._tree import NAMESPACE, PyTree
 from ._common import (
     Layout,
     Solution,
     cast_ridge,
-    check_callable,
     check_ridge,
     check_tolerance,
     default_rtol,

@@ -6,8 +6,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from .._core import check_callable
 from .._tree import PyTree
-from ._common import Solution, check_callable
+from ._common import Solution
 from .bicgstab import bicgstab
 from .cg import cg, normal_cg
 from .dense import cholesky, lu

@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from .._tree import TreeSpec, describe, structure_mismatch, tree_flatten, tree_unflatten
-from ._common import same_structure
+from .._tree import TreeSpec, describe, flatten_like, tree_flatten, tree_norm, tree_unflatten
 from ._functorch import all_true, eager_under_compile, forward_rule, plain, revive
 from .cg import normal_cg
 from .dispatch import SOLVERS
@@ -158,29 +157,16 @@ class Operator:
         return SOLVERS[self.solve](matvec, b)
 
     def _check_x(self, x: Any, b: Tensors) -> list[torch.Tensor]:
-        leaves, spec = tree_flatten(x)
-        if not same_structure(spec, self.spec):
-            raise ValueError(
-                f"`functx.{self.api}`: the linear `solve` must return a pytree shaped like its "
-                f"right-hand side `b` (or a `functx.solvers.Solution`): "
-                f"{structure_mismatch(self.spec, x, 'x')}. Expected {self.spec}, got {spec}."
-            )
-        for leaf, ref in zip(leaves, b):
-            if not isinstance(leaf, torch.Tensor):
-                raise TypeError(
-                    f"`functx.{self.api}`: the linear `solve` returned {describe(leaf)} where a tensor was expected."
-                )
-            if leaf.shape != ref.shape:
-                raise ValueError(
-                    f"`functx.{self.api}`: the linear `solve` must return x shaped like its right-hand "
-                    f"side b, but returned {describe(leaf)} where b has {describe(ref)}."
-                )
-            if leaf.dtype != ref.dtype:
-                raise TypeError(
-                    f"`functx.{self.api}`: the linear `solve` must return x with the dtype of its "
-                    f"right-hand side b, but returned {describe(leaf)} where b has {describe(ref)}."
-                )
-        return leaves
+        return flatten_like(
+            x,
+            self.spec,
+            b,
+            name="x",
+            root="solve(matvec, b)",
+            api=self.api,
+            ref="its right-hand side `b`",
+            what="the linear `solve`'s result (a pytree, or a `functx.solvers.Solution`)",
+        )
 
     def _failure_message(self, residual: torch.Tensor | None, iterations: torch.Tensor | None) -> str:
         details = "" if residual is None else f" (residual norm {_worst(residual)}"
@@ -234,7 +220,7 @@ def _residual_ok(
 
 def norm(leaves: Sequence[torch.Tensor]) -> torch.Tensor:
     """The Euclidean norm of a list of tensors, for checks only (no gradient)."""
-    return torch.sqrt(sum((leaf.detach().abs() ** 2).sum() for leaf in leaves))
+    return tree_norm([leaf.detach() for leaf in leaves])
 
 
 def _solve_name(solve: Any) -> str:
