@@ -68,16 +68,26 @@ def test_symmetric_jacobian_passes_the_check():
 
 
 @pytest.mark.parametrize(
-    "T, got",
+    "T, exc, got",
     [
-        (lambda z, a: (z * a).sum(), "a torch.float64 tensor of shape ()"),
-        (lambda z, a: torch.cat([z, a]), "a torch.float64 tensor of shape (4,)"),
-        (lambda z, a: (z * a).float(), "a torch.float32 tensor of shape (2,)"),
+        (
+            lambda z, a: (z * a).sum(),
+            ValueError,
+            "has shape () but the corresponding leaf of the solution z has shape (2,)",
+        ),
+        (lambda z, a: torch.cat([z, a]), ValueError, "has shape (4,) but the corresponding leaf of the solution z"),
+        (
+            lambda z, a: (z * a).float(),
+            TypeError,
+            "has dtype torch.float32 but the corresponding leaf of the solution z",
+        ),
     ],
 )
-def test_fixed_point_map_of_the_wrong_shape_is_refused(T, got):
+def test_fixed_point_map_of_the_wrong_shape_is_refused(T, exc, got):
     solver = custom_fixed_point(T)(lambda init, a: init)
-    with pytest.raises(ValueError, match=r"`fixed_point_fn` must return .* but output is " + re.escape(got)):
+    with pytest.raises(
+        exc, match=r"`functx.implicit.custom_fixed_point`: fixed_point_fn\(z, \.\.\.\) " + re.escape(got)
+    ):
         solver(torch.zeros(2, dtype=F64), A)
 
 

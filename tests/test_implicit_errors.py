@@ -96,7 +96,7 @@ def test_bad_callables():
 def test_solver_returns_integers():
     solver = custom_root(lambda z, lam: z - lam)(lambda init, lam: torch.ones(2, dtype=torch.int64))
     with pytest.raises(
-        TypeError, match=r"every leaf of the solver's solution must be a floating-point tensor, but z is a torch.int64"
+        TypeError, match=r"the solver's solution z must be a floating-point or complex tensor, got a torch.int64"
     ):
         solver(INIT, LAM)
 
@@ -115,18 +115,22 @@ def test_has_aux_solver_must_return_a_pair():
 
 def test_optimality_fn_structure_and_shape():
     wrong_structure = custom_root(lambda z, *a: {"z": F(z, *a)})(exact)
-    with pytest.raises(ValueError, match="`optimality_fn` must return a pytree with the structure of the solution z"):
+    with pytest.raises(
+        ValueError, match="the output of `optimality_fn` must have the same tree structure as the solution z"
+    ):
         wrong_structure(INIT, LAM, X, Y)
     wrong_shape = custom_root(lambda z, *a: F(z, *a)[:-1])(exact)
     with pytest.raises(
-        ValueError, match=r"shaped like the solution z .* output is a torch.float64 tensor of shape \(4,\)"
+        ValueError, match=r"optimality_fn\(z, \.\.\.\) has shape \(4,\) but the corresponding leaf of the solution z"
     ):
         wrong_shape(INIT, LAM, X, Y)
 
 
 def test_fixed_point_fn_structure():
     solver = custom_fixed_point(lambda z, a: (z, z))(lambda init, a: init)
-    with pytest.raises(ValueError, match="`fixed_point_fn` must return a pytree with the structure of the solution"):
+    with pytest.raises(
+        ValueError, match="the output of `fixed_point_fn` must have the same tree structure as the solution z"
+    ):
         solver(INIT, LAM)
 
 
@@ -331,19 +335,23 @@ def k_fn(z, lam):
         (
             lambda: implicit_jacobian(k_fn, _root_at(LAM), torch.tensor(1)),
             TypeError,
-            "params[0] must be a floating-point tensor",
+            "params[0] must be a floating-point or complex tensor",
         ),
-        (lambda: implicit_jacobian(k_fn, _root_at(LAM).long(), LAM), TypeError, "z must be a floating-point tensor"),
+        (
+            lambda: implicit_jacobian(k_fn, _root_at(LAM).long(), LAM),
+            TypeError,
+            "z must be a floating-point or complex tensor",
+        ),
         (lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, Dg=INIT, jvp_vec=LAM), ValueError, "at most one of `Dg`"),
         (
             lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, Dg=INIT[:2]),
             ValueError,
-            "Dg is a torch.float64 tensor of shape (2,)",
+            "Dg has shape (2,) but the corresponding leaf of `z` has shape (5,)",
         ),
         (
             lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, Dg={"z": INIT}),
             ValueError,
-            "`Dg` must have the structure of `z`",
+            "`Dg` must have the same tree structure as `z`",
         ),
         (
             lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, jvp_vec=(LAM, LAM)),
@@ -364,7 +372,7 @@ def k_fn(z, lam):
         (
             lambda: root_vjp(k_fn, _root_at(LAM), (LAM,), INIT[:3]),
             ValueError,
-            "cotangent is a torch.float64 tensor of shape (3,)",
+            "cotangent has shape (3,) but the corresponding leaf of the solution",
         ),
         (
             lambda: root_jvp(k_fn, _root_at(LAM), (LAM,), LAM),
@@ -374,12 +382,12 @@ def k_fn(z, lam):
         (
             lambda: root_jvp(k_fn, _root_at(LAM), (LAM,), ((LAM,),)),
             ValueError,
-            "`tangents[0]` must have the structure of the argument",
+            "`tangents[0]` must have the same tree structure as the argument",
         ),
         (
             lambda: root_jvp(k_fn, _root_at(LAM), (LAM,), (INIT,)),
             ValueError,
-            "tangents[0] is a torch.float64 tensor of shape (5,)",
+            "tangents[0] has shape (5,) but the corresponding leaf of the argument",
         ),
     ],
 )

@@ -24,15 +24,15 @@ from typing import Any
 import torch
 
 from .._core import is_differentiable
-from .._solvers._common import same_structure
 from .._solvers._functorch import eager_under_compile, forward_rule, plain, revive
 from .._solvers.linear_solve import Operator, Tensors, check_on_failure, check_solve, norm, report, solve
 from .._tree import (
     PyTree,
     TreeSpec,
+    check_float_leaves,
     describe,
+    flatten_like,
     leaf_paths,
-    structure_mismatch,
     tree_flatten,
     tree_unflatten,
 )
@@ -146,14 +146,20 @@ class RootProblem:
         """The optimality function on flat leaves."""
         args, kwargs = self.args_from(diff, static)
         out = self.optimality_fn(tree_unflatten(self.z_spec, list(z)), *args, **kwargs)
-        leaves, spec = tree_flatten(out)
-        if not same_structure(spec, self.z_spec):
-            raise ValueError(
-                f"`functx.{self.options.api}`: `{self.options.fn_name}` must return a pytree with the "
-                f"structure of the solution z: {structure_mismatch(self.z_spec, out, 'output')}. "
-                f"Expected {self.z_spec}, got {spec}."
+        o = self.options
+        what = f"the output of `{o.fn_name}`"
+        return tuple(
+            flatten_like(
+                out,
+                self.z_spec,
+                z,
+                name="output",
+                root=f"{o.fn_name}(z, ...)",
+                api=o.api,
+                ref="the solution z",
+                what=what,
             )
-        return tuple(leaves)
+        )
 
     # -- the linear operator dF/dz ----------------------------------------------------------
     def split(self, ops: Sequence[torch.Tensor]) -> tuple[Tensors, Tensors, Tensors]:
@@ -241,13 +247,8 @@ class RootProblem:
         api = self.options.api
         if not leaves:
             raise ValueError(f"`functx.{api}`: the solver returned no tensors (got {z!r}).")
-        for k, leaf in enumerate(leaves):
-            if not is_differentiable(leaf):
-                raise TypeError(
-                    f"`functx.{api}`: every leaf of the solver's solution must be a floating-point "
-                    f"tensor, but {leaf_paths(z, 'z')[k]} is {describe(leaf)}."
-                    + ("" if self.has_aux else " (To return auxiliary values too, pass has_aux=True.)")
-                )
+        hint = "" if self.has_aux else "To return auxiliary values too, pass has_aux=True."
+        check_float_leaves(leaves, lambda: leaf_paths(z, "z"), api=api, what="the solver's solution ", hint=hint)
 
     def check_solution(self, z: Tensors, d: Tensors, s: Tensors) -> None:
         """Evaluate ``F(z, theta)`` once: structure, closure capture, and the residual."""
@@ -262,7 +263,6 @@ class RootProblem:
                 f"Pass it as an argument (to both the solver and `{name}`), or `.detach()` it if it is "
                 f"a constant."
             )
-        check_shaped_like(out, z, self.z_spec, api, name)
         residual = norm(out)
         tol = self.options.residual_tol
         if tol is None:
@@ -334,18 +334,6 @@ def signature_error(fn: Callable[..., Any], n_positional: int, keywords: tuple[s
     except TypeError as e:
         return f"its signature {signature} does not: {e}"
     return None
-
-
-def check_shaped_like(out: Sequence[Any], z: Sequence[torch.Tensor], z_spec: TreeSpec, api: str, name: str) -> None:
-    """Every leaf of ``out`` (a function's output, already checked for structure) is a tensor
-    with the shape and dtype of the matching leaf of ``z``."""
-    for k, (o, zi) in enumerate(zip(out, z)):
-        if not isinstance(o, torch.Tensor) or o.shape != zi.shape or o.dtype != zi.dtype:
-            path = leaf_paths(tree_unflatten(z_spec, list(out)), "output")[k]
-            raise ValueError(
-                f"`functx.{api}`: `{name}` must return a pytree shaped like the solution z (same "
-                f"shapes and dtypes), but {path} is {describe(o)} where z has {describe(zi)}."
-            )
 
 
 def probe(like: Sequence[torch.Tensor], step: float) -> Tensors:

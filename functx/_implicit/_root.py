@@ -7,16 +7,15 @@ The machinery (flattening, the implicit function theorem, the ``autograd.Functio
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .._core import is_differentiable
-from .._solvers._common import same_structure
+from .._core import check_callable, is_differentiable
 from .._solvers.linear_solve import Tensors
-from .._tree import PyTree, TreeSpec, describe, leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
-from ._problem import Options, RootProblem, call_root, check_shaped_like
+from .._tree import PyTree, describe, flatten_like, tree_flatten, tree_unflatten
+from ._problem import Options, RootProblem, call_root
 
 # --------------------------------------------------------------------------------------
 # Public entry points.
@@ -89,7 +88,7 @@ def custom_root(
         tensor(0.0833, dtype=torch.float64)
     """
     api = "implicit.custom_root"
-    _check_callable(optimality_fn, "optimality_fn", api)
+    check_callable(optimality_fn, "optimality_fn", api)
     options = Options.make(api, "optimality_fn", solve, symmetric, on_failure, residual_tol)
     return _decorator(optimality_fn, options, has_aux)
 
@@ -140,7 +139,7 @@ def custom_fixed_point(
         True
     """
     api = "implicit.custom_fixed_point"
-    _check_callable(fixed_point_fn, "fixed_point_fn", api)
+    check_callable(fixed_point_fn, "fixed_point_fn", api)
     options = Options.make(api, "fixed_point_fn", solve, symmetric, on_failure, residual_tol)
     return _decorator(fixed_point_residual(fixed_point_fn, api), options, has_aux)
 
@@ -152,12 +151,18 @@ def fixed_point_residual(fixed_point_fn: Callable[..., Any], api: str) -> Callab
     @functools.wraps(fixed_point_fn)
     def residual(z: PyTree, *args: Any, **kwargs: Any) -> PyTree:
         out = fixed_point_fn(z, *args, **kwargs)
-        leaves, spec = tree_flatten(out)
         z_leaves, z_spec = tree_flatten(z)
-        if not same_structure(spec, z_spec):
-            return out  # reported by RootProblem.F with key paths
-        check_shaped_like(leaves, z_leaves, z_spec, api, "fixed_point_fn")
-        return tree_unflatten(spec, [t - zi for t, zi in zip(leaves, z_leaves)])
+        leaves = flatten_like(
+            out,
+            z_spec,
+            z_leaves,
+            name="output",
+            root="fixed_point_fn(z, ...)",
+            api=api,
+            ref="the solution z",
+            what="the output of `fixed_point_fn`",
+        )
+        return tree_unflatten(z_spec, [t - zi for t, zi in zip(leaves, z_leaves)])
 
     return residual
 
@@ -167,7 +172,7 @@ def _decorator(optimality_fn: Callable[..., Any], options: Options, has_aux: boo
         raise TypeError(f"`functx.{options.api}`: `has_aux` must be a bool, got {has_aux!r}.")
 
     def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
-        _check_callable(solver, "solver", options.api)
+        check_callable(solver, "solver", options.api)
 
         @functools.wraps(solver)
         def implicit_solver(init: PyTree, *args: Any, **kwargs: Any) -> Any:
@@ -176,11 +181,6 @@ def _decorator(optimality_fn: Callable[..., Any], options: Options, has_aux: boo
         return implicit_solver
 
     return decorator
-
-
-def _check_callable(fn: Any, name: str, api: str) -> None:
-    if not callable(fn):
-        raise TypeError(f"`functx.{api}`: `{name}` must be callable, got {describe(fn)}.")
 
 
 # --------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def root_vjp(
     problem, z, d, s = _primitive_problem(
         api, optimality_fn, solution, args, solve, symmetric, on_failure, residual_tol
     )
-    z_bar = _flatten_like(cotangent, problem.z_spec, z, "cotangent", api)
+    z_bar = flatten_like(cotangent, problem.z_spec, z, name="cotangent", api=api, ref="the solution")
     d_bar = iter(problem.vjp(z, d, s, z_bar))
     leaves = [next(d_bar) if k in problem.diff_pos else None for k in range(len(problem.arg_leaves))]
     return tree_unflatten(problem.arg_spec, leaves)[0]
@@ -300,7 +300,7 @@ def _primitive_problem(
     on_failure: Any,
     residual_tol: Any,
 ) -> tuple[RootProblem, Tensors, Tensors, Tensors]:
-    _check_callable(optimality_fn, "optimality_fn", api)
+    check_callable(optimality_fn, "optimality_fn", api)
     options = Options.make(api, "optimality_fn", solve, symmetric, on_failure, residual_tol)
     if not isinstance(args, tuple):
         raise TypeError(
@@ -322,32 +322,6 @@ def _arg_tangents(arg: Any, tangent: Any, name: str, api: str) -> list[torch.Ten
     diff = [k for k, leaf in enumerate(leaves) if is_differentiable(leaf)]
     if tangent is None:
         return [None] * len(diff)
-    t_leaves, t_spec = tree_flatten(tangent)
-    if not same_structure(t_spec, spec):
-        raise ValueError(
-            f"`functx.{api}`: `{name}` must have the structure of the argument: "
-            f"{structure_mismatch(spec, tangent, name)}. Expected {spec}, got {t_spec}."
-        )
-    paths = leaf_paths(tangent, name)
-    for k in diff:
-        _check_leaf(t_leaves[k], leaves[k], paths[k], api)
+    like = [leaf if k in diff else None for k, leaf in enumerate(leaves)]
+    t_leaves = flatten_like(tangent, spec, like, name=name, api=api, ref="the argument")
     return [t_leaves[k] for k in diff]
-
-
-def _flatten_like(
-    tree: PyTree, spec: TreeSpec, like: Sequence[torch.Tensor], name: str, api: str
-) -> list[torch.Tensor]:
-    leaves, got = tree_flatten(tree)
-    if not same_structure(got, spec):
-        raise ValueError(
-            f"`functx.{api}`: `{name}` must have the structure of the solution: "
-            f"{structure_mismatch(spec, tree, name)}. Expected {spec}, got {got}."
-        )
-    for path, leaf, ref in zip(leaf_paths(tree, name), leaves, like):
-        _check_leaf(leaf, ref, path, api)
-    return leaves
-
-
-def _check_leaf(leaf: Any, ref: torch.Tensor, path: str, api: str) -> None:
-    if not isinstance(leaf, torch.Tensor) or leaf.shape != ref.shape or leaf.dtype != ref.dtype:
-        raise ValueError(f"`functx.{api}`: {path} is {describe(leaf)} but must match {describe(ref)}.")
