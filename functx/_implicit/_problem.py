@@ -93,8 +93,8 @@ class RootProblem:
         ]
         self.init_leaves, self.init_spec = tree_flatten(init)
         self.init_pos = [k for k, leaf in enumerate(self.init_leaves) if isinstance(leaf, torch.Tensor)]
-        self.z_spec: TreeSpec | None = None
-        self.aux_spec: TreeSpec | None = None
+        self.z_spec: TreeSpec  # set by the forward pass (run_solver) or by root_vjp/root_jvp
+        self.aux_spec: TreeSpec  # set by the forward pass when has_aux
         self.aux_static: list[Any] = []
 
     # -- the flat boundary ----------------------------------------------------------------
@@ -173,7 +173,7 @@ class RootProblem:
 
     def _make_vjp_matvec(self, ops: Tensors) -> Callable[[Tensors], Tensors]:
         z, d, s = self.split(ops)
-        _, pullback = torch.func.vjp(lambda *zz: self.F(zz, d, s), *z)
+        pullback = torch.func.vjp(lambda *zz: self.F(zz, d, s), *z)[1]
         return lambda u: pullback(tuple(u))
 
     def operator(self, transposed: bool) -> Operator:
@@ -204,7 +204,7 @@ class RootProblem:
         if not d:
             return ()
         lam = solve(self.operator(transposed=True), z + d + s, z_bar)
-        _, pullback = torch.func.vjp(lambda *dd: self.F(z, dd, s), *d)
+        pullback = torch.func.vjp(lambda *dd: self.F(z, dd, s), *d)[1]
         return tuple(-g for g in pullback(tuple(lam)))
 
     def jvp(self, z: Tensors, d: Tensors, s: Tensors, d_dot: Sequence[torch.Tensor | None]) -> Tensors:
@@ -221,6 +221,7 @@ class RootProblem:
         tensors = [t.detach() for t in tensors]
         d, s = tensors[: self.n_diff], tensors[self.n_diff : self.n_args]
         args, kwargs = self.args_from(d, s)
+        assert self.solver is not None  # only root_vjp/root_jvp build a problem without a solver
         with torch.enable_grad():  # solvers may use autograd internally, on their own tensors
             out = self.solver(self.init_from(tensors[self.n_args :]), *args, **kwargs)
         z, aux = self._split_aux(out)
@@ -264,9 +265,8 @@ class RootProblem:
                 f"a constant."
             )
         residual = norm(out)
-        tol = self.options.residual_tol
-        if tol is None:
-            tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (1 + norm(z))
+        given = self.options.residual_tol
+        tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (1 + norm(z)) if given is None else given
         report(residual <= tol, self.options.on_failure, lambda: self._residual_message(residual, tol))
         if self.options.symmetric:
             self.check_symmetric(z, d, s)
@@ -281,7 +281,7 @@ class RootProblem:
         if any(zi.is_complex() for zi in z):
             return
         with torch.enable_grad():
-            _, pullback = torch.func.vjp(lambda *zz: self.F(zz, d, s), *z)
+            pullback = torch.func.vjp(lambda *zz: self.F(zz, d, s), *z)[1]
         u, v = probe(z, 0.7548776662), probe(z, 0.5698402910)
         ATu, ATv = pullback(u), pullback(v)
         uAv, vAu = dot(ATu, v), dot(ATv, u)

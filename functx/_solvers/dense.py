@@ -29,7 +29,7 @@ def _static(**kwargs: Any) -> Any:
     return dataclasses.field(metadata={"pytree_node": False}, **kwargs)
 
 
-@optree.dataclasses.dataclass(namespace=NAMESPACE)
+@optree.dataclasses.dataclass(namespace=NAMESPACE)  # type: ignore[call-overload]
 class Factorization:
     """A materialised, factored operator; :meth:`solve` reuses the factors for every
     right-hand side. Returned by :func:`factorize`.

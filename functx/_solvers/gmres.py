@@ -39,7 +39,9 @@ def _cycle(
     beta = torch.linalg.vector_norm(r)
     basis = [r * div(torch.ones_like(beta), beta, active & (beta > 0)).to(dtype)]
     g = [beta.to(dtype)]  # rotated right-hand side beta e_1
-    columns, rotations, used = [], [], []
+    columns: list[list[torch.Tensor]] = []
+    rotations: list[tuple[torch.Tensor, torch.Tensor]] = []
+    used: list[torch.Tensor] = []
     for j in range(m):
         if stop(active, problem.early_exit):
             break

@@ -192,7 +192,7 @@ class Operator:
         diff, static = ops[: self.n_diff], ops[self.n_diff :]
         if not diff:
             return ()
-        _, pullback = torch.func.vjp(self._apply_at(x, static), *diff)
+        pullback = torch.func.vjp(self._apply_at(x, static), *diff)[1]
         return tuple(-g for g in pullback(tuple(cotangent)))
 
     def ops_jvp(self, ops: Tensors, x: Tensors, tangents: Sequence[torch.Tensor | None]) -> Tensors | None:
@@ -252,9 +252,9 @@ class LinearSolve(torch.autograd.Function):
         ctx.save_for_forward(*inputs[1 + op.n :], *output)
 
     @staticmethod
-    def backward(ctx: Any, *x_bar: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         op = ctx.op
-        saved, x_bar = revive(ctx.saved_tensors), revive(x_bar)
+        saved, x_bar = revive(ctx.saved_tensors), revive(grads)
         ops, x = saved[: -op.n], saved[-op.n :]
         b_bar = solve(op.transpose("adjoint"), ops, x_bar)
         ops_bar = op.ops_vjp(ops, x, b_bar)
