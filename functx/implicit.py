@@ -27,7 +27,17 @@ otherwise (fixed points are never symmetric); tolerances follow :mod:`functx.sol
 linear solve are checked, and ``on_failure`` chooses ``"warn"``
 (:class:`NonConvergenceWarning`), ``"raise"`` (:class:`NonConvergenceError`) or
 ``"ignore"``; under ``vmap`` a failure in any lane is reported (the flags are read for the
-report only, in eager mode; under ``torch.compile`` nothing is reported).
+report only, in eager mode). A Jacobian declared symmetric (``symmetric=True``, or
+``solve`` in ``"cg"``, ``"minres"``, ``"cholesky"``) is checked once per call
+(``u.(A v)`` against ``v.(A u)`` for fixed pseudo-random ``u, v``, to ``sqrt(eps)``
+relative) and reported the same way: a nonsymmetric Jacobian with a direct solve would
+otherwise give the transposed derivatives.
+
+``torch.compile``: implicit functions are not traceable (Dynamo inlines an
+``autograd.Function``'s forward inside ``torch.func`` transforms and drops its derivative
+rules), so functx marks them with ``torch.compiler.disable``: under ``fullgraph=True``
+compiling refuses with that reason; otherwise the value (and ``vmap`` of it) runs eagerly
+at a graph break. Apply derivative transforms outside compiled regions.
 
 Closures: derivatives flow only to the arguments of the decorated solver. ``F`` is run
 once per call under a check that raises ``ValueError`` when it uses a captured tensor
