@@ -208,3 +208,19 @@ def test_compile_runs_the_value_and_vmap_eagerly_at_a_graph_break():
     torch.testing.assert_close(value, f(a[0]), rtol=0, atol=0)
     torch.testing.assert_close(batched, torch.stack([f(ai) for ai in a]), rtol=1e-14, atol=1e-14)
     torch._dynamo.reset()
+
+
+def test_fixed_trip_count_warns_when_max_iter_is_large(monkeypatch):
+    # where no flag can be read (here fake tensors, as under tracing) every iteration runs
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from functx._solvers import _common
+
+    monkeypatch.setattr(_common, "LARGE_MAX_ITER", 5)
+    for name in ("cg", "gmres"):
+        with FakeTensorMode():
+            a, b = torch.eye(3, dtype=F64), torch.ones(3, dtype=F64)
+            with pytest.warns(RuntimeWarning, match=r"max_iter=6 iterations will all run"):
+                getattr(solvers, name)(lambda x: a @ x, b, max_iter=6)
+    b = torch.ones(3, dtype=F64)
+    functx.vmap(lambda b: solvers.cg(lambda x: x, b, max_iter=6))(b[None])  # readable: no warning

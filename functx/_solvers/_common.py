@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -264,6 +265,25 @@ def early_exit_allowed(*tensors: torch.Tensor | None) -> bool:
     return plain_eager(*tensors)
 
 
+LARGE_MAX_ITER = 10_000
+
+
+def warn_fixed_trip_count(active: torch.Tensor, max_iter: int, early_exit: bool) -> None:
+    """Warn when a large ``max_iter`` will run in full because no flag can be read (tracing,
+    fake tensors). Not under ``torch.compile``: a warning would break ``fullgraph=True``, and
+    compiling unrolls every iteration anyway (documented instead)."""
+    if early_exit or max_iter <= LARGE_MAX_ITER or torch.compiler.is_compiling():
+        return
+    if all_true(~active) is None:
+        warnings.warn(
+            f"`functx.solvers`: max_iter={max_iter} iterations will all run: under this transform "
+            f"or tracer the convergence flags cannot be read, so the solver cannot stop early. Pass "
+            f"a smaller `max_iter`.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def stop(active: torch.Tensor, early_exit: bool) -> bool:
     """Whether no lane is active any more, so the remaining iterations may be skipped.
 
@@ -314,6 +334,7 @@ def iterate(step: Step, state: Any, active: torch.Tensor, max_iter: int, early_e
     is needed since every executed step is active.
     """
     iterations = torch.zeros((), dtype=torch.int64, device=active.device)
+    warn_fixed_trip_count(active, max_iter, early_exit)
     for _ in range(max_iter):
         if stop(active, early_exit):
             break

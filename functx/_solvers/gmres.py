@@ -18,7 +18,18 @@ from collections.abc import Callable
 import torch
 
 from .._tree import PyTree
-from ._common import LinearProblem, Solution, check_int, div, finish, norm, safe_sqrt, setup, stop
+from ._common import (
+    LinearProblem,
+    Solution,
+    check_int,
+    div,
+    finish,
+    norm,
+    safe_sqrt,
+    setup,
+    stop,
+    warn_fixed_trip_count,
+)
 
 
 def _givens(a: torch.Tensor, h: torch.Tensor, use: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,6 +92,7 @@ def run_gmres(problem: LinearProblem, restart: int) -> Solution:
     x, r = problem.start()
     iterations = torch.zeros((), dtype=torch.int64, device=r.device)
     steps = 0
+    warn_fixed_trip_count(norm(r) > problem.tol, problem.max_iter, problem.early_exit)
     while steps < problem.max_iter:  # a Python int: the same trip count in every lane
         active = norm(r) > problem.tol
         if stop(active, problem.early_exit):
