@@ -273,21 +273,31 @@ class RootProblem:
 
     def check_symmetric(self, z: Tensors, d: Tensors, s: Tensors) -> None:
         """A declared symmetric ``A = dF/dz`` must be: ``u.(A v) = v.(A u)`` for two fixed
-        pseudo-random ``u, v`` (one VJP of ``F``, two pullbacks), to ``sqrt(eps)`` relative.
+        pseudo-random ``u, v``, to ``sqrt(eps)`` relative.
 
         Without this, a nonsymmetric ``A`` with a direct solve (``"lu"``) silently gives the
         transposed derivatives (``A v`` is computed as ``A^T v``).
         """
         if any(zi.is_complex() for zi in z):
             return
-        with torch.enable_grad():
-            pullback = torch.func.vjp(lambda *zz: self.F(zz, d, s), *z)[1]
         u, v = probe(z, 0.7548776662), probe(z, 0.5698402910)
-        ATu, ATv = pullback(u), pullback(v)
-        uAv, vAu = dot(ATu, v), dot(ATv, u)
-        tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (norm(ATu) * norm(v) + norm(ATv) * norm(u))
+        Au, Av = self._two_products(z, d, s, u, v)
+        uAv, vAu = dot(u, Av), dot(v, Au)
+        tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (norm(Au) * norm(v) + norm(Av) * norm(u))
         asym = (uAv - vAu).abs()
         report(asym <= tol, self.options.on_failure, lambda: self._symmetry_message(asym, tol))
+
+    def _two_products(self, z: Tensors, d: Tensors, s: Tensors, u: Tensors, v: Tensors) -> tuple[Tensors, Tensors]:
+        """``(A^T u, A^T v)`` by one VJP (the symmetric path's own mode), or ``(A u, A v)`` by
+        two JVPs where reverse mode is unavailable (``torch.func.vjp`` refuses to run under
+        saved-tensor hooks, e.g. activation offloading); the check is the same either way."""
+        f = lambda *zz: self.F(zz, d, s)
+        try:
+            with torch.enable_grad():
+                pullback = torch.func.vjp(f, *z)[1]
+        except RuntimeError:
+            return torch.func.jvp(f, z, u)[1], torch.func.jvp(f, z, v)[1]
+        return pullback(u), pullback(v)
 
     def _symmetry_message(self, asym: torch.Tensor, tol: torch.Tensor) -> str:
         o = self.options
