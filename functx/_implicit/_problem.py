@@ -35,6 +35,7 @@ from .._tree import (
     leaf_paths,
     tree_flatten,
     tree_unflatten,
+    tree_vdot,
 )
 from ._capture import CaptureCheck, check_no_plain_duals
 
@@ -282,7 +283,8 @@ class RootProblem:
             return
         u, v = probe(z, 0.7548776662), probe(z, 0.5698402910)
         Au, Av = self._two_products(z, d, s, u, v)
-        uAv, vAu = dot(u, Av), dot(v, Au)
+        detached = lambda t: [x.detach() for x in t]
+        uAv, vAu = tree_vdot(detached(u), detached(Av)), tree_vdot(detached(v), detached(Au))
         tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (norm(Au) * norm(v) + norm(Av) * norm(u))
         asym = (uAv - vAu).abs()
         report(asym <= tol, self.options.on_failure, lambda: self._symmetry_message(asym, tol))
@@ -355,13 +357,6 @@ def probe(like: Sequence[torch.Tensor], step: float) -> Tensors:
         out.append(torch.sin(k * step * 1000.0 + step).reshape(t.shape))
         offset += t.numel()
     return tuple(out)
-
-
-def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_k <a_k, b_k>`` over leaves, without gradient."""
-    return sum(
-        ((x.detach() * y.detach()).sum() for x, y in zip(a, b)), torch.zeros((), dtype=a[0].dtype, device=a[0].device)
-    )
 
 
 class Root(torch.autograd.Function):

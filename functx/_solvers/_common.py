@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._core import check_callable, plain_eager
-from .._tree import NAMESPACE, FlatLayout, PyTree, TreeSpec, describe, flatten_float, flatten_like
+from .._tree import FlatLayout, PyTree, describe, flatten_float, flatten_like
 from ._functorch import all_true
 
 MAX_ITER_FACTOR = 10
@@ -114,19 +114,6 @@ def check_ridge(ridge: Any, api: str) -> float | torch.Tensor | None:
 
 # --------------------------------------------------------------------------------------
 # Pytrees <-> flat vectors.
-
-
-def same_structure(a: TreeSpec, b: TreeSpec) -> bool:
-    """``a == b``, also across a ``torch.compile`` graph break: Dynamo's optree polyfill
-    drops the namespace of the specs it builds, so a spec made in a compiled frame differs
-    from the same structure made eagerly; compare their namespace-free reprs then."""
-    if a == b:
-        return True
-    return _plain_repr(a) == _plain_repr(b)
-
-
-def _plain_repr(spec: TreeSpec) -> str:
-    return repr(spec).replace(f", namespace='{NAMESPACE}'", "")
 
 
 class Layout(FlatLayout):
