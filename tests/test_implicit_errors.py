@@ -69,8 +69,8 @@ def no_warnings():
         (dict(solve=3), TypeError, "`solve` must be one of"),
         (dict(symmetric="yes"), TypeError, "`symmetric` must be a bool"),
         (dict(on_failure="loud"), ValueError, "`on_failure` must be one of"),
-        (dict(residual_tol=-1.0), ValueError, "`residual_tol` must be a finite float"),
-        (dict(residual_tol="tight"), TypeError, "`residual_tol` must be None or a float"),
+        (dict(residual_tol=-1.0), ValueError, "`residual_tol` must be a finite non-negative float"),
+        (dict(residual_tol="tight"), TypeError, "`residual_tol` must be None or a non-negative float"),
         (dict(has_aux=1), TypeError, "`has_aux` must be a bool"),
     ],
 )

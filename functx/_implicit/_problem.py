@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .._core import is_differentiable
+from .._solvers._common import check_tolerance
 from .._solvers._functorch import eager_under_compile, forward_rule, plain, revive
 from .._solvers.linear_solve import Operator, Tensors, check_on_failure, check_solve, norm, report, solve
 from .._tree import (
@@ -55,12 +56,7 @@ class Options:
     def make(cls, api: str, fn_name: str, solve: Any, symmetric: Any, on_failure: Any, residual_tol: Any) -> Options:
         solve, symmetric = check_solve(solve, symmetric, api)
         if residual_tol is not None:
-            if not isinstance(residual_tol, (int, float)) or isinstance(residual_tol, bool):
-                raise TypeError(
-                    f"`functx.{api}`: `residual_tol` must be None or a float, got {describe(residual_tol)}."
-                )
-            if not (math.isfinite(residual_tol) and residual_tol >= 0):
-                raise ValueError(f"`functx.{api}`: `residual_tol` must be a finite float >= 0, got {residual_tol!r}.")
+            residual_tol = check_tolerance(residual_tol, "residual_tol", 0.0, api)
         return cls(api, fn_name, solve, symmetric, check_on_failure(on_failure, api), residual_tol)
 
 
