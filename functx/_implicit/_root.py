@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .._core import check_callable, is_differentiable
+from .._core import check_bool, check_callable, is_differentiable
 from .._solvers.linear_solve import Tensors
 from .._tree import PyTree, describe, flatten_like, tree_flatten, tree_unflatten
 from ._problem import Options, RootProblem, call_root
@@ -168,8 +168,7 @@ def fixed_point_residual(fixed_point_fn: Callable[..., Any], api: str) -> Callab
 
 
 def _decorator(optimality_fn: Callable[..., Any], options: Options, has_aux: bool) -> Callable[..., Any]:
-    if not isinstance(has_aux, bool):
-        raise TypeError(f"`functx.{options.api}`: `has_aux` must be a bool, got {has_aux!r}.")
+    check_bool(has_aux, "has_aux", options.api)
 
     def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
         check_callable(solver, "solver", options.api)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .._core import check_bool
 from .._tree import TreeSpec, describe, flatten_like, tree_flatten, tree_norm, tree_unflatten
 from ._functorch import all_true, eager_under_compile, forward_rule, plain, revive
 from .cg import normal_cg
@@ -55,8 +56,7 @@ def check_solve(solve: Any, symmetric: Any, api: str) -> tuple[Any, bool]:
     ``"auto"`` is ``"cg"`` for a declared symmetric Jacobian and ``"gmres"`` otherwise; the
     symmetric-only solvers (``"cg"``, ``"minres"``, ``"cholesky"``) imply ``symmetric=True``.
     """
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"`functx.{api}`: `symmetric` must be a bool, got {symmetric!r}.")
+    check_bool(symmetric, "symmetric", api)
     if callable(solve):
         return solve, symmetric
     if not isinstance(solve, str):
