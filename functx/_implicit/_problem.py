@@ -93,6 +93,7 @@ class RootProblem:
         self.z_spec: TreeSpec  # set by the forward pass (run_solver) or by root_vjp/root_jvp
         self.aux_spec: TreeSpec  # set by the forward pass when has_aux
         self.aux_static: list[Any] = []
+        self.symmetry_checked = False
 
     # -- the flat boundary ----------------------------------------------------------------
     def inputs(self) -> list[torch.Tensor]:
@@ -200,6 +201,7 @@ class RootProblem:
         """``theta_bar = -B^T A^{-T} z_bar`` for the differentiable arguments."""
         if not d:
             return ()
+        self.check_symmetric(z, d, s)
         lam = solve(self.operator(transposed=True), z + d + s, z_bar)
         pullback = torch.func.vjp(lambda *dd: self.F(z, dd, s), *d)[1]
         return tuple(-g for g in pullback(tuple(lam)))
@@ -208,6 +210,7 @@ class RootProblem:
         """``z_dot = -A^{-1} B theta_dot``."""
         if all(t is None for t in d_dot):
             return tuple(torch.zeros_like(zi) for zi in z)
+        self.check_symmetric(z, d, s)
         d_dot = tuple(torch.zeros_like(di) if t is None else t for di, t in zip(d, d_dot))
         moved = torch.func.jvp(lambda *dd: self.F(z, dd, s), d, d_dot)[1]
         return solve(self.operator(transposed=False), z + d + s, tuple(-m for m in moved))
@@ -265,37 +268,27 @@ class RootProblem:
         given = self.options.residual_tol
         tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (1 + norm(z)) if given is None else given
         report(residual <= tol, self.options.on_failure, lambda: self._residual_message(residual, tol))
-        if self.options.symmetric:
-            self.check_symmetric(z, d, s)
 
     def check_symmetric(self, z: Tensors, d: Tensors, s: Tensors) -> None:
         """A declared symmetric ``A = dF/dz`` must be: ``u.(A v) = v.(A u)`` for two fixed
-        pseudo-random ``u, v``, to ``sqrt(eps)`` relative.
+        pseudo-random ``u, v``, to ``sqrt(eps)`` relative; checked once per call, when the
+        first derivative rule runs (a call whose derivatives are never taken pays nothing).
 
         Without this, a nonsymmetric ``A`` with a direct solve (``"lu"``) silently gives the
         transposed derivatives (``A v`` is computed as ``A^T v``).
         """
-        if any(zi.is_complex() for zi in z):
+        if not self.options.symmetric or self.symmetry_checked or any(zi.is_complex() for zi in z):
             return
+        self.symmetry_checked = True
         u, v = probe(z, 0.7548776662), probe(z, 0.5698402910)
-        Au, Av = self._two_products(z, d, s, u, v)
+        with torch.enable_grad():
+            pullback = torch.func.vjp(lambda *zz: self.F(zz, d, s), *z)[1]
+        Au, Av = pullback(u), pullback(v)  # A^T u and A^T v: the same check
         detached = lambda t: [x.detach() for x in t]
         uAv, vAu = tree_vdot(detached(u), detached(Av)), tree_vdot(detached(v), detached(Au))
         tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (norm(Au) * norm(v) + norm(Av) * norm(u))
         asym = (uAv - vAu).abs()
         report(asym <= tol, self.options.on_failure, lambda: self._symmetry_message(asym, tol))
-
-    def _two_products(self, z: Tensors, d: Tensors, s: Tensors, u: Tensors, v: Tensors) -> tuple[Tensors, Tensors]:
-        """``(A^T u, A^T v)`` by one VJP (the symmetric path's own mode), or ``(A u, A v)`` by
-        two JVPs where reverse mode is unavailable (``torch.func.vjp`` refuses to run under
-        saved-tensor hooks, e.g. activation offloading); the check is the same either way."""
-        f = lambda *zz: self.F(zz, d, s)
-        try:
-            with torch.enable_grad():
-                pullback = torch.func.vjp(f, *z)[1]
-        except RuntimeError:
-            return torch.func.jvp(f, z, u)[1], torch.func.jvp(f, z, v)[1]
-        return pullback(u), pullback(v)
 
     def _symmetry_message(self, asym: torch.Tensor, tol: torch.Tensor) -> str:
         o = self.options
