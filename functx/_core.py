@@ -34,11 +34,13 @@ from ._tree import (
     is_differentiable,
     leaf_paths,
     tree_flatten,
+    tree_structure,
     tree_unflatten,
 )
 
 __all__ = ["input_hint", "is_differentiable"]  # re-exported: the rooms import them from here
 
+_UNSET = tree_structure(None)
 _RANGES: list[tuple[int, ...]] = [tuple(range(n)) for n in range(64)]
 
 
@@ -253,8 +255,8 @@ class Call:
             check_float_leaves(self.leaves, self.input_paths, api=api, what="differentiated input ")
         self._versions: list[tuple[int, ...] | None] = []
         self.holomorphic: bool | None = None  # None: complex outputs are not checked (vjp, jvp)
-        self.out_spec: TreeSpec | None = None
-        self.aux_spec: TreeSpec | None = None
+        self.out_spec: TreeSpec = _UNSET  # recorded by `flat_fn` while `func` runs
+        self.aux_spec: TreeSpec = _UNSET
         self.aux_static: list[Any] = []
 
     # -- naming, for errors -----------------------------------------------------------
@@ -368,6 +370,16 @@ class Call:
             f"in an argument not listed in `argnums` (those belong to `func`, which may write them)."
         )
 
+    # Four calling conventions of `func` for torch.func, kept because each pays for itself
+    # (measured side by side on one Call, benchmarks/bench_core.py rows in brackets):
+    # * flat_fn   ((outputs,), (aux,)): the one that records structures; used where several
+    #             outputs and aux must be kept apart (linearize, the empty-input paths);
+    # * torch_fn  bare tensor, aux only with has_aux: ~13% faster than flat_fn with has_aux=True
+    #             on the Jacobian engine [jacrev/jacfwd R^256, hessian R^256, per-sample Hessians];
+    # * scalar_fn (scalar, aux): the plain-autograd gradient and hvp [grad overhead, hvp MLP];
+    # * scalar_fn_no_aux: ~7% faster than scalar_fn with has_aux=True, and ~45% faster than
+    #             torch_fn (no optree flatten of the output) on torch.func's gradient, the
+    #             nested path [per-sample gradients].
     def flat_fn(self, *leaves: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """``func`` as a function of flat tensors: returns ``(output_leaves, aux_tensors)``."""
         out, aux_tensors = self._split_aux(self.call_func(leaves))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -19,6 +19,21 @@ from ._core import (
     reaches_other_leaves,
 )
 from ._torch_internals import grad_and_value
+from ._tree import PyTree, TensorTree
+
+
+@overload
+def value_and_grad(
+    func: Callable[..., Any], argnums: int | tuple[int, ...] = ..., has_aux: Literal[False] = ...
+) -> Callable[..., tuple[torch.Tensor, TensorTree]]: ...
+@overload
+def value_and_grad(
+    func: Callable[..., Any], argnums: int | tuple[int, ...], has_aux: Literal[True]
+) -> Callable[..., tuple[tuple[torch.Tensor, PyTree], TensorTree]]: ...
+@overload
+def value_and_grad(
+    func: Callable[..., Any], argnums: int | tuple[int, ...] = ..., *, has_aux: Literal[True]
+) -> Callable[..., tuple[tuple[torch.Tensor, PyTree], TensorTree]]: ...
 
 
 def value_and_grad(
@@ -51,6 +66,20 @@ def value_and_grad(
     """
     check_callable(func, "func", "value_and_grad")
     return _value_and_grad(func, check_argnums(argnums, "value_and_grad"), has_aux, "value_and_grad")
+
+
+@overload
+def grad(
+    func: Callable[..., Any], argnums: int | tuple[int, ...] = ..., has_aux: Literal[False] = ...
+) -> Callable[..., TensorTree]: ...
+@overload
+def grad(
+    func: Callable[..., Any], argnums: int | tuple[int, ...], has_aux: Literal[True]
+) -> Callable[..., tuple[TensorTree, PyTree]]: ...
+@overload
+def grad(
+    func: Callable[..., Any], argnums: int | tuple[int, ...] = ..., *, has_aux: Literal[True]
+) -> Callable[..., tuple[TensorTree, PyTree]]: ...
 
 
 def grad(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: bool = False) -> Callable[..., Any]:
@@ -117,12 +146,13 @@ def grad_and_value_flat(
         value, aux = call.scalar_fn()
         return (), value, aux
     if plain_autograd(*leaves):
-        grads, value, aux, _ = plain_derivatives(call, leaves)
-        return grads, value, aux
+        plain_grads, value, aux, _ = plain_derivatives(call, leaves)
+        return plain_grads, value, aux
     fn = call.scalar_fn if call.has_aux else call.scalar_fn_no_aux
+    grads: tuple[torch.Tensor, ...]
     if len(leaves) == 1:
         grad, result = grad_and_value(fn, 0, call.has_aux, (leaves[0],))
-        grads: tuple[torch.Tensor, ...] = (grad,)
+        grads = (grad,)
     else:
         grads, result = grad_and_value(fn, all_argnums(len(leaves)), call.has_aux, tuple(leaves))
     return (grads, *result) if call.has_aux else (grads, result, ())

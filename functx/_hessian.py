@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -41,10 +41,42 @@ from ._core import (
 )
 from ._grad import grad_and_value_flat, plain_derivatives
 from ._jacobian import Tensors, jacobian_flat
-from ._tree import describe, flatten_like
+from ._tree import PyTree, TensorTree, describe, flatten_like
 
 HESSIAN_MODES = ("auto", "rev-rev", "fwd-rev")
 HVP_MODES = ("auto", "rev-rev", "fwd-rev", "rev-fwd")
+
+
+@overload
+def hessian(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = ...,
+    has_aux: Literal[False] = ...,
+    *,
+    chunk_size: int | None = ...,
+    mode: str = ...,
+    holomorphic: bool = ...,
+) -> Callable[..., TensorTree]: ...
+@overload
+def hessian(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...],
+    has_aux: Literal[True],
+    *,
+    chunk_size: int | None = ...,
+    mode: str = ...,
+    holomorphic: bool = ...,
+) -> Callable[..., tuple[TensorTree, PyTree]]: ...
+@overload
+def hessian(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = ...,
+    *,
+    has_aux: Literal[True],
+    chunk_size: int | None = ...,
+    mode: str = ...,
+    holomorphic: bool = ...,
+) -> Callable[..., tuple[TensorTree, PyTree]]: ...
 
 
 def hessian(
@@ -97,7 +129,7 @@ def hessian(
         call.set_holomorphic(holomorphic)
         if not holomorphic:
             _refuse_complex_inputs(call)
-        options = {"has_aux": has_aux, "chunk_size": chunk_size, "holomorphic": holomorphic}
+        options: dict[str, Any] = {"has_aux": has_aux, "chunk_size": chunk_size, "holomorphic": holomorphic}
 
         def jac(*leaves: torch.Tensor) -> Any:
             args = call.args
@@ -139,6 +171,16 @@ def _refuse_complex_inputs(call: Call) -> None:
             )
 
 
+@overload
+def hvp(
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[False] = ..., *, mode: str = ...
+) -> tuple[tuple[TensorTree, ...], tuple[TensorTree, ...]]: ...
+@overload
+def hvp(
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[True], *, mode: str = ...
+) -> tuple[tuple[TensorTree, ...], tuple[TensorTree, ...], PyTree]: ...
+
+
 def hvp(
     func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = False, *, mode: str = "auto"
 ) -> tuple[Any, ...]:
@@ -175,7 +217,8 @@ def hvp(
     )
     if not call.leaves:
         _, aux = call.scalar_fn()
-        grads, products = (), ()
+        grads: Tensors = ()
+        products: Tensors = ()
     else:
         run = {"auto": _hvp_rev_rev, "rev-rev": _hvp_rev_rev, "fwd-rev": _hvp_fwd_rev, "rev-fwd": _hvp_rev_fwd}[mode]
         if run is _hvp_rev_rev and plain_autograd(*call.leaves, *flat_tangents):
@@ -232,6 +275,7 @@ def _hvp_rev_rev(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tenso
 def _hvp_plain(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
     """:func:`_hvp_rev_rev` with plain autograd, for top-level eager calls."""
     grads, _, aux, products = plain_derivatives(call, call.leaves, tangents)
+    assert products is not None  # asked for with `tangents`
     return grads, products, aux
 
 
@@ -243,9 +287,9 @@ def _hvp_fwd_rev(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tenso
 
 def _hvp_rev_fwd(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
     def value_and_slope(*leaves: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], Tensors]:
-        value, slope, aux = torch.func.jvp(call.scalar_fn, leaves, tangents, has_aux=True)
+        value, slope, aux = unpack(torch.func.jvp(call.scalar_fn, leaves, tangents, has_aux=True), True)
         return (value, slope), aux
 
-    (value, slope), pullback, aux = torch.func.vjp(value_and_slope, *call.leaves, has_aux=True)
+    (value, slope), pullback, aux = unpack(torch.func.vjp(value_and_slope, *call.leaves, has_aux=True), True)
     one, zero = torch.ones_like(value), torch.zeros_like(slope)
     return pullback((one, zero)), pullback((zero, one)), aux

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -38,7 +38,7 @@ from ._core import (
     pack_like,
     unpack,
 )
-from ._tree import tree_flatten, tree_unflatten
+from ._tree import PyTree, TensorTree, tree_flatten, tree_unflatten
 
 Tensors = tuple[torch.Tensor, ...]
 FlatFn = Callable[..., tuple[Tensors, Tensors]]
@@ -181,6 +181,35 @@ def _blocks(stacked: Tensors, basis_refs: Tensors, other_refs: Tensors, *, rev: 
     ]
 
 
+@overload
+def jacrev(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = ...,
+    has_aux: Literal[False] = ...,
+    *,
+    chunk_size: int | None = ...,
+    holomorphic: bool = ...,
+) -> Callable[..., TensorTree]: ...
+@overload
+def jacrev(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...],
+    has_aux: Literal[True],
+    *,
+    chunk_size: int | None = ...,
+    holomorphic: bool = ...,
+) -> Callable[..., tuple[TensorTree, PyTree]]: ...
+@overload
+def jacrev(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = ...,
+    *,
+    has_aux: Literal[True],
+    chunk_size: int | None = ...,
+    holomorphic: bool = ...,
+) -> Callable[..., tuple[TensorTree, PyTree]]: ...
+
+
 def jacrev(
     func: Callable[..., Any],
     argnums: int | tuple[int, ...] = 0,
@@ -218,6 +247,38 @@ def jacrev(
                 [0., 1.]])
     """
     return _jacobian(func, argnums, has_aux, chunk_size, rev=True, api="jacrev", holomorphic=holomorphic)
+
+
+@overload
+def jacfwd(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = ...,
+    has_aux: Literal[False] = ...,
+    *,
+    chunk_size: int | None = ...,
+    randomness: str = ...,
+    holomorphic: bool = ...,
+) -> Callable[..., TensorTree]: ...
+@overload
+def jacfwd(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...],
+    has_aux: Literal[True],
+    *,
+    chunk_size: int | None = ...,
+    randomness: str = ...,
+    holomorphic: bool = ...,
+) -> Callable[..., tuple[TensorTree, PyTree]]: ...
+@overload
+def jacfwd(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = ...,
+    *,
+    has_aux: Literal[True],
+    chunk_size: int | None = ...,
+    randomness: str = ...,
+    holomorphic: bool = ...,
+) -> Callable[..., tuple[TensorTree, PyTree]]: ...
 
 
 def jacfwd(

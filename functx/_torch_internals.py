@@ -59,22 +59,22 @@ ENABLED = os.environ.get("FUNCTX_TORCH_INTERNALS", "on").lower() not in ("off", 
 try:
     import torch._C._functorch as _functorch_module
 except ImportError:  # pragma: no cover - depends on the torch version
-    _functorch_module = None  # type: ignore[assignment]
+    _functorch_module = None  # type: ignore[assignment,misc]
 
 try:
     from torch._functorch.eager_transforms import grad_and_value_impl as _grad_and_value_impl
 except ImportError:  # pragma: no cover
-    _grad_and_value_impl = None  # type: ignore[assignment]
+    _grad_and_value_impl = None  # type: ignore[assignment,misc]
 
 try:
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _retrieve
 except ImportError:  # pragma: no cover
-    _retrieve = None  # type: ignore[assignment]
+    _retrieve = None  # type: ignore[assignment,misc]
 
 try:
     from torch.autograd.forward_ad import _set_fwd_grad_enabled as _set_fwd
 except ImportError:  # pragma: no cover
-    _set_fwd = None  # type: ignore[assignment]
+    _set_fwd = None  # type: ignore[assignment,misc]
 
 
 def _attr(obj: Any, name: str) -> Any:
@@ -104,7 +104,12 @@ def _probe_peek(peek: Any) -> Any:
     if not callable(peek) or peek() is not None:
         return None
     seen: list[Any] = []
-    torch.func.grad(lambda x: seen.append(peek()) or x)(torch.tensor(1.0))
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        seen.append(peek())
+        return x
+
+    torch.func.grad(record)(torch.tensor(1.0))
     return peek if seen and seen[0] is not None and callable(getattr(seen[0], "level", None)) else None
 
 

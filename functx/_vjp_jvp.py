@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
 from ._core import Call, as_leaves, check_bool, check_callable, check_primals, pack_like, unpack
-from ._tree import flatten_like
+from ._tree import PyTree, TensorTree, flatten_like
+
+
+@overload
+def vjp(
+    func: Callable[..., Any], *primals: Any, has_aux: Literal[False] = ...
+) -> tuple[TensorTree, Callable[[TensorTree], tuple[TensorTree, ...]]]: ...
+@overload
+def vjp(
+    func: Callable[..., Any], *primals: Any, has_aux: Literal[True]
+) -> tuple[TensorTree, Callable[[TensorTree], tuple[TensorTree, ...]], PyTree]: ...
 
 
 def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
@@ -50,6 +60,16 @@ def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple
     return result + (call.aux(aux),) if has_aux else result
 
 
+@overload
+def jvp(
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[False] = ...
+) -> tuple[TensorTree, TensorTree]: ...
+@overload
+def jvp(
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[True]
+) -> tuple[TensorTree, TensorTree, PyTree]: ...
+
+
 def jvp(func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = False) -> tuple[Any, ...]:
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents`` (forward mode).
 
@@ -83,6 +103,16 @@ def jvp(func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = F
     call.check_unwritten(fresh)
     result = (call.unflatten_out(as_leaves(out)), call.unflatten_out(as_leaves(tangents_out)))
     return result + (call.aux(aux),) if has_aux else result
+
+
+@overload
+def linearize(
+    func: Callable[..., Any], *primals: Any, has_aux: Literal[False] = ...
+) -> tuple[TensorTree, Callable[..., TensorTree]]: ...
+@overload
+def linearize(
+    func: Callable[..., Any], *primals: Any, has_aux: Literal[True]
+) -> tuple[TensorTree, Callable[..., TensorTree], PyTree]: ...
 
 
 def linearize(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:

@@ -93,7 +93,7 @@ def vmap(
         mapped, unmapped = torch.vmap(
             flat_fn,
             in_dims=tuple(dims[k] for k in batched),
-            out_dims=(0, None),
+            out_dims=(0, None),  # type: ignore[arg-type]  # torch's annotation omits None entries
             randomness=randomness,
             chunk_size=chunk_size,
         )(*(leaves[k] for k in batched))
@@ -161,7 +161,7 @@ def _check_batched_leaves(args: tuple[Any, ...], leaves: list[Any], dims: list[A
             "`functx.vmap`: at least one tensor argument must be batched (have an int in "
             "`in_dims`); got no batched inputs."
         )
-    sizes = {}
+    sizes: dict[int, str] = {}
     for k in batched:
         leaf, dim = leaves[k], dims[k]
         _check_dim(dim, "in_dims")

@@ -153,3 +153,19 @@ def test_forgotten_has_aux_is_named(api):
     }.get(api, lambda: getattr(functx, api)(fs)(x))
     with pytest.raises(TypeError, match=rf"`functx.{api}`: .*did you forget has_aux=True\?"):
         call()
+
+
+def test_hessian_auto_fallback_shows_the_first_error_when_both_modes_fail(monkeypatch):
+    import functx._hessian as hmod
+
+    monkeypatch.setattr(hmod, "_prefers_rev_rev", lambda leaves: False)  # pretend we are on a GPU
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        raise RuntimeError(f"boom {len(calls)}")
+
+    with pytest.raises(RuntimeError, match="boom 1"):
+        functx.hessian(f)(_x())
+    # forward over reverse, reverse over reverse, then the in-place probe on copies
+    assert len(calls) == 3
