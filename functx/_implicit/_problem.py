@@ -51,6 +51,8 @@ class Options:
     symmetric: bool
     on_failure: str
     residual_tol: float | None
+    # set once a declared symmetric Jacobian has passed (or warned about) the symmetry check
+    symmetry_checked: list[bool] = dataclasses.field(default_factory=list, compare=False, hash=False)
 
     @classmethod
     def make(cls, api: str, fn_name: str, solve: Any, symmetric: Any, on_failure: Any, residual_tol: Any) -> Options:
@@ -93,7 +95,6 @@ class RootProblem:
         self.z_spec: TreeSpec  # set by the forward pass (run_solver) or by root_vjp/root_jvp
         self.aux_spec: TreeSpec  # set by the forward pass when has_aux
         self.aux_static: list[Any] = []
-        self.symmetry_checked = False
 
     # -- the flat boundary ----------------------------------------------------------------
     def inputs(self) -> list[torch.Tensor]:
@@ -271,15 +272,16 @@ class RootProblem:
 
     def check_symmetric(self, z: Tensors, d: Tensors, s: Tensors) -> None:
         """A declared symmetric ``A = dF/dz`` must be: ``u.(A v) = v.(A u)`` for two fixed
-        pseudo-random ``u, v``, to ``sqrt(eps)`` relative; checked once per call, when the
-        first derivative rule runs (a call whose derivatives are never taken pays nothing).
+        pseudo-random ``u, v``, to ``sqrt(eps)`` relative. Symmetry is a property of ``F``'s
+        form, so it is checked once per implicit function (per ``root_vjp``/``root_jvp``/
+        ``implicit_*`` call), when the first derivative rule runs: values never pay, and
+        later calls pay nothing.
 
         Without this, a nonsymmetric ``A`` with a direct solve (``"lu"``) silently gives the
         transposed derivatives (``A v`` is computed as ``A^T v``).
         """
-        if not self.options.symmetric or self.symmetry_checked or any(zi.is_complex() for zi in z):
+        if not self.options.symmetric or self.options.symmetry_checked or any(zi.is_complex() for zi in z):
             return
-        self.symmetry_checked = True
         u, v = probe(z, 0.7548776662), probe(z, 0.5698402910)
         with torch.enable_grad():
             pullback = torch.func.vjp(lambda *zz: self.F(zz, d, s), *z)[1]
@@ -289,6 +291,7 @@ class RootProblem:
         tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (norm(Au) * norm(v) + norm(Av) * norm(u))
         asym = (uAv - vAu).abs()
         report(asym <= tol, self.options.on_failure, lambda: self._symmetry_message(asym, tol))
+        self.options.symmetry_checked.append(True)  # not reached when on_failure="raise" fails
 
     def _symmetry_message(self, asym: torch.Tensor, tol: torch.Tensor) -> str:
         o = self.options
