@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of functx.solvers: ``python -m functx._solve._bench``.
+"""Side-by-side benchmark of functx.solvers: ``python benchmarks/bench_solvers.py``.
 
 Prints two tables: accuracy at default tolerances (against JAX/JAXopt's default ``tol=1e-5``),
 and time RATIOS measured in the same run (medians over repeats), never absolute times.

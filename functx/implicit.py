@@ -27,21 +27,31 @@ otherwise (fixed points are never symmetric); tolerances follow :mod:`functx.sol
 linear solve are checked, and ``on_failure`` chooses ``"warn"``
 (:class:`NonConvergenceWarning`), ``"raise"`` (:class:`NonConvergenceError`) or
 ``"ignore"``; under ``vmap`` a failure in any lane is reported (the flags are read for the
-report only, in eager mode; under ``torch.compile`` nothing is reported).
+report only, in eager mode). A Jacobian declared symmetric (``symmetric=True``, or
+``solve`` in ``"cg"``, ``"minres"``, ``"cholesky"``) is checked once per call
+(``u.(A v)`` against ``v.(A u)`` for fixed pseudo-random ``u, v``, to ``sqrt(eps)``
+relative) and reported the same way: a nonsymmetric Jacobian with a direct solve would
+otherwise give the transposed derivatives.
+
+``torch.compile``: implicit functions are not traceable (Dynamo inlines an
+``autograd.Function``'s forward inside ``torch.func`` transforms and drops its derivative
+rules), so functx marks them with ``torch.compiler.disable``: under ``fullgraph=True``
+compiling refuses with that reason; otherwise the value (and ``vmap`` of it) runs eagerly
+at a graph break. Apply derivative transforms outside compiled regions.
 
 Closures: derivatives flow only to the arguments of the decorated solver. ``F`` is run
 once per call under a check that raises ``ValueError`` when it uses a captured tensor
 that requires grad or that an enclosing ``grad``/``jvp`` transform traces.
 """
 
-from ._implicit._linear import NonConvergenceError as NonConvergenceError
-from ._implicit._linear import NonConvergenceWarning as NonConvergenceWarning
 from ._implicit._root import custom_fixed_point as custom_fixed_point
 from ._implicit._root import custom_root as custom_root
 from ._implicit._root import root_jvp as root_jvp
 from ._implicit._root import root_vjp as root_vjp
 from ._implicit._sensitivity import implicit_hessian as implicit_hessian
 from ._implicit._sensitivity import implicit_jacobian as implicit_jacobian
+from ._solvers.linear_solve import NonConvergenceError as NonConvergenceError
+from ._solvers.linear_solve import NonConvergenceWarning as NonConvergenceWarning
 
 __all__ = [
     "NonConvergenceError",

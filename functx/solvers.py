@@ -27,32 +27,39 @@ Tolerances: converged when ``||b - A x|| <= max(atol, rtol * ||b||)``; the defau
 ``min(10 n, 1000)`` with ``n`` the total number of unknowns.
 
 Transforms: the solvers are written for ``torch.vmap``, ``functx``/``torch.func``
-transforms and ``torch.compile``: a fixed trip count of ``max_iter`` iterations with
-masked updates (a converged lane is frozen), no ``.item()``, and guarded divisions (no
-0/0 or inf in converged lanes, in values or derivatives). Only in plain eager mode (no
-transform active, not compiling or tracing) do the iterative solvers stop as soon as
-they converge; the results are the same either way, up to rounding.
+transforms and ``torch.compile``: masked updates (a converged lane is frozen), no
+``.item()``, and guarded divisions (no 0/0 or inf in converged lanes, in values or
+derivatives). In plain eager mode the iterative solvers stop as soon as they converge;
+under ``vmap`` and the other transforms in eager mode they stop as soon as *every* lane
+has converged (the flag is read under the functorch wrappers, once per iteration; the
+remaining masked iterations would change nothing). Only where no value can be read
+(``torch.compile``, tracing, fake tensors) do they run the fixed trip count of
+``max_iter`` iterations, so keep ``max_iter`` small there. The results are the same
+either way, up to rounding.
+
+The differentiable, transposable linear solve that :mod:`functx.implicit` is built on
+(JAX's ``custom_linear_solve``) lives in this room too (``functx._solvers.linear_solve``).
 """
 
-from ._solve._common import Solution as Solution
-from ._solve.bicgstab import bicgstab as bicgstab
-from ._solve.cg import cg as cg
-from ._solve.cg import normal_cg as normal_cg
-from ._solve.dense import (
+from ._solvers._common import Solution as Solution
+from ._solvers.bicgstab import bicgstab as bicgstab
+from ._solvers.cg import cg as cg
+from ._solvers.cg import normal_cg as normal_cg
+from ._solvers.dense import (
     Factorization as Factorization,
 )
-from ._solve.dense import (
+from ._solvers.dense import (
     cholesky as cholesky,
 )
-from ._solve.dense import (
+from ._solvers.dense import (
     factorize as factorize,
 )
-from ._solve.dense import (
+from ._solvers.dense import (
     lu as lu,
 )
-from ._solve.dispatch import solve as solve
-from ._solve.gmres import gmres as gmres
-from ._solve.minres import minres as minres
+from ._solvers.dispatch import solve as solve
+from ._solvers.gmres import gmres as gmres
+from ._solvers.minres import minres as minres
 
 __all__ = [
     "Factorization",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import functx
 from functx import solvers
-from functx._implicit import _functorch
+from functx._solvers import _functorch
 from functx.implicit import (
     NonConvergenceError,
     NonConvergenceWarning,
@@ -68,13 +69,13 @@ def no_warnings():
         (dict(solve=3), TypeError, "`solve` must be one of"),
         (dict(symmetric="yes"), TypeError, "`symmetric` must be a bool"),
         (dict(on_failure="loud"), ValueError, "`on_failure` must be one of"),
-        (dict(residual_tol=-1.0), ValueError, "`residual_tol` must be a finite float"),
-        (dict(residual_tol="tight"), TypeError, "`residual_tol` must be None or a float"),
+        (dict(residual_tol=-1.0), ValueError, "`residual_tol` must be a finite non-negative float"),
+        (dict(residual_tol="tight"), TypeError, "`residual_tol` must be None or a non-negative float"),
         (dict(has_aux=1), TypeError, "`has_aux` must be a bool"),
     ],
 )
 def test_bad_options(kwargs, exc, fragment):
-    with pytest.raises(exc, match="`functx.implicit.custom_root`") as info:
+    with pytest.raises(exc, match=r"`functx.implicit.custom_root`") as info:
         custom_root(F, **kwargs)
     assert fragment in str(info.value)
 
@@ -82,7 +83,7 @@ def test_bad_options(kwargs, exc, fragment):
 def test_bad_callables():
     with pytest.raises(TypeError, match="`optimality_fn` must be callable"):
         custom_root(3)
-    with pytest.raises(TypeError, match="`functx.implicit.custom_fixed_point`: `fixed_point_fn` must be callable"):
+    with pytest.raises(TypeError, match=r"`functx.implicit.custom_fixed_point`: `fixed_point_fn` must be callable"):
         custom_fixed_point(None)
     with pytest.raises(TypeError, match="`solver` must be callable"):
         custom_root(F)("not a solver")
@@ -95,7 +96,7 @@ def test_bad_callables():
 def test_solver_returns_integers():
     solver = custom_root(lambda z, lam: z - lam)(lambda init, lam: torch.ones(2, dtype=torch.int64))
     with pytest.raises(
-        TypeError, match="every leaf of the solver's solution must be a floating-point tensor, but z is a torch.int64"
+        TypeError, match=r"the solver's solution z must be a floating-point or complex tensor, got a torch.int64"
     ):
         solver(INIT, LAM)
 
@@ -114,29 +115,34 @@ def test_has_aux_solver_must_return_a_pair():
 
 def test_optimality_fn_structure_and_shape():
     wrong_structure = custom_root(lambda z, *a: {"z": F(z, *a)})(exact)
-    with pytest.raises(ValueError, match="`optimality_fn` must return a pytree with the structure of the solution z"):
+    with pytest.raises(
+        ValueError, match="the output of `optimality_fn` must have the same tree structure as the solution z"
+    ):
         wrong_structure(INIT, LAM, X, Y)
     wrong_shape = custom_root(lambda z, *a: F(z, *a)[:-1])(exact)
     with pytest.raises(
-        ValueError, match=r"shaped like the solution z .* output is a torch.float64 tensor of shape \(4,\)"
+        ValueError, match=r"optimality_fn\(z, \.\.\.\) has shape \(4,\) but the corresponding leaf of the solution z"
     ):
         wrong_shape(INIT, LAM, X, Y)
 
 
 def test_fixed_point_fn_structure():
     solver = custom_fixed_point(lambda z, a: (z, z))(lambda init, a: init)
-    with pytest.raises(ValueError, match="`fixed_point_fn` must return a pytree with the structure of the solution"):
+    with pytest.raises(
+        ValueError, match="the output of `fixed_point_fn` must have the same tree structure as the solution z"
+    ):
         solver(INIT, LAM)
 
 
 def test_user_solve_returns_wrong_structure():
     solver = custom_root(F, solve=lambda matvec, b: (b, b))(exact)
-    with pytest.raises(ValueError, match="the linear `solve` must return a pytree shaped like its right-hand side"):
+    with pytest.raises(
+        ValueError,
+        match=r"the linear `solve`'s result \(a pytree, or a `functx.solvers.Solution`\) must have the same tree structure",
+    ):
         functx.grad(loss_of(solver))(LAM)
     solver = custom_root(F, solve=lambda matvec, b: 0.0)(exact)
-    with pytest.raises(
-        TypeError, match="the linear `solve` returned a value of type float where a tensor was expected"
-    ):
+    with pytest.raises(TypeError, match=r"solve\(matvec, b\) must be a tensor, got a value of type float"):
         functx.grad(loss_of(solver))(LAM)
 
 
@@ -229,7 +235,7 @@ def test_ignore_silences_the_linear_solves(no_warnings):
 def test_capture_of_a_tensor_requiring_grad_raises():
     lam = LAM.clone().requires_grad_()
     solver = custom_root(lambda z, X, y: F(z, lam, X, y))(lambda init, X, y: exact(init, lam.detach(), X, y))
-    with pytest.raises(ValueError, match="uses a torch.float64 tensor of shape \\(\\) with requires_grad=True"):
+    with pytest.raises(ValueError, match=r"uses a torch.float64 tensor of shape \(\) with requires_grad=True"):
         solver(INIT, X, Y)
     assert lam.requires_grad and lam.grad is None
 
@@ -247,7 +253,7 @@ def test_capture_of_a_traced_tensor_raises(transform):
         "jacrev(jacfwd)": functx.jacrev(functx.jacfwd(outer)),
     }[transform]
     # a top-level functx.grad runs plain autograd, where the capture is a tensor requiring grad
-    with pytest.raises(ValueError, match="traced by an enclosing grad/jvp transform|requires_grad=True"):
+    with pytest.raises(ValueError, match=r"traced by an enclosing grad/jvp transform|requires_grad=True"):
         fn(LAM)
 
 
@@ -299,7 +305,7 @@ def test_plain_forward_ad_dual_numbers_are_refused():
     solver = custom_root(F, symmetric=True)(exact)
     with fwAD.dual_level():
         solver(INIT, LAM, X, Y)  # no dual input: fine
-        with pytest.raises(NotImplementedError, match="torch.autograd.forward_ad dual numbers are not supported"):
+        with pytest.raises(NotImplementedError, match=r"torch.autograd.forward_ad dual numbers are not supported"):
             solver(INIT, fwAD.make_dual(LAM, torch.ones_like(LAM)), X, Y)
 
 
@@ -329,19 +335,23 @@ def k_fn(z, lam):
         (
             lambda: implicit_jacobian(k_fn, _root_at(LAM), torch.tensor(1)),
             TypeError,
-            "params[0] must be a floating-point tensor",
+            "params[0] must be a floating-point or complex tensor",
         ),
-        (lambda: implicit_jacobian(k_fn, _root_at(LAM).long(), LAM), TypeError, "z must be a floating-point tensor"),
+        (
+            lambda: implicit_jacobian(k_fn, _root_at(LAM).long(), LAM),
+            TypeError,
+            "z must be a floating-point or complex tensor",
+        ),
         (lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, Dg=INIT, jvp_vec=LAM), ValueError, "at most one of `Dg`"),
         (
             lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, Dg=INIT[:2]),
             ValueError,
-            "Dg is a torch.float64 tensor of shape (2,)",
+            "Dg has shape (2,) but the corresponding leaf of `z` has shape (5,)",
         ),
         (
             lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, Dg={"z": INIT}),
             ValueError,
-            "`Dg` must have the structure of `z`",
+            "`Dg` must have the same tree structure as `z`",
         ),
         (
             lambda: implicit_jacobian(k_fn, _root_at(LAM), LAM, jvp_vec=(LAM, LAM)),
@@ -362,7 +372,7 @@ def k_fn(z, lam):
         (
             lambda: root_vjp(k_fn, _root_at(LAM), (LAM,), INIT[:3]),
             ValueError,
-            "cotangent is a torch.float64 tensor of shape (3,)",
+            "cotangent has shape (3,) but the corresponding leaf of the solution",
         ),
         (
             lambda: root_jvp(k_fn, _root_at(LAM), (LAM,), LAM),
@@ -372,24 +382,23 @@ def k_fn(z, lam):
         (
             lambda: root_jvp(k_fn, _root_at(LAM), (LAM,), ((LAM,),)),
             ValueError,
-            "`tangents[0]` must have the structure of the argument",
+            "`tangents[0]` must have the same tree structure as the argument",
         ),
         (
             lambda: root_jvp(k_fn, _root_at(LAM), (LAM,), (INIT,)),
             ValueError,
-            "tangents[0] is a torch.float64 tensor of shape (5,)",
+            "tangents[0] has shape (5,) but the corresponding leaf of the argument",
         ),
     ],
 )
 def test_sensitivity_and_primitive_errors(call, exc, fragment):
-    with pytest.raises(exc) as info:
+    with pytest.raises(exc, match=re.escape(fragment)) as info:
         call()
-    assert fragment in str(info.value)
     assert str(info.value).startswith("`functx.implicit.")
 
 
 def test_sensitivity_checks_the_solution():
     with pytest.warns(NonConvergenceWarning, match=r"\|\|k_fn\(z, \.\.\.\)\|\|"):
         implicit_jacobian(k_fn, INIT, LAM)
-    with pytest.raises(NonConvergenceError):
+    with pytest.raises(NonConvergenceError, match=r"is not a root"):
         root_vjp(k_fn, INIT, (LAM,), INIT, on_failure="raise")

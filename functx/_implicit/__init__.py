@@ -1,7 +1,10 @@
 """Implicit differentiation (private; the public namespace is :mod:`functx.implicit`).
 
-``_functorch.py`` isolates the torch.func internals (the forward-over-forward fix, reading
-flags under vmap, closure-capture detection); ``_linear.py`` is the differentiable,
-transposable linear solve; ``_root.py`` holds ``custom_root``/``custom_fixed_point`` and
-the implicit function theorem; ``_sensitivity.py`` the sensitivity_torch-style API.
+``_problem.py`` holds :class:`~functx._implicit._problem.RootProblem` (one call of an
+implicit function: arguments, the optimality function on flat leaves, the implicit
+function theorem) and the ``Root`` autograd Function; ``_root.py`` the public
+``custom_root``/``custom_fixed_point``/``root_vjp``/``root_jvp``; ``_sensitivity.py`` the
+sensitivity_torch-style API; ``_capture.py`` the call-time refusals (closure capture, plain
+dual numbers). The linear solves are :mod:`functx._solvers.linear_solve` (the dependency
+goes implicit -> solvers only).
 """

@@ -6,7 +6,7 @@ By the implicit function theorem, with ``A = dF/dz`` and ``B = dF/dtheta`` at ``
 * reverse mode: ``theta_bar = -B^T A^{-T} z_bar`` (one solve with ``A^T``).
 
 :class:`Root` is the ``autograd.Function`` that runs the user's solver (never under
-autograd) and attaches these rules. The solves are :class:`~._linear.LinearSolve` calls
+autograd) and attaches these rules. The solves are :class:`~functx._solvers.linear_solve.LinearSolve` calls
 whose own rules are solves too, and ``z*`` is saved as an *output* of :class:`Root`, so the
 rules stay differentiable through the dependence of ``z*`` on ``theta``: every order of
 every transform is exact.
@@ -15,6 +15,8 @@ every transform is exact.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,17 +24,21 @@ from typing import Any
 import torch
 
 from .._core import is_differentiable
+from .._solvers._common import check_tolerance
+from .._solvers._functorch import eager_under_compile, forward_rule, plain, revive
+from .._solvers.linear_solve import Operator, Tensors, check_on_failure, check_solve, norm, report, solve
 from .._tree import (
     PyTree,
     TreeSpec,
+    check_float_leaves,
     describe,
+    flatten_like,
     leaf_paths,
-    structure_mismatch,
     tree_flatten,
     tree_unflatten,
+    tree_vdot,
 )
-from ._functorch import CaptureCheck, check_no_plain_duals, forward_rule, plain, revive
-from ._linear import Operator, Tensors, check_on_failure, check_solve, norm, report, solve
+from ._capture import CaptureCheck, check_no_plain_duals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,21 +51,18 @@ class Options:
     symmetric: bool
     on_failure: str
     residual_tol: float | None
+    # set once a declared symmetric Jacobian has passed (or warned about) the symmetry check
+    symmetry_checked: list[bool] = dataclasses.field(default_factory=list, compare=False, hash=False)
 
     @classmethod
     def make(cls, api: str, fn_name: str, solve: Any, symmetric: Any, on_failure: Any, residual_tol: Any) -> Options:
         solve, symmetric = check_solve(solve, symmetric, api)
         if residual_tol is not None:
-            if not isinstance(residual_tol, (int, float)) or isinstance(residual_tol, bool):
-                raise TypeError(
-                    f"`functx.{api}`: `residual_tol` must be None or a float, got {describe(residual_tol)}."
-                )
-            if not (math.isfinite(residual_tol) and residual_tol >= 0):
-                raise ValueError(f"`functx.{api}`: `residual_tol` must be a finite float >= 0, got {residual_tol!r}.")
+            residual_tol = check_tolerance(residual_tol, "residual_tol", 0.0, api)
         return cls(api, fn_name, solve, symmetric, check_on_failure(on_failure, api), residual_tol)
 
 
-class Problem:
+class RootProblem:
     """One call of an implicit function: flattened arguments, and ``F`` on flat leaves.
 
     The positional and keyword arguments are flattened together. Floating-point and
@@ -79,7 +82,8 @@ class Problem:
         kwargs: dict[str, Any],
     ) -> None:
         self.options, self.optimality_fn, self.solver, self.has_aux = options, optimality_fn, solver, has_aux
-        self.arg_leaves, self.arg_spec = tree_flatten((tuple(args), dict(kwargs)))
+        # an empty dict is left out: torch.compile cannot trace optree over one
+        self.arg_leaves, self.arg_spec = tree_flatten((tuple(args), dict(kwargs)) if kwargs else (tuple(args),))
         self.diff_pos = [k for k, leaf in enumerate(self.arg_leaves) if is_differentiable(leaf)]
         self.static_pos = [
             k
@@ -88,8 +92,8 @@ class Problem:
         ]
         self.init_leaves, self.init_spec = tree_flatten(init)
         self.init_pos = [k for k, leaf in enumerate(self.init_leaves) if isinstance(leaf, torch.Tensor)]
-        self.z_spec: TreeSpec | None = None
-        self.aux_spec: TreeSpec | None = None
+        self.z_spec: TreeSpec  # set by the forward pass (run_solver) or by root_vjp/root_jvp
+        self.aux_spec: TreeSpec  # set by the forward pass when has_aux
         self.aux_static: list[Any] = []
 
     # -- the flat boundary ----------------------------------------------------------------
@@ -97,6 +101,18 @@ class Problem:
         """The tensors handed to :class:`Root`: ``diff + static + init``."""
         leaves = self.arg_leaves
         return [leaves[k] for k in self.diff_pos + self.static_pos] + [self.init_leaves[k] for k in self.init_pos]
+
+    def check_signature(self) -> None:
+        """``F`` must accept ``(z, *args, **kwargs)``: refused before the solver runs."""
+        args, kwargs = self.args_from((), ())  # the arguments as given
+        error = signature_error(self.optimality_fn, 1 + len(args), tuple(sorted(kwargs)))
+        if error is not None:
+            o = self.options
+            raise TypeError(
+                f"`functx.{o.api}`: `{o.fn_name}` must accept `(z, *args, **kwargs)` with the "
+                f"decorated function's arguments after z ({len(args)} positional"
+                f"{', keywords ' + str(sorted(kwargs)) if kwargs else ''}), but {error}."
+            )
 
     @property
     def n_diff(self) -> int:
@@ -116,7 +132,8 @@ class Problem:
         leaves = list(self.arg_leaves)
         for k, t in zip(self.diff_pos + self.static_pos, list(diff) + list(static)):
             leaves[k] = t
-        return tree_unflatten(self.arg_spec, leaves)
+        args_kwargs = tree_unflatten(self.arg_spec, leaves)
+        return args_kwargs[0], (args_kwargs[1] if len(args_kwargs) > 1 else {})
 
     def init_from(self, tensors: Sequence[torch.Tensor]) -> PyTree:
         leaves = list(self.init_leaves)
@@ -128,14 +145,20 @@ class Problem:
         """The optimality function on flat leaves."""
         args, kwargs = self.args_from(diff, static)
         out = self.optimality_fn(tree_unflatten(self.z_spec, list(z)), *args, **kwargs)
-        leaves, spec = tree_flatten(out)
-        if spec != self.z_spec:
-            raise ValueError(
-                f"`functx.{self.options.api}`: `{self.options.fn_name}` must return a pytree with the "
-                f"structure of the solution z: {structure_mismatch(self.z_spec, out, 'output')}. "
-                f"Expected {self.z_spec}, got {spec}."
+        o = self.options
+        what = f"the output of `{o.fn_name}`"
+        return tuple(
+            flatten_like(
+                out,
+                self.z_spec,
+                z,
+                name="output",
+                root=f"{o.fn_name}(z, ...)",
+                api=o.api,
+                ref="the solution z",
+                what=what,
             )
-        return tuple(leaves)
+        )
 
     # -- the linear operator dF/dz ----------------------------------------------------------
     def split(self, ops: Sequence[torch.Tensor]) -> tuple[Tensors, Tensors, Tensors]:
@@ -149,7 +172,7 @@ class Problem:
 
     def _make_vjp_matvec(self, ops: Tensors) -> Callable[[Tensors], Tensors]:
         z, d, s = self.split(ops)
-        _, pullback = torch.func.vjp(lambda *zz: self.F(zz, d, s), *z)
+        pullback = torch.func.vjp(lambda *zz: self.F(zz, d, s), *z)[1]
         return lambda u: pullback(tuple(u))
 
     def operator(self, transposed: bool) -> Operator:
@@ -179,14 +202,16 @@ class Problem:
         """``theta_bar = -B^T A^{-T} z_bar`` for the differentiable arguments."""
         if not d:
             return ()
+        self.check_symmetric(z, d, s)
         lam = solve(self.operator(transposed=True), z + d + s, z_bar)
-        _, pullback = torch.func.vjp(lambda *dd: self.F(z, dd, s), *d)
+        pullback = torch.func.vjp(lambda *dd: self.F(z, dd, s), *d)[1]
         return tuple(-g for g in pullback(tuple(lam)))
 
     def jvp(self, z: Tensors, d: Tensors, s: Tensors, d_dot: Sequence[torch.Tensor | None]) -> Tensors:
         """``z_dot = -A^{-1} B theta_dot``."""
         if all(t is None for t in d_dot):
             return tuple(torch.zeros_like(zi) for zi in z)
+        self.check_symmetric(z, d, s)
         d_dot = tuple(torch.zeros_like(di) if t is None else t for di, t in zip(d, d_dot))
         moved = torch.func.jvp(lambda *dd: self.F(z, dd, s), d, d_dot)[1]
         return solve(self.operator(transposed=False), z + d + s, tuple(-m for m in moved))
@@ -197,6 +222,7 @@ class Problem:
         tensors = [t.detach() for t in tensors]
         d, s = tensors[: self.n_diff], tensors[self.n_diff : self.n_args]
         args, kwargs = self.args_from(d, s)
+        assert self.solver is not None  # only root_vjp/root_jvp build a problem without a solver
         with torch.enable_grad():  # solvers may use autograd internally, on their own tensors
             out = self.solver(self.init_from(tensors[self.n_args :]), *args, **kwargs)
         z, aux = self._split_aux(out)
@@ -223,13 +249,8 @@ class Problem:
         api = self.options.api
         if not leaves:
             raise ValueError(f"`functx.{api}`: the solver returned no tensors (got {z!r}).")
-        for k, leaf in enumerate(leaves):
-            if not is_differentiable(leaf):
-                raise TypeError(
-                    f"`functx.{api}`: every leaf of the solver's solution must be a floating-point "
-                    f"tensor, but {leaf_paths(z, 'z')[k]} is {describe(leaf)}."
-                    + ("" if self.has_aux else " (To return auxiliary values too, pass has_aux=True.)")
-                )
+        hint = "" if self.has_aux else "To return auxiliary values too, pass has_aux=True."
+        check_float_leaves(leaves, lambda: leaf_paths(z, "z"), api=api, what="the solver's solution ", hint=hint)
 
     def check_solution(self, z: Tensors, d: Tensors, s: Tensors) -> None:
         """Evaluate ``F(z, theta)`` once: structure, closure capture, and the residual."""
@@ -244,18 +265,44 @@ class Problem:
                 f"Pass it as an argument (to both the solver and `{name}`), or `.detach()` it if it is "
                 f"a constant."
             )
-        for k, (o, zi) in enumerate(zip(out, z)):
-            if not isinstance(o, torch.Tensor) or o.shape != zi.shape or o.dtype != zi.dtype:
-                path = leaf_paths(tree_unflatten(self.z_spec, list(out)), "output")[k]
-                raise ValueError(
-                    f"`functx.{api}`: `{name}` must return a pytree shaped like the solution z (same "
-                    f"shapes and dtypes), but {path} is {describe(o)} where z has {describe(zi)}."
-                )
         residual = norm(out)
-        tol = self.options.residual_tol
-        if tol is None:
-            tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (1 + norm(z))
+        given = self.options.residual_tol
+        tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (1 + norm(z)) if given is None else given
         report(residual <= tol, self.options.on_failure, lambda: self._residual_message(residual, tol))
+
+    def check_symmetric(self, z: Tensors, d: Tensors, s: Tensors) -> None:
+        """A declared symmetric ``A = dF/dz`` must be: ``u.(A v) = v.(A u)`` for two fixed
+        pseudo-random ``u, v``, to ``sqrt(eps)`` relative. Symmetry is a property of ``F``'s
+        form, so it is checked once per implicit function (per ``root_vjp``/``root_jvp``/
+        ``implicit_*`` call), when the first derivative rule runs: values never pay, and
+        later calls pay nothing.
+
+        Without this, a nonsymmetric ``A`` with a direct solve (``"lu"``) silently gives the
+        transposed derivatives (``A v`` is computed as ``A^T v``).
+        """
+        if not self.options.symmetric or self.options.symmetry_checked or any(zi.is_complex() for zi in z):
+            return
+        u, v = probe(z, 0.7548776662), probe(z, 0.5698402910)
+        with torch.enable_grad():
+            pullback = torch.func.vjp(lambda *zz: self.F(zz, d, s), *z)[1]
+        Au, Av = pullback(u), pullback(v)  # A^T u and A^T v: the same check
+        detached = lambda t: [x.detach() for x in t]
+        uAv, vAu = tree_vdot(detached(u), detached(Av)), tree_vdot(detached(v), detached(Au))
+        tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (norm(Au) * norm(v) + norm(Av) * norm(u))
+        asym = (uAv - vAu).abs()
+        report(asym <= tol, self.options.on_failure, lambda: self._symmetry_message(asym, tol))
+        self.options.symmetry_checked.append(True)  # not reached when on_failure="raise" fails
+
+    def _symmetry_message(self, asym: torch.Tensor, tol: torch.Tensor) -> str:
+        o = self.options
+        return (
+            f"`functx.{o.api}`: the Jacobian of `{o.fn_name}` with respect to z was declared symmetric "
+            f"(symmetric=True, or solve={o.solve!r}) but is not: |u.(A v) - v.(A u)| = "
+            f"{float(plain(asym).max()):.3g} > {float(plain(tol).max()):.3g} for random u, v, so the "
+            f"implicit derivatives would be those of the transposed system. Pass symmetric=False with "
+            f"solve='gmres', 'bicgstab' or 'lu'. Pass on_failure='raise' to make this an error, or "
+            f"'ignore' to silence it."
+        )
 
     def _residual_message(self, residual: torch.Tensor, tol: Any) -> str:
         worst = float(plain(residual).max())
@@ -278,13 +325,39 @@ class Problem:
         return z, aux
 
 
+@functools.lru_cache(maxsize=256)
+def signature_error(fn: Callable[..., Any], n_positional: int, keywords: tuple[str, ...]) -> str | None:
+    """Why ``fn`` cannot be called with ``n_positional`` positional arguments and ``keywords``
+    (``None`` when it can, or when its signature cannot be read)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*range(n_positional), **dict.fromkeys(keywords))
+    except TypeError as e:
+        return f"its signature {signature} does not: {e}"
+    return None
+
+
+def probe(like: Sequence[torch.Tensor], step: float) -> Tensors:
+    """Deterministic pseudo-random vectors shaped like ``like`` (no RNG: usable under
+    ``vmap`` and reproducible), entries in ``[-1, 1]``."""
+    out, offset = [], 0
+    for t in like:
+        k = torch.arange(offset, offset + t.numel(), dtype=t.dtype, device=t.device)
+        out.append(torch.sin(k * step * 1000.0 + step).reshape(t.shape))
+        offset += t.numel()
+    return tuple(out)
+
+
 class Root(torch.autograd.Function):
-    """``z* = solver(init, *args)`` with implicit derivative rules; inputs ``(problem, *problem.inputs())``."""
+    """``z* = solver(init, *args)`` with implicit derivative rules; inputs ``(problem, *problem.inputs())`` with ``problem`` a :class:`RootProblem`."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(problem: Problem, *tensors: torch.Tensor) -> Tensors:
+    def forward(problem: RootProblem, *tensors: torch.Tensor) -> Tensors:
         return problem.run_solver(tensors)
 
     @staticmethod
@@ -312,7 +385,9 @@ class Root(torch.autograd.Function):
         return (*z_dot, *[None] * sum(a is None for a in problem.aux_static))
 
 
-def call_root(problem: Problem) -> Any:
+@eager_under_compile
+def call_root(problem: RootProblem) -> Any:
+    problem.check_signature()
     inputs = problem.inputs()
     check_no_plain_duals(inputs, problem.options.api)
     return problem.outputs(Root.apply(problem, *inputs))

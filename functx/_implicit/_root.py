@@ -7,15 +7,15 @@ The machinery (flattening, the implicit function theorem, the ``autograd.Functio
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .._core import is_differentiable
-from .._tree import PyTree, TreeSpec, describe, leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
-from ._linear import Tensors
-from ._problem import Options, Problem, call_root
+from .._core import check_bool, check_callable, is_differentiable
+from .._solvers.linear_solve import Tensors
+from .._tree import PyTree, describe, flatten_like, tree_flatten, tree_unflatten
+from ._problem import Options, RootProblem, call_root
 
 # --------------------------------------------------------------------------------------
 # Public entry points.
@@ -88,7 +88,7 @@ def custom_root(
         tensor(0.0833, dtype=torch.float64)
     """
     api = "implicit.custom_root"
-    _check_callable(optimality_fn, "optimality_fn", api)
+    check_callable(optimality_fn, "optimality_fn", api)
     options = Options.make(api, "optimality_fn", solve, symmetric, on_failure, residual_tol)
     return _decorator(optimality_fn, options, has_aux)
 
@@ -139,45 +139,47 @@ def custom_fixed_point(
         True
     """
     api = "implicit.custom_fixed_point"
-    _check_callable(fixed_point_fn, "fixed_point_fn", api)
+    check_callable(fixed_point_fn, "fixed_point_fn", api)
     options = Options.make(api, "fixed_point_fn", solve, symmetric, on_failure, residual_tol)
-    return _decorator(fixed_point_residual(fixed_point_fn), options, has_aux)
+    return _decorator(fixed_point_residual(fixed_point_fn, api), options, has_aux)
 
 
-def fixed_point_residual(fixed_point_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``F(z, ...) = T(z, ...) - z`` (structure checked by the caller)."""
+def fixed_point_residual(fixed_point_fn: Callable[..., Any], api: str) -> Callable[..., Any]:
+    """``F(z, ...) = T(z, ...) - z``, with ``T``'s output checked against ``z`` before the
+    subtraction (which would broadcast a scalar or mismatched shape without a word)."""
 
     @functools.wraps(fixed_point_fn)
     def residual(z: PyTree, *args: Any, **kwargs: Any) -> PyTree:
         out = fixed_point_fn(z, *args, **kwargs)
-        leaves, spec = tree_flatten(out)
         z_leaves, z_spec = tree_flatten(z)
-        if spec != z_spec:
-            return out  # reported by Problem.F with key paths
-        return tree_unflatten(spec, [t - zi for t, zi in zip(leaves, z_leaves)])
+        leaves = flatten_like(
+            out,
+            z_spec,
+            z_leaves,
+            name="output",
+            root="fixed_point_fn(z, ...)",
+            api=api,
+            ref="the solution z",
+            what="the output of `fixed_point_fn`",
+        )
+        return tree_unflatten(z_spec, [t - zi for t, zi in zip(leaves, z_leaves)])
 
     return residual
 
 
 def _decorator(optimality_fn: Callable[..., Any], options: Options, has_aux: bool) -> Callable[..., Any]:
-    if not isinstance(has_aux, bool):
-        raise TypeError(f"`functx.{options.api}`: `has_aux` must be a bool, got {has_aux!r}.")
+    check_bool(has_aux, "has_aux", options.api)
 
     def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
-        _check_callable(solver, "solver", options.api)
+        check_callable(solver, "solver", options.api)
 
         @functools.wraps(solver)
         def implicit_solver(init: PyTree, *args: Any, **kwargs: Any) -> Any:
-            return call_root(Problem(options, optimality_fn, solver, has_aux, init, args, kwargs))
+            return call_root(RootProblem(options, optimality_fn, solver, has_aux, init, args, kwargs))
 
         return implicit_solver
 
     return decorator
-
-
-def _check_callable(fn: Any, name: str, api: str) -> None:
-    if not callable(fn):
-        raise TypeError(f"`functx.{api}`: `{name}` must be callable, got {describe(fn)}.")
 
 
 # --------------------------------------------------------------------------------------
@@ -228,7 +230,7 @@ def root_vjp(
     problem, z, d, s = _primitive_problem(
         api, optimality_fn, solution, args, solve, symmetric, on_failure, residual_tol
     )
-    z_bar = _flatten_like(cotangent, problem.z_spec, z, "cotangent", api)
+    z_bar = flatten_like(cotangent, problem.z_spec, z, name="cotangent", api=api, ref="the solution")
     d_bar = iter(problem.vjp(z, d, s, z_bar))
     leaves = [next(d_bar) if k in problem.diff_pos else None for k in range(len(problem.arg_leaves))]
     return tree_unflatten(problem.arg_spec, leaves)[0]
@@ -296,14 +298,15 @@ def _primitive_problem(
     symmetric: Any,
     on_failure: Any,
     residual_tol: Any,
-) -> tuple[Problem, Tensors, Tensors, Tensors]:
-    _check_callable(optimality_fn, "optimality_fn", api)
+) -> tuple[RootProblem, Tensors, Tensors, Tensors]:
+    check_callable(optimality_fn, "optimality_fn", api)
     options = Options.make(api, "optimality_fn", solve, symmetric, on_failure, residual_tol)
     if not isinstance(args, tuple):
         raise TypeError(
             f"`functx.{api}`: `args` must be a tuple of the arguments of `optimality_fn` after z, got {describe(args)}."
         )
-    problem = Problem(options, optimality_fn, None, False, None, args, {})
+    problem = RootProblem(options, optimality_fn, None, False, None, args, {})
+    problem.check_signature()
     z_leaves, problem.z_spec = tree_flatten(solution)
     problem.check_z(solution, z_leaves)
     leaves = problem.arg_leaves
@@ -318,32 +321,6 @@ def _arg_tangents(arg: Any, tangent: Any, name: str, api: str) -> list[torch.Ten
     diff = [k for k, leaf in enumerate(leaves) if is_differentiable(leaf)]
     if tangent is None:
         return [None] * len(diff)
-    t_leaves, t_spec = tree_flatten(tangent)
-    if t_spec != spec:
-        raise ValueError(
-            f"`functx.{api}`: `{name}` must have the structure of the argument: "
-            f"{structure_mismatch(spec, tangent, name)}. Expected {spec}, got {t_spec}."
-        )
-    paths = leaf_paths(tangent, name)
-    for k in diff:
-        _check_leaf(t_leaves[k], leaves[k], paths[k], api)
+    like = [leaf if k in diff else None for k, leaf in enumerate(leaves)]
+    t_leaves = flatten_like(tangent, spec, like, name=name, api=api, ref="the argument")
     return [t_leaves[k] for k in diff]
-
-
-def _flatten_like(
-    tree: PyTree, spec: TreeSpec, like: Sequence[torch.Tensor], name: str, api: str
-) -> list[torch.Tensor]:
-    leaves, got = tree_flatten(tree)
-    if got != spec:
-        raise ValueError(
-            f"`functx.{api}`: `{name}` must have the structure of the solution: "
-            f"{structure_mismatch(spec, tree, name)}. Expected {spec}, got {got}."
-        )
-    for path, leaf, ref in zip(leaf_paths(tree, name), leaves, like):
-        _check_leaf(leaf, ref, path, api)
-    return leaves
-
-
-def _check_leaf(leaf: Any, ref: torch.Tensor, path: str, api: str) -> None:
-    if not isinstance(leaf, torch.Tensor) or leaf.shape != ref.shape or leaf.dtype != ref.dtype:
-        raise ValueError(f"`functx.{api}`: {path} is {describe(leaf)} but must match {describe(ref)}.")

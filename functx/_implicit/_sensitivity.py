@@ -16,24 +16,24 @@ from typing import Any
 import torch
 
 from .. import _grad, _hessian, _jacobian, _vjp_jvp
-from .._core import is_differentiable
+from .._core import check_callable
+from .._solvers._functorch import forward_over_forward_ok
 from .._tree import (
     PyTree,
     describe,
-    leaf_paths,
-    structure_mismatch,
+    flatten_float,
+    flatten_like,
     tree_flatten,
     tree_structure,
     tree_unflatten,
     tree_vdot,
 )
-from ._functorch import forward_over_forward_ok
-from ._problem import Options, Problem, call_root
+from ._problem import Options, RootProblem, call_root
 
 
 def implicit_solution(k_fn: Callable[..., Any], z: PyTree, params: tuple[Any, ...], options: Options) -> PyTree:
     """``z`` (the root of ``k_fn(., *params)``) as a differentiable function of ``params``."""
-    return call_root(Problem(options, k_fn, _given, False, z, params, {}))
+    return call_root(RootProblem(options, k_fn, _given, False, z, params, {}))
 
 
 def _given(init: PyTree, *params: Any) -> PyTree:
@@ -94,11 +94,11 @@ def implicit_jacobian(
                 [0.0000, 0.1667]], dtype=torch.float64)
     """
     api = "implicit.implicit_jacobian"
-    options, zfun = _setup(api, k_fn, z, params, solve, symmetric, on_failure, residual_tol)
+    _, zfun = _setup(api, k_fn, z, params, solve, symmetric, on_failure, residual_tol)
     if Dg is not None and jvp_vec is not None:
         raise ValueError(f"`functx.{api}`: pass at most one of `Dg` (for a VJP) and `jvp_vec` (for JVPs).")
     if Dg is not None:
-        _check_like(Dg, z, "Dg", api)
+        _check_like(Dg, z, "Dg", api, "`z`")
         results = _vjp_jvp.vjp(zfun, *params)[1](Dg)
     elif jvp_vec is not None:
         tangents = _per_param(jvp_vec, params, "jvp_vec", api)
@@ -171,14 +171,14 @@ def implicit_hessian(
         (tensor(0.2500, dtype=torch.float64), tensor(-0.0312, dtype=torch.float64))
     """
     api = "implicit.implicit_hessian"
-    options, zfun = _setup(api, k_fn, z, params, solve, symmetric, on_failure, residual_tol)
+    _, zfun = _setup(api, k_fn, z, params, solve, symmetric, on_failure, residual_tol)
     if Dg is None:
         if Hg is not None or jvp_vec is not None:
             raise ValueError(f"`functx.{api}`: `Hg` and `jvp_vec` need `Dg` (the outer objective's gradient).")
         first = _jacobian_per_param(zfun, z, params)
         second = tuple(_second_derivative(_one(zfun, params, i), p, z) for i, p in enumerate(params))
     else:
-        _check_like(Dg, z, "Dg", api)
+        _check_like(Dg, z, "Dg", api, "`z`")
         outer = _outer_objective(Dg, _hg_matvec(Hg, z, api), z)
         objectives = [(lambda p, i=i: outer(_one(zfun, params, i)(p))) for i in range(len(params))]
         if jvp_vec is None:
@@ -208,8 +208,7 @@ def _setup(
     on_failure: Any,
     residual_tol: Any,
 ) -> tuple[Options, Callable[..., PyTree]]:
-    if not callable(k_fn):
-        raise TypeError(f"`functx.{api}`: `k_fn` must be callable, got {describe(k_fn)}.")
+    check_callable(k_fn, "k_fn", api)
     if not params:
         raise TypeError(f"`functx.{api}`: pass at least one parameter after `z`.")
     _check_float_tree(z, "z", api)
@@ -220,28 +219,12 @@ def _setup(
 
 
 def _check_float_tree(tree: PyTree, name: str, api: str) -> None:
-    leaves = tree_flatten(tree)[0]
-    if not leaves:
-        raise ValueError(f"`functx.{api}`: `{name}` must contain at least one tensor, got {tree!r}.")
-    for k, leaf in enumerate(leaves):
-        if not is_differentiable(leaf):
-            raise TypeError(
-                f"`functx.{api}`: {leaf_paths(tree, name)[k]} must be a floating-point tensor, got "
-                f"{describe(leaf)}. Close over non-differentiable data in `k_fn` instead."
-            )
+    flatten_float(tree, name=name, api=api, nonempty=True, hint="Close over non-differentiable data in `k_fn` instead.")
 
 
-def _check_like(tree: PyTree, like: PyTree, name: str, api: str) -> None:
-    spec, want = tree_structure(tree), tree_structure(like)
-    if spec != want:
-        raise ValueError(
-            f"`functx.{api}`: `{name}` must have the structure of `z`: {structure_mismatch(want, tree, name)}."
-        )
-    for k, (a, b) in enumerate(zip(tree_flatten(tree)[0], tree_flatten(like)[0])):
-        if not isinstance(a, torch.Tensor) or a.shape != b.shape:
-            raise ValueError(
-                f"`functx.{api}`: {leaf_paths(tree, name)[k]} is {describe(a)} but `z` has {describe(b)} there."
-            )
+def _check_like(tree: PyTree, like: PyTree, name: str, api: str, ref: str) -> None:
+    leaves, spec = tree_flatten(like)
+    flatten_like(tree, spec, leaves, name=name, api=api, ref=ref)
 
 
 def _per_param(vecs: Any, params: tuple[Any, ...], name: str, api: str) -> tuple[Any, ...]:
@@ -254,7 +237,7 @@ def _per_param(vecs: Any, params: tuple[Any, ...], name: str, api: str) -> tuple
             f"({len(params)}), got {describe(vecs)}."
         )
     for i, (v, p) in enumerate(zip(vecs, params)):
-        _check_like(v, p, f"{name}[{i}]", api)
+        _check_like(v, p, f"{name}[{i}]", api, f"`params[{i}]`")
     return tuple(vecs)
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from .._tree import PyTree
-from ._common import Problem, Solution, div, finish, iterate, safe_sqrt, setup
+from ._common import LinearProblem, Solution, div, finish, iterate, safe_sqrt, setup
 
 
 class _State(NamedTuple):
@@ -33,7 +33,7 @@ class _State(NamedTuple):
     sn: torch.Tensor
 
 
-def _initial(problem: Problem) -> tuple[_State, torch.Tensor]:
+def _initial(problem: LinearProblem) -> tuple[_State, torch.Tensor]:
     x, r = problem.start()
     y = problem.precondition(r)
     beta = safe_sqrt(torch.vdot(r, y).real)
@@ -46,7 +46,7 @@ def _initial(problem: Problem) -> tuple[_State, torch.Tensor]:
     return state, torch.where(rnorm > 0, problem.target * scale, problem.target)
 
 
-def run_minres(problem: Problem) -> Solution:
+def run_minres(problem: LinearProblem) -> Solution:
     A = problem.A
     eps = torch.finfo(problem.layout.real_dtype).eps
     state, tol = _initial(problem)

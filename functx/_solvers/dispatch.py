@@ -6,8 +6,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from .._core import check_bool, check_callable
 from .._tree import PyTree
-from ._common import Solution, check_callable
+from ._common import Solution
 from .bicgstab import bicgstab
 from .cg import cg, normal_cg
 from .dense import cholesky, lu
@@ -81,9 +82,8 @@ def solve(
     """
     api = "solvers.solve"
     check_callable(matvec, "matvec", api)
-    for name, flag in (("symmetric", symmetric), ("positive_definite", positive_definite)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"`functx.{api}`: `{name}` must be a bool, got {flag!r}.")
+    check_bool(symmetric, "symmetric", api)
+    check_bool(positive_definite, "positive_definite", api)
     if method not in METHODS:
         raise ValueError(f"`functx.{api}`: `method` must be one of {list(METHODS)}, got {method!r}.")
     if method == "auto":

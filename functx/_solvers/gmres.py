@@ -18,7 +18,18 @@ from collections.abc import Callable
 import torch
 
 from .._tree import PyTree
-from ._common import Problem, Solution, check_int, div, finish, norm, safe_sqrt, setup
+from ._common import (
+    LinearProblem,
+    Solution,
+    check_int,
+    div,
+    finish,
+    norm,
+    safe_sqrt,
+    setup,
+    stop,
+    warn_fixed_trip_count,
+)
 
 
 def _givens(a: torch.Tensor, h: torch.Tensor, use: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,16 +43,18 @@ def _givens(a: torch.Tensor, h: torch.Tensor, use: torch.Tensor) -> tuple[torch.
 
 
 def _cycle(
-    problem: Problem, x: torch.Tensor, r: torch.Tensor, active: torch.Tensor, m: int, iterations: torch.Tensor
+    problem: LinearProblem, x: torch.Tensor, r: torch.Tensor, active: torch.Tensor, m: int, iterations: torch.Tensor
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """At most ``m`` Arnoldi steps from ``x`` (residual ``r``); returns ``(x, steps, iterations)``."""
     start_active, tol, dtype = active, problem.target, r.dtype
     beta = torch.linalg.vector_norm(r)
     basis = [r * div(torch.ones_like(beta), beta, active & (beta > 0)).to(dtype)]
     g = [beta.to(dtype)]  # rotated right-hand side beta e_1
-    columns, rotations, used = [], [], []
+    columns: list[list[torch.Tensor]] = []
+    rotations: list[tuple[torch.Tensor, torch.Tensor]] = []
+    used: list[torch.Tensor] = []
     for j in range(m):
-        if problem.early_exit and not bool(active):
+        if stop(active, problem.early_exit):
             break
         w = problem.A(problem.precondition(basis[j]))
         V = torch.stack(basis)
@@ -75,13 +88,14 @@ def _cycle(
     return torch.where(start_active, x + dx, x), k, iterations
 
 
-def run_gmres(problem: Problem, restart: int) -> Solution:
+def run_gmres(problem: LinearProblem, restart: int) -> Solution:
     x, r = problem.start()
     iterations = torch.zeros((), dtype=torch.int64, device=r.device)
     steps = 0
+    warn_fixed_trip_count(norm(r) > problem.tol, problem.max_iter, problem.early_exit)
     while steps < problem.max_iter:  # a Python int: the same trip count in every lane
         active = norm(r) > problem.tol
-        if problem.early_exit and not bool(active):
+        if stop(active, problem.early_exit):
             break
         x, taken, iterations = _cycle(problem, x, r, active, min(restart, problem.max_iter - steps), iterations)
         steps += taken

@@ -4,7 +4,7 @@
 * :class:`Layout` maps a pytree of tensors to one flat vector and back, checking the
   structure, shapes and dtypes of everything that comes back from user callables. The
   kernels work on flat 1-D tensors: one tensor op per vector update, whatever the tree.
-* :class:`Problem` is a validated system ``(A + ridge I) x = b`` on flat vectors.
+* :class:`LinearProblem` is a validated system ``(A + ridge I) x = b`` on flat vectors.
 * :func:`iterate` is the one loop driver: a fixed trip count with masked updates (the
   state of a lane that has converged is frozen with ``torch.where``), and an early exit
   only in plain eager mode (see :func:`early_exit_allowed`).
@@ -12,15 +12,16 @@
 
 from __future__ import annotations
 
-import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
-from .._core import plain_eager
-from .._tree import PyTree, describe, leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
+from .._core import check_callable, plain_eager
+from .._tree import FlatLayout, PyTree, describe, flatten_float, flatten_like
+from ._functorch import all_true
 
 MAX_ITER_FACTOR = 10
 MAX_ITER_CAP = 1000
@@ -60,14 +61,6 @@ class Solution(NamedTuple):
 
 # --------------------------------------------------------------------------------------
 # Option validation.
-
-
-def check_callable(fn: Any, name: str, api: str, optional: bool = False) -> None:
-    if fn is None and optional:
-        return
-    if not callable(fn):
-        kind = "None or a callable" if optional else "a callable"
-        raise TypeError(f"`functx.{api}`: `{name}` must be {kind}, got {describe(fn)}.")
 
 
 def _is_number(value: Any) -> bool:
@@ -123,77 +116,24 @@ def check_ridge(ridge: Any, api: str) -> float | torch.Tensor | None:
 # Pytrees <-> flat vectors.
 
 
-class Layout:
-    """The flat-vector layout of a pytree of floating-point or complex tensors.
-
-    Leaves are raveled and concatenated in optree order, promoted to one common dtype;
-    :meth:`unravel` restores shapes and per-leaf dtypes.
-    """
+class Layout(FlatLayout):
+    """The flat-vector layout of a pytree of floating-point or complex tensors (core's
+    :class:`~functx._tree.FlatLayout`), and the check of everything that comes back from
+    user callables against it (:func:`~functx._tree.flatten_like`)."""
 
     def __init__(self, tree: PyTree, name: str, api: str) -> None:
-        leaves, self.spec = tree_flatten(tree)
-        self.api, self.name = api, name
-        if not leaves:
-            raise ValueError(f"`functx.{api}`: `{name}` must contain at least one tensor, got {tree!r}.")
-        for k, leaf in enumerate(leaves):
-            if not (isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex())):
-                raise TypeError(
-                    f"`functx.{api}`: {leaf_paths(tree, name)[k]} must be a floating-point or complex "
-                    f"tensor, got {describe(leaf)}."
-                )
-        self.shapes = [leaf.shape for leaf in leaves]
-        self.dtypes = [leaf.dtype for leaf in leaves]
-        self.sizes = [leaf.numel() for leaf in leaves]
-        self.size = sum(self.sizes)
-        self.dtype = functools.reduce(torch.promote_types, self.dtypes)
-        self.real_dtype = self.dtype.to_real() if self.dtype.is_complex else self.dtype
-        self.uniform = all(d == self.dtype for d in self.dtypes)  # no casts needed
-        self.device = leaves[0].device
+        leaves, spec = flatten_float(tree, name=name, api=api, nonempty=True, hint="")
+        super().__init__(leaves, spec, name=name, api=api)
+        self.like = leaves
 
     def check(self, tree: PyTree, root: str, what: str) -> list[torch.Tensor]:
         """The leaves of ``tree``, checked against this layout; ``what`` names ``tree`` in errors."""
-        leaves, spec = tree_flatten(tree)
-        api, ref = self.api, f"`{self.name}`"
-        if spec != self.spec:
-            raise ValueError(
-                f"`functx.{api}`: {what} must have the tree structure of {ref}: "
-                f"{structure_mismatch(self.spec, tree, root)}. Expected {self.spec}, got {spec}."
-            )
-        for k, leaf in enumerate(leaves):
-            if isinstance(leaf, torch.Tensor) and leaf.shape == self.shapes[k] and leaf.dtype == self.dtypes[k]:
-                continue
-            path = leaf_paths(tree, root)[k]
-            if not isinstance(leaf, torch.Tensor):
-                raise TypeError(f"`functx.{api}`: {path} (in {what}) must be a tensor, got {describe(leaf)}.")
-            if leaf.shape != self.shapes[k]:
-                raise ValueError(
-                    f"`functx.{api}`: {path} (in {what}) has shape {tuple(leaf.shape)}, but the "
-                    f"corresponding leaf of {ref} has shape {tuple(self.shapes[k])}."
-                )
-            raise TypeError(
-                f"`functx.{api}`: {path} (in {what}) has dtype {leaf.dtype}, but the corresponding "
-                f"leaf of {ref} has dtype {self.dtypes[k]}; cast it with `.to({self.dtypes[k]})`."
-            )
-        return leaves
+        return flatten_like(
+            tree, self.spec, self.like, name=root, api=self.api, ref=f"`{self.name}`", root=root, what=what
+        )
 
     def ravel(self, tree: PyTree, root: str, what: str) -> torch.Tensor:
-        leaves = self.check(tree, root, what)
-        if len(leaves) == 1:
-            return leaves[0].reshape(-1)
-        if self.uniform:
-            return torch.cat([leaf.reshape(-1) for leaf in leaves])
-        return torch.cat([leaf.reshape(-1).to(self.dtype) for leaf in leaves])
-
-    def unravel(self, flat: torch.Tensor) -> PyTree:
-        if len(self.sizes) == 1:
-            return tree_unflatten(self.spec, [flat.reshape(self.shapes[0])])
-        pieces = torch.split(flat, self.sizes)
-        if self.uniform:
-            return tree_unflatten(self.spec, [p.reshape(s) for p, s in zip(pieces, self.shapes)])
-        return tree_unflatten(self.spec, [p.reshape(s).to(d) for p, s, d in zip(pieces, self.shapes, self.dtypes)])
-
-    def zeros(self) -> torch.Tensor:
-        return torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        return self.ravel_leaves(self.check(tree, root, what))
 
 
 Flat = Callable[[torch.Tensor], torch.Tensor]
@@ -227,7 +167,7 @@ def shifted(op: Flat, ridge: float | torch.Tensor | None) -> Flat:
 LOOP_MARGIN = 0.5
 
 
-class Problem(NamedTuple):
+class LinearProblem(NamedTuple):
     """``(A + ridge I) x = b`` on flat vectors; ``A`` already includes the ridge."""
 
     layout: Layout  # of the solution x
@@ -270,8 +210,8 @@ def setup(
     max_iter: Any,
     preconditioner: Any,
     ridge: Any,
-) -> Problem:
-    """Validate the arguments of a square solve and build its :class:`Problem`."""
+) -> LinearProblem:
+    """Validate the arguments of a square solve and build its :class:`LinearProblem`."""
     check_callable(matvec, "matvec", api)
     check_callable(preconditioner, "preconditioner", api, optional=True)
     layout = Layout(b, "b", api)
@@ -283,7 +223,7 @@ def setup(
     flat_x0 = None if x0 is None else layout.ravel(x0, "x0", "`x0`")
     A = shifted(flat_map(matvec, layout, layout, "matvec", "x"), cast_ridge(ridge, layout))
     M = None if preconditioner is None else flat_map(preconditioner, layout, layout, "preconditioner", "r")
-    return Problem(
+    return LinearProblem(
         layout,
         flat_b,
         flat_x0,
@@ -306,10 +246,44 @@ def cast_ridge(ridge: float | torch.Tensor | None, layout: Layout) -> float | to
 
 
 def early_exit_allowed(*tensors: torch.Tensor | None) -> bool:
-    """Whether a solver may stop early by reading a tensor value (``bool(active)``): only in
-    plain eager mode (see ``functx._core.plain_eager``). Everywhere else the solvers run
-    ``max_iter`` masked iterations."""
+    """Whether a solver may stop early by reading a tensor value (``bool(active)``) and skip
+    the masking: only in plain eager mode (see ``functx._core.plain_eager``). Elsewhere the
+    solvers run masked iterations and stop when :func:`stop` sees every lane done."""
     return plain_eager(*tensors)
+
+
+LARGE_MAX_ITER = 10_000
+
+
+def warn_fixed_trip_count(active: torch.Tensor, max_iter: int, early_exit: bool) -> None:
+    """Warn when a large ``max_iter`` will run in full because no flag can be read (tracing,
+    fake tensors). Not under ``torch.compile``: a warning would break ``fullgraph=True``, and
+    compiling unrolls every iteration anyway (documented instead)."""
+    if early_exit or max_iter <= LARGE_MAX_ITER or torch.compiler.is_compiling():
+        return
+    if all_true(~active) is None:
+        warnings.warn(
+            f"`functx.solvers`: max_iter={max_iter} iterations will all run: under this transform "
+            f"or tracer the convergence flags cannot be read, so the solver cannot stop early. Pass "
+            f"a smaller `max_iter`.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def stop(active: torch.Tensor, early_exit: bool) -> bool:
+    """Whether no lane is active any more, so the remaining iterations may be skipped.
+
+    In plain eager mode this is ``not bool(active)``. Under transforms (``vmap``, ``grad``,
+    ``jvp``... in eager mode) the flag is read in every lane at once under the functorch
+    wrappers (:func:`~functx._solvers._functorch.all_true`): once every lane has converged,
+    the remaining masked iterations would be no-ops in values and derivatives, so stopping
+    changes nothing but the time. Where the flag cannot be read (``torch.compile``,
+    tracing, fake tensors) the loop keeps its fixed trip count of ``max_iter``.
+    """
+    if early_exit:
+        return not bool(active)
+    return all_true(~active) is True
 
 
 def norm(v: torch.Tensor) -> torch.Tensor:
@@ -342,15 +316,16 @@ def iterate(step: Step, state: Any, active: torch.Tensor, max_iter: int, early_e
     """Run ``step`` at most ``max_iter`` times; return ``(state, iterations)``.
 
     ``step(state, active)`` returns ``(new_state, not_done)``. A lane stops being active
-    once ``not_done`` is False; its state is frozen from then on. With ``early_exit``
-    (plain eager mode) the loop stops as soon as nothing is active, and no masking is
-    needed since every executed step is active.
+    once ``not_done`` is False; its state is frozen from then on. The loop stops as soon
+    as :func:`stop` sees no active lane; with ``early_exit`` (plain eager mode) no masking
+    is needed since every executed step is active.
     """
     iterations = torch.zeros((), dtype=torch.int64, device=active.device)
+    warn_fixed_trip_count(active, max_iter, early_exit)
     for _ in range(max_iter):
+        if stop(active, early_exit):
+            break
         if early_exit:
-            if not bool(active):
-                break
             state, not_done = step(state, active)
         else:
             new, not_done = step(state, active)
@@ -361,7 +336,7 @@ def iterate(step: Step, state: Any, active: torch.Tensor, max_iter: int, early_e
 
 
 def finish(
-    problem: Problem, x: torch.Tensor, iterations: torch.Tensor, residual: torch.Tensor | None = None
+    problem: LinearProblem, x: torch.Tensor, iterations: torch.Tensor, residual: torch.Tensor | None = None
 ) -> Solution:
     """Package ``x``: recompute the true residual (unless given) and the converged flag."""
     if residual is None:

@@ -7,15 +7,15 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._core import check_callable
 from .._tree import PyTree
 from .._vjp_jvp import vjp
 from ._common import (
     Flat,
     Layout,
-    Problem,
+    LinearProblem,
     Solution,
     cast_ridge,
-    check_callable,
     check_int,
     check_ridge,
     check_tolerance,
@@ -40,7 +40,7 @@ class _State(NamedTuple):
     rz: torch.Tensor  # <r, M r>
 
 
-def run_cg(problem: Problem) -> Solution:
+def run_cg(problem: LinearProblem) -> Solution:
     """Preconditioned CG on a validated problem (``A`` Hermitian positive definite)."""
     A, tol = problem.A, problem.target
     x, r = problem.start()
@@ -192,7 +192,7 @@ def normal_cg(
         rhs = AT(flat_b)
     flat_x0 = None if x0 is None else x_layout.ravel(x0, "x0", "`x0`")
     M = None if preconditioner is None else flat_map(preconditioner, x_layout, x_layout, "preconditioner", "r")
-    problem = Problem(
+    problem = LinearProblem(
         x_layout,
         rhs,
         flat_x0,
@@ -224,6 +224,13 @@ def _adjoint(matvec: Any, rmatvec: Any, x_layout: Layout, b_layout: Layout) -> F
     if rmatvec is not None:
         return flat_map(rmatvec, b_layout, x_layout, "rmatvec", "y")
     zero = x_layout.unravel(x_layout.zeros())
-    out, vjp_fn = vjp(matvec, zero)
+    try:
+        out, vjp_fn = vjp(matvec, zero)
+    except RuntimeError as e:  # most often a rectangular A applied to a vector shaped like b
+        raise ValueError(
+            "`functx.solvers.normal_cg`: `matvec` failed on a vector shaped like `b` (the solution "
+            "space when neither `x0` nor `rmatvec` is given, i.e. a square A). For a rectangular A, "
+            f"pass `x0` (a pytree in the solution space) or `rmatvec`. The error was: {e}"
+        ) from e
     b_layout.check(out, "matvec(x)", "the output of `matvec`")
     return lambda y: x_layout.ravel(vjp_fn(b_layout.unravel(y))[0], "rmatvec(y)", "the adjoint of `matvec`")

@@ -9,12 +9,12 @@ from typing import Any
 import optree
 import torch
 
+from .._core import check_bool, check_callable
 from .._tree import NAMESPACE, PyTree
 from ._common import (
     Layout,
     Solution,
     cast_ridge,
-    check_callable,
     check_ridge,
     check_tolerance,
     default_rtol,
@@ -29,7 +29,7 @@ def _static(**kwargs: Any) -> Any:
     return dataclasses.field(metadata={"pytree_node": False}, **kwargs)
 
 
-@optree.dataclasses.dataclass(namespace=NAMESPACE)
+@optree.dataclasses.dataclass(namespace=NAMESPACE)  # type: ignore[call-overload]
 class Factorization:
     """A materialised, factored operator; :meth:`solve` reuses the factors for every
     right-hand side. Returned by :func:`factorize`.
@@ -80,8 +80,7 @@ class Factorization:
             >>> f.solve(torch.tensor([2.0, 5.0], dtype=torch.float64), adjoint=True).value
             tensor([1., 1.], dtype=torch.float64)
         """
-        if not isinstance(adjoint, bool):
-            raise TypeError(f"`functx.solvers.Factorization.solve`: `adjoint` must be a bool, got {adjoint!r}.")
+        check_bool(adjoint, "adjoint", "solvers.Factorization.solve")
         flat = self.layout.ravel(b, "b", "`b`")
         if self.method == "lu":
             x = torch.linalg.lu_solve(self.factors, self.pivots, flat[:, None], adjoint=adjoint)[:, 0]

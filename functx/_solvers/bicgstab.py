@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from .._tree import PyTree
-from ._common import Problem, Solution, div, finish, iterate, norm, setup
+from ._common import LinearProblem, Solution, div, finish, iterate, norm, setup
 
 
 class _State(NamedTuple):
@@ -22,7 +22,7 @@ class _State(NamedTuple):
     omega: torch.Tensor
 
 
-def run_bicgstab(problem: Problem) -> Solution:
+def run_bicgstab(problem: LinearProblem) -> Solution:
     A, tol = problem.A, problem.target
     x, r = problem.start()
     one = torch.ones((), dtype=r.dtype, device=r.device)

@@ -24,8 +24,11 @@ from typing import Any
 
 import torch
 
-from .._tree import TreeSpec, describe, structure_mismatch, tree_flatten, tree_unflatten
-from ._functorch import all_true, forward_rule, plain, revive
+from .._core import check_bool
+from .._tree import TreeSpec, describe, flatten_like, tree_flatten, tree_norm, tree_unflatten
+from ._functorch import all_true, eager_under_compile, forward_rule, plain, revive
+from .cg import normal_cg
+from .dispatch import SOLVERS
 
 Tensors = tuple[torch.Tensor, ...]
 MakeMatvec = Callable[[Tensors], Callable[[Tensors], Tensors]]
@@ -53,8 +56,7 @@ def check_solve(solve: Any, symmetric: Any, api: str) -> tuple[Any, bool]:
     ``"auto"`` is ``"cg"`` for a declared symmetric Jacobian and ``"gmres"`` otherwise; the
     symmetric-only solvers (``"cg"``, ``"minres"``, ``"cholesky"``) imply ``symmetric=True``.
     """
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"`functx.{api}`: `symmetric` must be a bool, got {symmetric!r}.")
+    check_bool(symmetric, "symmetric", api)
     if callable(solve):
         return solve, symmetric
     if not isinstance(solve, str):
@@ -139,7 +141,7 @@ class Operator:
             iterations = result.iterations
         else:
             x, ok, residual, iterations = result, None, None, None
-        x_leaves = self._check_x(x)
+        x_leaves = self._check_x(x, b)
         if ok is None:  # a user solve without a convergence report: check the residual
             ok, residual = _residual_ok(matvec, x_leaves, b)
         report(ok, self.on_failure, lambda: self._failure_message(residual, iterations))
@@ -148,28 +150,23 @@ class Operator:
     def _call_solver(self, matvec: Callable[[Any], Any], b: Any, ops: Tensors) -> Any:
         if callable(self.solve):
             return self.solve(matvec, b)
-        from .. import solvers  # deferred: functx.solvers imports the core only
-
         if self.solve == "normal_cg":
             rmatvec = self.make_rmatvec(ops)
             tree_rmatvec = lambda u: tree_unflatten(self.spec, rmatvec(tuple(tree_flatten(u)[0])))
-            return solvers.normal_cg(matvec, b, rmatvec=tree_rmatvec)
-        return getattr(solvers, self.solve)(matvec, b)
+            return normal_cg(matvec, b, rmatvec=tree_rmatvec)
+        return SOLVERS[self.solve](matvec, b)
 
-    def _check_x(self, x: Any) -> list[torch.Tensor]:
-        leaves, spec = tree_flatten(x)
-        if spec != self.spec:
-            raise ValueError(
-                f"`functx.{self.api}`: the linear `solve` must return a pytree shaped like its "
-                f"right-hand side `b` (or a `functx.solvers.Solution`): "
-                f"{structure_mismatch(self.spec, x, 'x')}. Expected {self.spec}, got {spec}."
-            )
-        for leaf in leaves:
-            if not isinstance(leaf, torch.Tensor):
-                raise TypeError(
-                    f"`functx.{self.api}`: the linear `solve` returned {describe(leaf)} where a tensor was expected."
-                )
-        return leaves
+    def _check_x(self, x: Any, b: Tensors) -> list[torch.Tensor]:
+        return flatten_like(
+            x,
+            self.spec,
+            b,
+            name="x",
+            root="solve(matvec, b)",
+            api=self.api,
+            ref="its right-hand side `b`",
+            what="the linear `solve`'s result (a pytree, or a `functx.solvers.Solution`)",
+        )
 
     def _failure_message(self, residual: torch.Tensor | None, iterations: torch.Tensor | None) -> str:
         details = "" if residual is None else f" (residual norm {_worst(residual)}"
@@ -195,7 +192,7 @@ class Operator:
         diff, static = ops[: self.n_diff], ops[self.n_diff :]
         if not diff:
             return ()
-        _, pullback = torch.func.vjp(self._apply_at(x, static), *diff)
+        pullback = torch.func.vjp(self._apply_at(x, static), *diff)[1]
         return tuple(-g for g in pullback(tuple(cotangent)))
 
     def ops_jvp(self, ops: Tensors, x: Tensors, tangents: Sequence[torch.Tensor | None]) -> Tensors | None:
@@ -223,7 +220,7 @@ def _residual_ok(
 
 def norm(leaves: Sequence[torch.Tensor]) -> torch.Tensor:
     """The Euclidean norm of a list of tensors, for checks only (no gradient)."""
-    return torch.sqrt(sum((leaf.detach().abs() ** 2).sum() for leaf in leaves))
+    return tree_norm([leaf.detach() for leaf in leaves])
 
 
 def _solve_name(solve: Any) -> str:
@@ -255,9 +252,9 @@ class LinearSolve(torch.autograd.Function):
         ctx.save_for_forward(*inputs[1 + op.n :], *output)
 
     @staticmethod
-    def backward(ctx: Any, *x_bar: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         op = ctx.op
-        saved, x_bar = revive(ctx.saved_tensors), revive(x_bar)
+        saved, x_bar = revive(ctx.saved_tensors), revive(grads)
         ops, x = saved[: -op.n], saved[-op.n :]
         b_bar = solve(op.transpose("adjoint"), ops, x_bar)
         ops_bar = op.ops_vjp(ops, x, b_bar)
@@ -276,6 +273,8 @@ class LinearSolve(torch.autograd.Function):
             return solve(op.with_role("tangent"), ops, tuple(rhs))
 
 
+@eager_under_compile
 def solve(op: Operator, ops: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> Tensors:
-    """``A(ops)^{-1} b`` on flat leaves, differentiable in ``b`` and the first ``op.n_diff`` ops."""
+    """``A(ops)^{-1} b`` on flat leaves, differentiable in ``b`` and the first ``op.n_diff`` ops
+    (eager at a graph break under ``torch.compile``, see :func:`eager_under_compile`)."""
     return LinearSolve.apply(op, *b, *ops)
