@@ -198,6 +198,17 @@ def flatten_float(
     return leaves, spec
 
 
+_NAMESPACE_SUFFIX = f", namespace={NAMESPACE!r}"
+
+
+def _same_ignoring_namespace(a: TreeSpec, b: TreeSpec) -> bool:
+    """Whether two specs differ only by the namespace tag: Dynamo's optree polyfill drops it
+    from specs built across a ``torch.compile`` graph break (only reached on the error path)."""
+    return a.num_leaves == b.num_leaves and repr(a).replace(_NAMESPACE_SUFFIX, "") == repr(b).replace(
+        _NAMESPACE_SUFFIX, ""
+    )
+
+
 def flatten_like(
     tree: PyTree,
     spec: TreeSpec,
@@ -232,7 +243,7 @@ def flatten_like(
         has the wrong dtype.
     """
     leaves, got = tree_flatten(tree)
-    if got != spec:
+    if got != spec and not _same_ignoring_namespace(got, spec):
         root = root or name
         raise ValueError(
             f"`functx.{api}`: {what or f'`{name}`'} must have the same tree structure as {ref}: "
