@@ -17,8 +17,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
+
+# ruff (lint + format) over the Python sources and mypy over functx/, all clean.
+LINTED := functx tests benchmarks examples docs
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
 
 # The site, built strictly (a broken link or reference fails) into site/.
 docs: $(STAMP)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn import make_functional
 from .._tree import leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
+from ..nn import make_functional
 
 
 class Layout:
