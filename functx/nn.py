@@ -36,10 +36,10 @@ Attributes holding a module of the tree or a method bound to one are redirected 
 per-call copies.
 """
 
-from ._nn import FunctionalModule as FunctionalModule
-from ._nn import make_functional as make_functional
-from ._nn import stack as stack
-from ._nn_select import combine as combine
-from ._nn_select import partition as partition
+from ._nn._module import FunctionalModule as FunctionalModule
+from ._nn._module import make_functional as make_functional
+from ._nn._select import combine as combine
+from ._nn._select import partition as partition
+from ._nn._stack import stack as stack
 
 __all__ = ["FunctionalModule", "combine", "make_functional", "partition", "stack"]

@@ -672,13 +672,84 @@ def test_structure_changed_after_conversion():
     model = nn.Sequential(nn.Linear(3, 3)).to(D)
     fmodel, params, buffers = fnn.make_functional(model)
     model.append(nn.Linear(3, 3).to(D))
-    with pytest.raises(RuntimeError, match="changed after conversion"):
+    with pytest.raises(ValueError, match=r"changed after `functx.nn.make_functional`.*submodule '1' was added"):
         fmodel(params, buffers, torch.ones(1, 3, dtype=D))
     model = nn.Linear(3, 3)
     fmodel, params, buffers = fnn.make_functional(model)
     parametrize.register_parametrization(model, "weight", Symmetric())
-    with pytest.raises(RuntimeError, match="changed after conversion"):
+    with pytest.raises(ValueError, match="the root module is now a ParametrizedLinear, was a Linear"):
         fmodel(params, buffers, torch.ones(1, 3))
+
+
+def changed_calls():
+    """``(change, expected message)``: each change made to a fresh 3-3-2 MLP."""
+
+    def swap(m):
+        m[1] = nn.ReLU()
+
+    def reshape(m):
+        m[0].weight = nn.Parameter(torch.ones(4, 3, dtype=D))
+
+    def reshape_in_place(m):
+        m[0].weight.data = torch.ones(4, 3, dtype=D)
+
+    def drop_bias(m):
+        m[2].bias = None
+
+    def add_param(m):
+        m[2].scale = nn.Parameter(torch.ones(1, dtype=D))
+
+    def remove_buffer(m):
+        del m[0].mask
+
+    return [
+        (swap, r"submodule '1' was replaced \(Tanh -> ReLU\)"),
+        (reshape, r"parameter '0.weight' has shape \(4, 3\), was \(3, 3\)"),
+        (reshape_in_place, r"parameter '0.weight' has shape \(4, 3\), was \(3, 3\)"),
+        (drop_bias, r"parameter '2.bias' is now None"),
+        (add_param, r"parameter '2.scale' was added"),
+        (remove_buffer, r"buffer '0.mask' was removed"),
+    ]
+
+
+@pytest.mark.parametrize("change, message", changed_calls(), ids=lambda c: getattr(c, "__name__", ""))
+def test_changed_module_is_a_value_error_before_work(change, message):
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).to(D)
+    model[0].register_buffer("mask", torch.ones(3, dtype=D))
+    fmodel, params, buffers = fnn.make_functional(model)
+    change(model)
+    ran = []
+    model.register_forward_pre_hook(lambda *_: ran.append(1))
+    model[0].register_forward_pre_hook(lambda *_: ran.append(1))
+    new_params = {n: p.detach() for n, p in model.named_parameters()}
+    for p in (params, new_params):
+        with pytest.raises(ValueError, match=message + r".*call `functx.nn.make_functional` again"):
+            fmodel(p, buffers, torch.ones(2, 3, dtype=D))
+    assert not ran
+
+
+def test_unchanged_structure_is_accepted():
+    """Entries replaced by tensors of the same shape (a forward reassigning its buffer, a
+    parameter re-created) are no structural change: the call runs, on the given tensors."""
+
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2).to(D)
+            self.register_buffer("count", torch.zeros((), dtype=D))
+
+        def forward(self, x):
+            self.count = self.count + 1
+            return self.lin(x)
+
+    model = Counter()
+    fmodel, params, buffers = fnn.make_functional(model)
+    x = torch.randn(3, 2, dtype=D)
+    model(x)
+    model.lin.weight = nn.Parameter(torch.zeros(2, 2, dtype=D))
+    out, new = fmodel.stateful(params, buffers, x)
+    assert_tree_allclose(out, x @ params["lin.weight"].T + params["lin.bias"])
+    assert new["count"] == buffers["count"] + 1
 
 
 def test_unconvertible_modules():
