@@ -261,7 +261,7 @@ def test_batchnorm_train_stateful_matches_module_and_never_writes():
     given = tensors_snapshot(buffers)
     ref = copy.deepcopy(module)
     b = buffers
-    for step in range(2):
+    for _step in range(2):
         x = torch.randn(4, 2, 6, 6, dtype=D)
         out, b = fmodel.stateful(params, b, x)
         assert_tree_allclose(out, ref(x), rtol=1e-12, atol=1e-12)
@@ -558,7 +558,7 @@ def test_partition_and_combine_errors():
     params = {"fc1.weight": torch.ones(1), "fc2.weight": torch.ones(1)}
     with pytest.raises(ValueError, match=r"'fc3\.\*' matches no name"):
         fnn.partition(params, "fc3.*")
-    with pytest.raises(ValueError, match="Did you mean 'fc1.weight'"):
+    with pytest.raises(ValueError, match=r"Did you mean 'fc1\.weight'"):
         fnn.partition(params, ["fc1.wieght"])
     with pytest.raises(ValueError, match="matches no name"):
         fnn.partition(params, re.compile("conv"))
@@ -566,7 +566,7 @@ def test_partition_and_combine_errors():
         fnn.partition(params, 3)
     with pytest.raises(TypeError, match="`tree` must be a dict"):
         fnn.partition([torch.ones(1)], "*")
-    with pytest.raises(ValueError, match="'fc1.weight' appears in more than one"):
+    with pytest.raises(ValueError, match=r"'fc1\.weight' appears in more than one"):
         fnn.combine(params, {"fc1.weight": torch.zeros(1)})
     with pytest.raises(TypeError, match="argument 1 must be a dict"):
         fnn.combine(params, [1])
@@ -608,7 +608,7 @@ def test_stack_matches_members_and_validates():
         fnn.stack(members[0])
     with pytest.raises(TypeError, match=r"modules\[1\]"):
         fnn.stack([members[0], "not a module"])
-    with pytest.raises(ValueError, match="has shape \\(3, 4, 3\\).*vmap"):
+    with pytest.raises(ValueError, match=r"has shape \(3, 4, 3\).*vmap"):
         fmodel(params, buffers, x)
 
 
@@ -664,7 +664,7 @@ def test_parametrized_override_by_plain_name_is_refused():
     ):
         fmodel({**params, "0.weight": torch.eye(4, dtype=D)}, buffers, x)
     with parametrize.cached():
-        with pytest.raises(RuntimeError, match="parametrize.cached"):
+        with pytest.raises(RuntimeError, match=r"parametrize\.cached"):
             fmodel(params, buffers, x)
 
 
@@ -753,14 +753,14 @@ def test_unchanged_structure_is_accepted():
 
 
 def test_unconvertible_modules():
-    with pytest.raises(TypeError, match="expected a torch.nn.Module, got function"):
+    with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module, got function"):
         fnn.make_functional(lambda x: x)
     scripted = torch.jit.script(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="TorchScript"):
         fnn.make_functional(scripted)
     with pytest.raises(TypeError, match=r"submodule '1' is a TorchScript"):
         fnn.make_functional(nn.Sequential(nn.Tanh(), scripted))
-    with pytest.raises(TypeError, match="torch.compile"):
+    with pytest.raises(TypeError, match=r"torch\.compile"):
         fnn.make_functional(torch.compile(nn.Linear(2, 2)))
     compiled_in_place = nn.Linear(2, 2)
     compiled_in_place.compile()

@@ -283,7 +283,7 @@ def test_batchnorm_hint_only_for_the_batchnorm_error():
             raise RuntimeError("boom")
 
     fmodel, params, buffers = fnn.make_functional(nn.Sequential(Boom(), nn.BatchNorm1d(3)).to(torch.float64))
-    with pytest.raises(RuntimeError, match="^boom$"):
+    with pytest.raises(RuntimeError, match=r"^boom$"):
         functx.vmap(lambda xi: fmodel.stateful(params, buffers, xi))(torch.randn(2, 4, 3, dtype=torch.float64))
     members = [bn_model() for _ in range(3)]
     fmodel, params, buffers = fnn.stack(members)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._convert import check_convertible, fixes
+from ._convert import Fix, check_convertible, fixes
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -54,7 +54,7 @@ class Node:
         self.keys = tuple(tuple(d[k]) for k in OWN)
         self.shapes = tuple(tuple(_shape(v) for v in d[k].values()) for k in OWN[:2])
         self.submodules = tuple(d["_modules"].values())
-        self.fixes: tuple[tuple[str, str, Any], ...] = ()
+        self.fixes: tuple[tuple[Fix, str, Any], ...] = ()
         self.rnn = isinstance(module, nn.RNNBase)
         self.norm = isinstance(module, nn.modules.batchnorm._NormBase)
 
@@ -117,7 +117,8 @@ class Plan:
                 if v is not None:
                     group.aliases.setdefault(prefix + k, group.index[id(v)])
         if parametrize.is_parametrized(module):
-            for tensor_name, plist in module.parametrizations.items():
+            parametrizations: Any = module.parametrizations
+            for tensor_name, plist in parametrizations.items():
                 originals = [f"{prefix}parametrizations.{tensor_name}.{k}" for k in plist._parameters]
                 originals += [f"{prefix}parametrizations.{tensor_name}.{k}" for k in plist._buffers]
                 self.virtual[prefix + tensor_name] = ", ".join(repr(o) for o in originals)

@@ -40,7 +40,7 @@ def _resolve_aliases(group: Group, given: Mapping[str, Any], plan: Plan, api: st
     for key, value in given.items():
         k = group.aliases.get(key)
         if k is None:
-            _unknown_key(group, key, plan, api)
+            raise _unknown_key(group, key, plan, api)
         if seen[k] is not None and values[k] is not value:
             raise ValueError(
                 f"`functx.nn.{api}`: {group.kind}[{seen[k]!r}] and {group.kind}[{key!r}] are tied (one "
@@ -58,9 +58,9 @@ def _resolve_aliases(group: Group, given: Mapping[str, Any], plan: Plan, api: st
     return values
 
 
-def _unknown_key(group: Group, key: str, plan: Plan, api: str) -> None:
+def _unknown_key(group: Group, key: str, plan: Plan, api: str) -> ValueError:
     if key in plan.virtual and group.kind == "params":
-        raise ValueError(
+        return ValueError(
             f"`functx.nn.{api}`: params[{key!r}] is computed by a parametrization "
             f"(torch.nn.utils.parametrize) and cannot be overridden by its plain name; pass its "
             f"original tensor(s) {plan.virtual[key]} instead."
@@ -71,7 +71,7 @@ def _unknown_key(group: Group, key: str, plan: Plan, api: str) -> None:
         hint = f" It is a {other.noun}: pass it in `{other.kind}`."
     else:
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"`functx.nn.{api}`: {group.kind}[{key!r}] is not a {group.noun} of the module.{hint}")
+    return ValueError(f"`functx.nn.{api}`: {group.kind}[{key!r}] is not a {group.noun} of the module.{hint}")
 
 
 def _bad_value(group: Group, k: int, value: Any, api: str) -> None:
