@@ -6,14 +6,16 @@ Change one import line and keep every behaviour::
 
 The six functions have the original's signatures, defaults, result nesting, ``strict`` and
 ``create_graph`` semantics, ``no_grad`` behaviour, exception types and messages. What
-changes is the engine (the policy, with its measurements, is ``functx._autograd_functional._spec.route``):
+changes is the engine (the policy is ``functx._autograd_functional._spec.route``; the
+speed-ups are measured in docs/benchmarks.md):
 
 * ``jacobian`` and ``hessian`` run functx's vectorized core (``torch.func`` underneath)
-  by default, not only with ``vectorize=True``: about 10x faster at n=256. ``strategy``
+  by default, not only with ``vectorize=True``. ``strategy``
   keeps its meaning (reverse or forward mode), and forward mode also works without
   ``vectorize=True`` and with ``create_graph=True``, which the original refuses.
 * ``jvp`` runs forward mode instead of the double-backward trick for large inputs.
-* ``hvp`` runs reverse over reverse instead of the double-backward trick (2x faster).
+* ``hvp`` runs reverse over reverse instead of the double-backward trick (one backward
+  pass fewer).
 * ``vjp`` and ``vhp`` are already optimal and run the original algorithm unchanged.
 * complex inputs or outputs run the original: its conventions, and its errors (such as
   ``jacobian`` of a complex output), are kept exactly.

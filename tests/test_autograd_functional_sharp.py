@@ -204,3 +204,20 @@ def test_in_place_on_intermediates_is_fine(size):
     assert_same_outcome(
         lambda: AF.jacobian(f, small, strategy="forward-mode"), lambda: TAF.jacobian(f, small, vectorize=True)
     )
+
+
+def test_forward_mode_fallback_never_writes_the_caller():
+    """A func torch.func cannot run (reading its input's storage through numpy) that also
+    writes its input: the call reruns the original's forward mode, which would write the
+    caller's tensor; it runs on copies instead and returns the original's numbers."""
+
+    def f(t):
+        scale = float(t.detach().numpy().sum())  # refused under torch.func: fails before the write
+        return t.mul_(2) * scale
+
+    x = torch.linspace(-1, 1, 4, dtype=D)
+    saved = x.clone()
+    got = AF.jacobian(f, x, vectorize=True, strategy="forward-mode")
+    assert torch.equal(x, saved)
+    expected = TAF.jacobian(f, x.clone(), vectorize=True, strategy="forward-mode")
+    torch.testing.assert_close(got, expected)

@@ -18,9 +18,9 @@ import torch.autograd.functional as original
 from ._compute import hessian, jacobian, jvp
 
 #: ``jvp`` with fewer input elements than this runs the original double-backward trick:
-#: below it ``torch.func``'s per-call overhead (about 50 us plus a few us per operation
-#: on CPU) costs more than forward mode saves (measured crossover: 2**12 to 2**14
-#: elements for elementwise functions; above it forward mode is up to 2x faster).
+#: below it ``torch.func``'s fixed per-call overhead costs more than forward mode saves
+#: (the crossover is measured by ``benchmarks/bench_autograd_functional.py``; its numbers
+#: live in docs/benchmarks.md).
 JVP_FORWARD_MODE_MIN_NUMEL = 2**14
 
 STRATEGIES = ("forward-mode", "reverse-mode")
@@ -95,11 +95,11 @@ SPECS: dict[str, Spec] = {
     s.name: s
     for s in (
         # One backward pass (two for vhp) is already optimal; torch.func would only add
-        # per-call overhead (1.3x to 3x slower measured), so the originals run unchanged.
+        # per-call overhead (measured in benchmarks/), so the originals run unchanged.
         Spec("vjp", original.vjp, Engine.ORIGINAL),
         Spec("vhp", original.vhp, Engine.ORIGINAL),
         # Reverse over reverse instead of the double-backward trick: the same numbers for
-        # every function whose Hessian is symmetric, 2x faster.
+        # every function whose Hessian is symmetric, one backward pass fewer.
         Spec("hvp", original.hvp, Engine.VHP, takes_v=True, scalar_output=True, pair=True, levels=(Level.INPUTS,)),
         Spec(
             "jvp",
