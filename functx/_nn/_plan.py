@@ -9,7 +9,6 @@ from (:func:`check_fresh`), so a call never runs stale code or shapes.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,7 +41,7 @@ class Node:
         "path",
         "rnn",
         "shapes",
-        "submodules",
+        "values",
     )
 
     def __init__(self, module: nn.Module, path: str) -> None:
@@ -53,7 +52,7 @@ class Node:
         d = module.__dict__
         self.keys = tuple(tuple(d[k]) for k in OWN)
         self.shapes = tuple(tuple(_shape(v) for v in d[k].values()) for k in OWN[:2])
-        self.submodules = tuple(d["_modules"].values())
+        self.values = tuple(tuple(d[k].values()) for k in OWN)
         self.fixes: tuple[tuple[Fix, str, Any], ...] = ()
         self.rnn = isinstance(module, nn.RNNBase)
         self.norm = isinstance(module, nn.modules.batchnorm._NormBase)
@@ -144,10 +143,13 @@ def occurrences(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def check_fresh(plan: Plan, api: str) -> None:
     """Raise ``ValueError`` if the module's structure changed after conversion: a class
-    swapped (a parametrization registered), an entry added, removed or renamed, a
-    submodule replaced, or a tensor of another shape. A tensor replaced by one of the same
-    shape (a buffer reassigned by the module's own forward, a parameter re-created) is no
-    change: the call uses the given tensors anyway."""
+    swapped (a parametrization registered), an entry added or removed, a submodule
+    replaced, or a tensor replaced by one of another shape. Cheap when nothing changed
+    (one identity comparison per entry); a tensor replaced by one of the same shape (a
+    buffer reassigned by the module's own forward, a parameter re-created) is no change,
+    the call uses the given tensors anyway. A tensor re-seated in place with another shape
+    (``p.data = ...``) is found when the given tensors' shapes disagree with the plan's
+    (:func:`functx._nn._tensors.resolve`)."""
     for node in plan.nodes:
         if not _unchanged(node):
             raise_if_changed(plan, api)
@@ -155,17 +157,16 @@ def check_fresh(plan: Plan, api: str) -> None:
 
 def _unchanged(node: Node) -> bool:
     d = node.module.__dict__
-    return (
-        type(node.module) is node.cls
-        and all(len(d[k]) == len(keys) and all(map(str.__eq__, d[k], keys)) for k, keys in zip(OWN, node.keys))
-        and all(map(_same_shape, d["_parameters"].values(), node.shapes[0]))
-        and all(map(_same_shape, d["_buffers"].values(), node.shapes[1]))
-        and all(map(operator.is_, d["_modules"].values(), node.submodules))
-    )
-
-
-def _same_shape(value: Any, shape: torch.Size | None) -> bool:
-    return (value is None and shape is None) or (value is not None and value.shape == shape)
+    params, buffers, modules = node.values
+    try:  # tuple equality compares identical entries by identity, without Tensor.__eq__
+        return (
+            type(node.module) is node.cls
+            and tuple(d["_parameters"].values()) == params
+            and tuple(d["_buffers"].values()) == buffers
+            and tuple(d["_modules"].values()) == modules
+        )
+    except RuntimeError:  # an entry was replaced: Tensor.__eq__ is elementwise
+        return False
 
 
 def raise_if_changed(plan: Plan, api: str) -> None:
@@ -188,7 +189,7 @@ def _changes(node: Node) -> list[str]:
     out = []
     for i, (kind, noun) in enumerate(zip(OWN, _NOUNS)):
         now = node.module.__dict__[kind]
-        was = dict(zip(node.keys[i], node.shapes[i] if i < 2 else node.submodules))
+        was = dict(zip(node.keys[i], node.shapes[i] if i < 2 else node.values[2]))
         out += [f"{noun} {prefix + k!r} was added" for k in now if k not in was]
         out += [f"{noun} {prefix + k!r} was removed" for k in was if k not in now]
         for k in (k for k in now if k in was):

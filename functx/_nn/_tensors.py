@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ._plan import Group, Plan
+from ._plan import Group, Plan, raise_if_changed
 
 
 def resolve(group: Group, given: Any, plan: Plan, api: str) -> list[torch.Tensor]:
@@ -30,7 +30,7 @@ def resolve(group: Group, given: Any, plan: Plan, api: str) -> list[torch.Tensor
         values = _resolve_aliases(group, given, plan, api)
     for k, (v, shape) in enumerate(zip(values, group.shapes)):
         if not isinstance(v, torch.Tensor) or v.shape != shape:
-            _bad_value(group, k, v, api)
+            _bad_value(group, k, v, plan, api)
     return values
 
 
@@ -74,10 +74,11 @@ def _unknown_key(group: Group, key: str, plan: Plan, api: str) -> ValueError:
     return ValueError(f"`functx.nn.{api}`: {group.kind}[{key!r}] is not a {group.noun} of the module.{hint}")
 
 
-def _bad_value(group: Group, k: int, value: Any, api: str) -> None:
+def _bad_value(group: Group, k: int, value: Any, plan: Plan, api: str) -> None:
     name = group.names[k]
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"`functx.nn.{api}`: {group.kind}[{name!r}] must be a tensor, got {type(value).__name__}.")
+    raise_if_changed(plan, api)  # a tensor of the module re-seated in place with another shape
     raise ValueError(
         f"`functx.nn.{api}`: {group.kind}[{name!r}] has shape {tuple(value.shape)} but the module's "
         f"tensor has shape {tuple(group.shapes[k])}. (Stacked ensemble parameters are called "
