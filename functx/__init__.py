@@ -24,7 +24,16 @@ from ._implicit._root import custom_root as custom_root
 from ._jacobian import jacfwd as jacfwd
 from ._jacobian import jacrev as jacrev
 from ._tree import NAMESPACE as NAMESPACE
+from ._tree import PyTree as PyTree
+from ._tree import TensorTree as TensorTree
 from ._tree import ravel_pytree as ravel_pytree
+from ._tree import tree_add as tree_add
+from ._tree import tree_axpy as tree_axpy
+from ._tree import tree_norm as tree_norm
+from ._tree import tree_scale as tree_scale
+from ._tree import tree_sub as tree_sub
+from ._tree import tree_vdot as tree_vdot
+from ._tree import tree_zeros_like as tree_zeros_like
 from ._vjp_jvp import jvp as jvp
 from ._vjp_jvp import linearize as linearize
 from ._vjp_jvp import vjp as vjp
@@ -34,6 +43,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NAMESPACE",
+    "PyTree",
+    "TensorTree",
     "autograd_functional",
     "custom_fixed_point",
     "custom_root",
@@ -48,6 +59,13 @@ __all__ = [
     "nn",
     "ravel_pytree",
     "solvers",
+    "tree_add",
+    "tree_axpy",
+    "tree_norm",
+    "tree_scale",
+    "tree_sub",
+    "tree_vdot",
+    "tree_zeros_like",
     "value_and_grad",
     "vjp",
     "vmap",

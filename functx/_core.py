@@ -17,7 +17,6 @@ so ``aux`` may hold arbitrary Python objects and only tensors cross into ``torch
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,12 +26,16 @@ import torch
 from ._tree import (
     PyTree,
     TreeSpec,
+    check_float_leaves,
     describe,
+    input_hint,
+    is_differentiable,
     leaf_paths,
-    structure_mismatch,
     tree_flatten,
     tree_unflatten,
 )
+
+__all__ = ["input_hint", "is_differentiable"]  # re-exported: the rooms import them from here
 
 _RANGES: list[tuple[int, ...]] = [tuple(range(n)) for n in range(64)]
 
@@ -46,9 +49,13 @@ def all_argnums(n: int) -> tuple[int, ...]:
 # Option validation, done once when a transform is created.
 
 
-def check_callable(func: Any, api: str) -> None:
+def check_callable(func: Any, name: str, api: str, optional: bool = False) -> None:
+    """``TypeError`` unless ``func`` is callable (or ``None`` when ``optional``)."""
+    if func is None and optional:
+        return
     if not callable(func):
-        raise TypeError(f"`functx.{api}`: `func` must be callable, got {type(func).__name__}.")
+        kind = "None or a callable" if optional else "callable"
+        raise TypeError(f"`functx.{api}`: `{name}` must be {kind}, got {describe(func)}.")
 
 
 def check_bool(value: Any, name: str, api: str) -> None:
@@ -197,21 +204,6 @@ def autograd_grad(
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
 
 
-def is_differentiable(leaf: Any) -> bool:
-    return isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex())
-
-
-def check_out_leaves(leaves: Sequence[Any], out: PyTree, api: str) -> None:
-    """Every output leaf must be a floating-point or complex tensor."""
-    for k, leaf in enumerate(leaves):
-        if not is_differentiable(leaf):
-            path = leaf_paths(out, "output")[k]
-            raise TypeError(
-                f"`functx.{api}`: every output of `func` must be a floating-point or complex "
-                f"tensor, but {path} is {describe(leaf)}."
-            )
-
-
 # --------------------------------------------------------------------------------------
 # One call of a transform.
 
@@ -258,9 +250,8 @@ class Call:
             selected = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
         self.argnums = argnums
         self.leaves, self.in_spec = tree_flatten(selected)
-        for k, leaf in enumerate(self.leaves):
-            if not is_differentiable(leaf):
-                self._bad_input(k, leaf)
+        if not all(map(is_differentiable, self.leaves)):
+            check_float_leaves(self.leaves, self.input_paths, api=api, what="differentiated input ")
         self.out_spec: TreeSpec | None = None
         self.aux_spec: TreeSpec | None = None
         self.aux_static: list[Any] = []
@@ -279,13 +270,6 @@ class Call:
     def input_paths(self) -> list[str]:
         """Key paths of the differentiated leaves, e.g. ``["params['w']", "x"]``."""
         return [p for i in self._selected_indices() for p in leaf_paths(self.args[i], self._root(i))]
-
-    def _bad_input(self, k: int, leaf: Any) -> None:
-        path = self.input_paths()[k]
-        raise TypeError(
-            f"`functx.{self.api}`: differentiated input {path} must be a floating-point or complex "
-            f"tensor, got {describe(leaf)}. {input_hint(leaf)}"
-        )
 
     # -- the function torch.func sees -------------------------------------------------
     def call_func(self, leaves: Sequence[torch.Tensor]) -> Any:
@@ -308,7 +292,12 @@ class Call:
         if not out_leaves:
             raise ValueError(f"`functx.{self.api}`: `func` returned no tensors to differentiate (got {out!r}).")
         if not all(map(is_differentiable, out_leaves)):
-            check_out_leaves(out_leaves, out, self.api)
+            check_float_leaves(
+                out_leaves,
+                lambda: leaf_paths(out, "output"),
+                api=self.api,
+                hint="Every output of `func` is differentiated; return other values as `aux`.",
+            )
         return tuple(out_leaves), aux_tensors
 
     def torch_fn(self, *leaves: torch.Tensor) -> Any:
@@ -386,20 +375,6 @@ def unpack(result: tuple[Any, ...], has_aux: bool) -> tuple[Any, ...]:
     return result if has_aux else (*result, ())
 
 
-def input_hint(leaf: Any) -> str:
-    """How to fix a leaf that cannot be differentiated."""
-    if isinstance(leaf, torch.Tensor):
-        return "Convert it with `.float()`, or pass it in an argument not listed in `argnums`."
-    if isinstance(leaf, torch.nn.Module):
-        return "Use `functx.nn.make_functional(module)` to get its parameters as a dict of tensors."
-    if dataclasses.is_dataclass(leaf):
-        return (
-            "Dataclasses are pytrees only when registered: decorate the class with "
-            "`@optree.dataclasses.dataclass(namespace='functx')`."
-        )
-    return "Pass non-tensor values in an argument not listed in `argnums`, or close over them."
-
-
 def check_scalar(out: Any, api: str) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"`functx.{api}`: `func` must return a scalar tensor, got {describe(out)}.")
@@ -411,33 +386,6 @@ def check_scalar(out: Any, api: str) -> None:
         )
     if not out.is_floating_point():
         raise TypeError(f"`functx.{api}`: `func` must return a real floating-point scalar, got {describe(out)}.")
-
-
-def flatten_like(tree: PyTree, spec: TreeSpec, like: Sequence[torch.Tensor], name: str, api: str) -> list[torch.Tensor]:
-    """Flatten ``tree`` (tangents or cotangents) and check it matches ``spec`` and the
-    shapes and dtypes of the reference leaves ``like``."""
-    leaves, got = tree_flatten(tree)
-    if got != spec:
-        raise ValueError(
-            f"`functx.{api}`: `{name}` must have the same tree structure as the "
-            f"{'outputs' if name == 'cotangents' else 'primals'}: {structure_mismatch(spec, tree, name)}. "
-            f"Expected {spec}, got {got}."
-        )
-    for k, (leaf, ref) in enumerate(zip(leaves, like)):
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"`functx.{api}`: {leaf_paths(tree, name)[k]} must be a tensor, got {describe(leaf)}.")
-        if leaf.shape != ref.shape:
-            raise ValueError(
-                f"`functx.{api}`: {leaf_paths(tree, name)[k]} has shape {tuple(leaf.shape)} but the "
-                f"corresponding {'output' if name == 'cotangents' else 'primal'} has shape {tuple(ref.shape)}."
-            )
-        if leaf.dtype != ref.dtype:
-            raise TypeError(
-                f"`functx.{api}`: {leaf_paths(tree, name)[k]} has dtype {leaf.dtype} but the "
-                f"corresponding {'output' if name == 'cotangents' else 'primal'} has dtype {ref.dtype}; "
-                f"cast it with `.to({ref.dtype})`."
-            )
-    return leaves
 
 
 def check_primals(primals: Any, name: str, api: str) -> tuple[Any, ...]:

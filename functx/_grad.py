@@ -48,7 +48,7 @@ def value_and_grad(
         >>> grads["b"]
         tensor(9.)
     """
-    check_callable(func, "value_and_grad")
+    check_callable(func, "func", "value_and_grad")
     return _value_and_grad(func, check_argnums(argnums, "value_and_grad"), has_aux, "value_and_grad")
 
 
@@ -74,7 +74,7 @@ def grad(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: 
         >>> functx.grad(functx.grad(lambda x: x ** 3))(torch.tensor(2.0))
         tensor(12.)
     """
-    check_callable(func, "grad")
+    check_callable(func, "func", "grad")
     value_and_grad_fn = _value_and_grad(func, check_argnums(argnums, "grad"), has_aux, "grad")
 
     @functools.wraps(func)

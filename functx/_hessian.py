@@ -32,7 +32,6 @@ from ._core import (
     check_choice,
     check_chunk_size,
     check_primals,
-    flatten_like,
     pack_like,
     plain_autograd,
     torch_result,
@@ -40,6 +39,7 @@ from ._core import (
 )
 from ._grad import grad_and_value_flat, plain_derivatives
 from ._jacobian import Tensors, jacobian_flat
+from ._tree import flatten_like
 
 HESSIAN_MODES = ("auto", "rev-rev", "fwd-rev")
 HVP_MODES = ("auto", "rev-rev", "fwd-rev", "rev-fwd")
@@ -76,7 +76,7 @@ def hessian(
         >>> H["x"]["x"], H["x"]["y"]
         (tensor([[6.]]), tensor([[2.]]))
     """
-    check_callable(func, "hessian")
+    check_callable(func, "func", "hessian")
     argnums = check_argnums(argnums, "hessian")
     check_bool(has_aux, "has_aux", "hessian")
     chunk_size = check_chunk_size(chunk_size, "hessian")
@@ -130,13 +130,15 @@ def hvp(
         >>> functx.hvp(f, (x,), (torch.ones(2),))
         ((tensor([ 3., 12.]),), (tensor([ 6., 12.]),))
     """
-    check_callable(func, "hvp")
+    check_callable(func, "func", "hvp")
     check_bool(has_aux, "has_aux", "hvp")
     check_choice(mode, "mode", HVP_MODES, "hvp")
     primals = check_primals(primals, "primals", "hvp")
     tangents = check_primals(tangents, "tangents", "hvp")
     call = Call("hvp", func, primals, {}, None, has_aux, roots=("primals",))
-    flat_tangents = tuple(flatten_like(tangents, call.in_spec, call.leaves, "tangents", "hvp"))
+    flat_tangents = tuple(
+        flatten_like(tangents, call.in_spec, call.leaves, name="tangents", api="hvp", ref="the primals")
+    )
     if not call.leaves:
         _, aux = call.scalar_fn()
         grads, products = (), ()

@@ -206,7 +206,7 @@ def _jacobian(
     api: str,
     randomness: str = "error",
 ) -> Callable[..., Any]:
-    check_callable(func, api)
+    check_callable(func, "func", api)
     check_choice(randomness, "randomness", ("error", "different", "same"), api)
     argnums = check_argnums(argnums, api)
     check_bool(has_aux, "has_aux", api)

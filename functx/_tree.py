@@ -1,6 +1,7 @@
-"""The one place where functx decides what a pytree is, plus a little tree algebra.
+"""The one place where functx decides what a pytree is, checks one against another, and
+does the little tree algebra every room needs.
 
-Policy (used by every transform):
+Policy (used by every transform and every room):
 
 * Pytrees are flattened with :mod:`optree` in the ``"functx"`` namespace. That
   namespace sees every node type registered globally with optree *and* every type
@@ -17,21 +18,44 @@ Policy (used by every transform):
   insertion order.
 * Only flat tuples of tensors cross into ``torch.func``; structures are rebuilt with
   optree on the way out.
+
+The boundary API (private; every room routes its checks through it):
+
+* :func:`flatten_like` ``(tree, spec, like, *, name, api, ref=..., root=None, what=None)``:
+  the one validator. Flattens ``tree`` (a user's tangents, cotangents, a callable's
+  result ...) and checks it against a reference: the structure ``spec`` and the reference
+  leaves ``like`` (``None`` entries in ``like`` are not checked). Wrong structure or shape:
+  ``ValueError``; a leaf that is not a tensor, or has the wrong dtype: ``TypeError``.
+  Every message starts with ``functx.<api>``, names ``name`` (the argument) and gives the
+  key path of the offending leaf (rooted at ``root``, default ``name``) and, for
+  structures, the first differing key path.
+* :func:`check_float_leaves` ``(leaves, paths, *, api, what="", hint=None)``: the one
+  leaf check: "every leaf is a floating-point or complex tensor", ``TypeError`` naming the
+  key path, with a fix from :func:`input_hint` unless ``hint`` is given. ``paths`` may be a
+  callable (computed only on failure). :func:`flatten_float` flattens and checks in one go.
+* :class:`FlatLayout` and :func:`ravel_pytree`: the one ravel (pytree <-> one 1-D tensor).
+* :func:`tree_norm`, :func:`tree_vdot`, :func:`tree_add`, :func:`tree_sub`,
+  :func:`tree_scale`, :func:`tree_axpy`, :func:`tree_zeros_like`: public tree algebra
+  (exported from :mod:`functx`); binary operations check their second tree with
+  :func:`flatten_like`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
 import optree
 import torch
 
 NAMESPACE = "functx"
 
-PyTree = Any
+PyTree: TypeAlias = Any
+"""Any pytree (optree's ``"functx"`` namespace); for readers, it checks nothing."""
+TensorTree: TypeAlias = Any
+"""A pytree whose leaves are tensors; for readers, it checks nothing."""
 TreeSpec = optree.PyTreeSpec
 
 
@@ -108,18 +132,188 @@ _NONE = _NoneMarker()
 
 
 # --------------------------------------------------------------------------------------
-# Tree algebra.
+# The boundary: one leaf check and one validator.
 
 
-def tree_vdot(x: PyTree, y: PyTree) -> torch.Tensor:
-    """Real inner product ``sum(conj(x) * y)`` over all leaves, as a 0-d tensor."""
-    terms = [torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(tree_leaves(x), tree_leaves(y))]
-    if not terms:
-        return torch.zeros(())
-    return functools.reduce(torch.add, terms)
+def is_differentiable(leaf: Any) -> bool:
+    """Whether ``leaf`` is a floating-point or complex tensor."""
+    return isinstance(leaf, torch.Tensor) and (leaf.is_floating_point() or leaf.is_complex())
 
 
-def ravel_pytree(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], PyTree]]:
+def input_hint(leaf: Any) -> str:
+    """How to fix a leaf that cannot be differentiated."""
+    if isinstance(leaf, torch.Tensor):
+        return "Convert it with `.float()`, or pass it in an argument not listed in `argnums`."
+    if isinstance(leaf, torch.nn.Module):
+        return "Use `functx.nn.make_functional(module)` to get its parameters as a dict of tensors."
+    if dataclasses.is_dataclass(leaf):
+        return (
+            "Dataclasses are pytrees only when registered: decorate the class with "
+            "`@optree.dataclasses.dataclass(namespace='functx')`."
+        )
+    return "Pass non-tensor values in an argument not listed in `argnums`, or close over them."
+
+
+Paths = Sequence[str] | Callable[[], Sequence[str]]
+
+
+def check_float_leaves(
+    leaves: Sequence[Any], paths: Paths, *, api: str, what: str = "", hint: str | None = None
+) -> None:
+    """Raise ``TypeError`` unless every leaf is a floating-point or complex tensor.
+
+    Args:
+        leaves: the flat leaves.
+        paths: their key paths, or a callable returning them (called only on failure).
+        api: the API name for the message (``functx.<api>``).
+        what: words put before the key path, e.g. ``"differentiated input "``.
+        hint: how to fix it; :func:`input_hint` of the offending leaf when ``None``.
+    """
+    for k, leaf in enumerate(leaves):
+        if not is_differentiable(leaf):
+            path = (paths() if callable(paths) else paths)[k]
+            fix = input_hint(leaf) if hint is None else hint
+            raise TypeError(
+                f"`functx.{api}`: {what}{path} must be a floating-point or complex tensor, got {describe(leaf)}."
+                + (f" {fix}" if fix else "")
+            )
+
+
+def flatten_float(
+    tree: PyTree, *, name: str, api: str, root: str | None = None, nonempty: bool = False, hint: str | None = None
+) -> tuple[list[torch.Tensor], TreeSpec]:
+    """Flatten ``tree`` and check every leaf with :func:`check_float_leaves`.
+
+    ``nonempty=True`` also refuses a tree without leaves (``ValueError``).
+    """
+    leaves, spec = tree_flatten(tree)
+    if nonempty and not leaves:
+        raise ValueError(f"`functx.{api}`: `{name}` must contain at least one tensor, got {tree!r}.")
+    check_float_leaves(leaves, lambda: leaf_paths(tree, root or name), api=api, hint=hint)
+    return leaves, spec
+
+
+def flatten_like(
+    tree: PyTree,
+    spec: TreeSpec,
+    like: Sequence[torch.Tensor | None],
+    *,
+    name: str,
+    api: str,
+    ref: str = "the reference",
+    root: str | None = None,
+    what: str | None = None,
+) -> list[Any]:
+    """Flatten ``tree`` and check it against a reference structure and reference leaves.
+
+    Args:
+        tree: the pytree to check (tangents, cotangents, a callable's result ...).
+        spec: the structure ``tree`` must have.
+        like: one reference tensor per leaf of ``spec``; ``tree``'s leaf must be a tensor of
+            the same shape and dtype. A ``None`` entry accepts anything at that position.
+        name: the argument's name, for messages (``"tangents"``).
+        api: the API name, for messages (``functx.<api>``).
+        ref: what the reference is, for messages (``"the primals"``).
+        root: the root of the key paths in messages. (default: ``name``)
+        what: how ``tree`` is named in messages. (default: ```name``` in backticks)
+
+    Returns:
+        The leaves of ``tree``.
+
+    Raises:
+        ValueError: wrong structure or shape. TypeError: a leaf that is not a tensor or
+        has the wrong dtype.
+    """
+    leaves, got = tree_flatten(tree)
+    if got != spec:
+        root = root or name
+        raise ValueError(
+            f"`functx.{api}`: {what or f'`{name}`'} must have the same tree structure as {ref}: "
+            f"{structure_mismatch(spec, tree, root)}. Expected {spec}, got {got}."
+        )
+    for k, (leaf, want) in enumerate(zip(leaves, like)):
+        if want is None or (isinstance(leaf, torch.Tensor) and leaf.shape == want.shape and leaf.dtype == want.dtype):
+            continue
+        _leaf_mismatch(leaf, want, leaf_paths(tree, root or name)[k], api=api, ref=ref)
+    return leaves
+
+
+def _leaf_mismatch(leaf: Any, want: torch.Tensor, path: str, *, api: str, ref: str) -> None:
+    if not isinstance(leaf, torch.Tensor):
+        raise TypeError(f"`functx.{api}`: {path} must be a tensor, got {describe(leaf)}.")
+    if leaf.shape != want.shape:
+        raise ValueError(
+            f"`functx.{api}`: {path} has shape {tuple(leaf.shape)} but the corresponding leaf of {ref} "
+            f"has shape {tuple(want.shape)}."
+        )
+    raise TypeError(
+        f"`functx.{api}`: {path} has dtype {leaf.dtype} but the corresponding leaf of {ref} has dtype "
+        f"{want.dtype}; cast it with `.to({want.dtype})`."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Ravel: pytree <-> one 1-D tensor.
+
+
+class FlatLayout:
+    """The layout of a list of tensor leaves as one 1-D tensor.
+
+    Leaves are raveled and concatenated in order, promoted to one common dtype;
+    :meth:`unravel` restores shapes and per-leaf dtypes. ``name``/``api`` name the layout
+    in error messages.
+    """
+
+    def __init__(self, leaves: Sequence[Any], spec: TreeSpec, *, name: str = "tree", api: str = "ravel_pytree"):
+        for k, leaf in enumerate(leaves):
+            if not isinstance(leaf, torch.Tensor):
+                path = leaf_paths(tree_unflatten(spec, list(leaves)), name)[k]
+                raise TypeError(f"`functx.{api}`: {path} must be a tensor, got {describe(leaf)}.")
+        self.spec, self.name, self.api = spec, name, api
+        self.shapes = [leaf.shape for leaf in leaves]
+        self.dtypes = [leaf.dtype for leaf in leaves]
+        self.sizes = [leaf.numel() for leaf in leaves]
+        self.size = sum(self.sizes)
+        self.dtype = functools.reduce(torch.promote_types, self.dtypes) if leaves else torch.get_default_dtype()
+        self.real_dtype = self.dtype.to_real() if self.dtype.is_complex else self.dtype
+        self.uniform = all(d == self.dtype for d in self.dtypes)  # no casts needed
+        self.device = leaves[0].device if leaves else torch.device("cpu")
+
+    def ravel_leaves(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate ``leaves`` (already checked to match this layout)."""
+        if not leaves:
+            return torch.zeros(0, dtype=self.dtype, device=self.device)
+        if len(leaves) == 1:
+            return leaves[0].reshape(-1)
+        if self.uniform:
+            return torch.cat([leaf.reshape(-1) for leaf in leaves])
+        return torch.cat([leaf.reshape(-1).to(self.dtype) for leaf in leaves])
+
+    def unravel(self, flat: Any) -> PyTree:
+        """Rebuild the pytree from a 1-D tensor of length :attr:`size` (``ValueError`` otherwise)."""
+        if not isinstance(flat, torch.Tensor):
+            raise TypeError(f"`functx.{self.api}`: `unravel` takes a 1-D tensor, got {describe(flat)}.")
+        if flat.dim() != 1 or flat.shape[0] != self.size:
+            raise ValueError(
+                f"`functx.{self.api}`: `unravel` takes a 1-D tensor of length {self.size} (the number of "
+                f"elements of `{self.name}`), got a tensor of shape {tuple(flat.shape)}."
+            )
+        if len(self.sizes) == 1:
+            leaves = [_cast(flat.reshape(self.shapes[0]), self.dtypes[0])]
+        else:
+            pieces = torch.split(flat, self.sizes)
+            leaves = [_cast(p.reshape(s), d) for p, s, d in zip(pieces, self.shapes, self.dtypes)]
+        return tree_unflatten(self.spec, leaves)
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.size, dtype=self.dtype, device=self.device)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def ravel_pytree(tree: TensorTree, /) -> tuple[torch.Tensor, Callable[[torch.Tensor], TensorTree]]:
     """Flatten a pytree of tensors into one 1-D tensor and return the inverse.
 
     Args:
@@ -127,7 +321,11 @@ def ravel_pytree(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], P
 
     Returns:
         ``(flat, unravel)``: ``flat`` is the concatenation of the raveled leaves and
-        ``unravel(flat)`` rebuilds a tree of the same structure, shapes and dtypes.
+        ``unravel(flat)`` rebuilds a tree of the same structure, shapes and dtypes from a
+        1-D tensor of the same length (``ValueError`` for any other length).
+
+    Raises:
+        TypeError: a leaf of ``tree`` is not a tensor.
 
     Example:
         >>> import torch, functx
@@ -137,18 +335,173 @@ def ravel_pytree(tree: PyTree) -> tuple[torch.Tensor, Callable[[torch.Tensor], P
         >>> unravel(flat)["w"].shape
         torch.Size([2, 2])
     """
-    leaves, treespec = tree_flatten(tree)
-    shapes = [leaf.shape for leaf in leaves]
-    dtypes = [leaf.dtype for leaf in leaves]
-    sizes = [math.prod(shape) for shape in shapes]
-    if leaves:
-        dtype = functools.reduce(torch.promote_types, dtypes)
-        flat = torch.cat([leaf.reshape(-1).to(dtype) for leaf in leaves])
-    else:
-        flat = torch.zeros(0)
+    leaves, spec = tree_flatten(tree)
+    layout = FlatLayout(leaves, spec)
+    return layout.ravel_leaves(leaves), layout.unravel
 
-    def unravel(vector: torch.Tensor) -> PyTree:
-        pieces = torch.split(vector, sizes) if leaves else []
-        return tree_unflatten(treespec, [p.reshape(s).to(d) for p, s, d in zip(pieces, shapes, dtypes)])
 
-    return flat, unravel
+# --------------------------------------------------------------------------------------
+# Tree algebra (public).
+
+
+def _pair(x: TensorTree, y: TensorTree, api: str) -> tuple[list[torch.Tensor], list[torch.Tensor], TreeSpec]:
+    xs, spec = tree_flatten(x)
+    check_float_leaves(xs, lambda: leaf_paths(x, "x"), api=api, hint="")
+    ys = flatten_like(y, spec, xs, name="y", api=api, ref="`x`")
+    return xs, ys, spec
+
+
+def _leaves(x: TensorTree, api: str) -> tuple[list[torch.Tensor], TreeSpec]:
+    return flatten_float(x, name="x", api=api, hint="")
+
+
+def _check_scalar(alpha: Any, api: str) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, complex, torch.Tensor)):
+        raise TypeError(f"`functx.{api}`: `alpha` must be a number or a tensor, got {describe(alpha)}.")
+
+
+def tree_vdot(x: TensorTree, y: TensorTree, /) -> torch.Tensor:
+    """Inner product ``sum(conj(x) * y)`` over all leaves, as a 0-d tensor.
+
+    Like :func:`torch.vdot`, the first argument is conjugated (a no-op for real trees).
+
+    Args:
+        x: a pytree of floating-point or complex tensors.
+        y: a pytree with the structure, shapes and dtypes of ``x``.
+
+    Returns:
+        A 0-d tensor (``tensor(0.)`` for trees without leaves).
+
+    Example:
+        >>> import torch, functx
+        >>> x = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor(3.0)}
+        >>> functx.tree_vdot(x, x)
+        tensor(14.)
+    """
+    xs, ys, _ = _pair(x, y, "tree_vdot")
+    terms = [torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(xs, ys)]
+    if not terms:
+        return torch.zeros(())
+    return functools.reduce(torch.add, terms)
+
+
+def tree_norm(x: TensorTree, /) -> torch.Tensor:
+    """Euclidean (2-) norm of all the leaves of ``x`` taken together, as a real 0-d tensor.
+
+    Computed as the norm of the per-leaf norms (no overflow from squaring large entries).
+
+    Args:
+        x: a pytree of floating-point or complex tensors.
+
+    Returns:
+        A real 0-d tensor (``tensor(0.)`` for a tree without leaves).
+
+    Example:
+        >>> import torch, functx
+        >>> functx.tree_norm({"a": torch.tensor([3.0]), "b": torch.tensor(4.0)})
+        tensor(5.)
+    """
+    xs, _ = _leaves(x, "tree_norm")
+    if not xs:
+        return torch.zeros(())
+    if len(xs) == 1:
+        return torch.linalg.vector_norm(xs[0])
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a) for a in xs]))
+
+
+def tree_add(x: TensorTree, y: TensorTree, /) -> TensorTree:
+    """Leafwise ``x + y``.
+
+    Args:
+        x: a pytree of floating-point or complex tensors.
+        y: a pytree with the structure, shapes and dtypes of ``x``.
+
+    Returns:
+        A pytree with the structure of ``x``.
+
+    Example:
+        >>> import torch, functx
+        >>> functx.tree_add({"a": torch.tensor(1.0)}, {"a": torch.tensor(2.0)})
+        {'a': tensor(3.)}
+    """
+    xs, ys, spec = _pair(x, y, "tree_add")
+    return tree_unflatten(spec, [a + b for a, b in zip(xs, ys)])
+
+
+def tree_sub(x: TensorTree, y: TensorTree, /) -> TensorTree:
+    """Leafwise ``x - y``.
+
+    Args:
+        x: a pytree of floating-point or complex tensors.
+        y: a pytree with the structure, shapes and dtypes of ``x``.
+
+    Returns:
+        A pytree with the structure of ``x``.
+
+    Example:
+        >>> import torch, functx
+        >>> functx.tree_sub((torch.tensor(1.0),), (torch.tensor(2.0),))
+        (tensor(-1.),)
+    """
+    xs, ys, spec = _pair(x, y, "tree_sub")
+    return tree_unflatten(spec, [a - b for a, b in zip(xs, ys)])
+
+
+def tree_scale(alpha: float | complex | torch.Tensor, x: TensorTree, /) -> TensorTree:
+    """Leafwise ``alpha * x``.
+
+    Args:
+        alpha: a number or a tensor broadcastable against every leaf (usually 0-d).
+        x: a pytree of floating-point or complex tensors.
+
+    Returns:
+        A pytree with the structure of ``x``.
+
+    Example:
+        >>> import torch, functx
+        >>> functx.tree_scale(2.0, [torch.tensor(1.0), torch.tensor([1.0, 2.0])])
+        [tensor(2.), tensor([2., 4.])]
+    """
+    _check_scalar(alpha, "tree_scale")
+    xs, spec = _leaves(x, "tree_scale")
+    return tree_unflatten(spec, [alpha * a for a in xs])
+
+
+def tree_axpy(alpha: float | complex | torch.Tensor, x: TensorTree, y: TensorTree, /) -> TensorTree:
+    """Leafwise ``alpha * x + y``.
+
+    Args:
+        alpha: a number or a tensor broadcastable against every leaf (usually 0-d).
+        x: a pytree of floating-point or complex tensors.
+        y: a pytree with the structure, shapes and dtypes of ``x``.
+
+    Returns:
+        A pytree with the structure of ``x``.
+
+    Example:
+        >>> import torch, functx
+        >>> functx.tree_axpy(2.0, {"a": torch.tensor(1.0)}, {"a": torch.tensor(10.0)})
+        {'a': tensor(12.)}
+    """
+    _check_scalar(alpha, "tree_axpy")
+    xs, ys, spec = _pair(x, y, "tree_axpy")
+    return tree_unflatten(spec, [alpha * a + b for a, b in zip(xs, ys)])
+
+
+def tree_zeros_like(x: TensorTree, /) -> TensorTree:
+    """A pytree of zeros with the structure, shapes, dtypes and devices of ``x``.
+
+    Args:
+        x: a pytree of tensors.
+
+    Returns:
+        A pytree with the structure of ``x``.
+
+    Example:
+        >>> import torch, functx
+        >>> functx.tree_zeros_like({"a": torch.ones(2)})
+        {'a': tensor([0., 0.])}
+    """
+    leaves, spec = tree_flatten(x)
+    FlatLayout(leaves, spec, name="x", api="tree_zeros_like")  # every leaf a tensor
+    return tree_unflatten(spec, [torch.zeros_like(a) for a in leaves])

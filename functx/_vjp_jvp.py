@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ._core import Call, as_leaves, check_bool, check_callable, check_primals, flatten_like, pack_like, unpack
+from ._core import Call, as_leaves, check_bool, check_callable, check_primals, pack_like, unpack
+from ._tree import flatten_like
 
 
 def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
@@ -31,14 +32,14 @@ def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple
         >>> vjp_fn({"s": torch.tensor(1.0)})
         (tensor(3.), tensor(2.))
     """
-    check_callable(func, "vjp")
+    check_callable(func, "func", "vjp")
     check_bool(has_aux, "has_aux", "vjp")
     call = Call("vjp", func, primals, {}, None, has_aux, roots=("primals",))
     out, pullback, aux = unpack(torch.func.vjp(call.torch_fn, *call.leaves, has_aux=has_aux), has_aux)
     outs = as_leaves(out)
 
     def vjp_fn(cotangents: Any) -> tuple[Any, ...]:
-        flat = flatten_like(cotangents, call.out_spec, outs, "cotangents", "vjp")
+        flat = flatten_like(cotangents, call.out_spec, outs, name="cotangents", api="vjp", ref="the outputs")
         return call.unflatten_in(pullback(pack_like(flat, out)))
 
     result = (call.unflatten_out(outs), vjp_fn)
@@ -64,12 +65,12 @@ def jvp(func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = F
         >>> functx.jvp(torch.sin, (torch.tensor(0.0),), (torch.tensor(2.0),))
         (tensor(0.), tensor(2.))
     """
-    check_callable(func, "jvp")
+    check_callable(func, "func", "jvp")
     check_bool(has_aux, "has_aux", "jvp")
     primals = check_primals(primals, "primals", "jvp")
     tangents = check_primals(tangents, "tangents", "jvp")
     call = Call("jvp", func, primals, {}, None, has_aux, roots=("primals",))
-    flat_tangents = flatten_like(tangents, call.in_spec, call.leaves, "tangents", "jvp")
+    flat_tangents = flatten_like(tangents, call.in_spec, call.leaves, name="tangents", api="jvp", ref="the primals")
     out, tangents_out, aux = unpack(
         torch.func.jvp(call.torch_fn, tuple(call.leaves), tuple(flat_tangents), has_aux=has_aux), has_aux
     )
@@ -101,13 +102,13 @@ def linearize(func: Callable[..., Any], *primals: Any, has_aux: bool = False) ->
         >>> jvp_fn(torch.tensor(3.0))
         tensor(3.)
     """
-    check_callable(func, "linearize")
+    check_callable(func, "func", "linearize")
     check_bool(has_aux, "has_aux", "linearize")
     call = Call("linearize", func, primals, {}, None, has_aux, roots=("primals",))
     out, aux = call.flat_fn(*call.leaves)
 
     def jvp_fn(*tangents: Any) -> Any:
-        flat = flatten_like(tangents, call.in_spec, call.leaves, "tangents", "linearize")
+        flat = flatten_like(tangents, call.in_spec, call.leaves, name="tangents", api="linearize", ref="the primals")
         result = torch.func.jvp(call.torch_fn, tuple(call.leaves), tuple(flat), has_aux=has_aux)
         return call.unflatten_out(as_leaves(result[1]))
 

@@ -64,7 +64,7 @@ def vmap(
         >>> functx.vmap(f, in_dims=(0, None))(ensemble, torch.ones(3)).shape
         torch.Size([4, 2])
     """
-    check_callable(func, "vmap")
+    check_callable(func, "func", "vmap")
     check_choice(randomness, "randomness", RANDOMNESS, "vmap")
     chunk_size = check_chunk_size(chunk_size, "vmap")
     _check_dims_tree(in_dims, "in_dims")
