@@ -642,7 +642,7 @@ def test_call_errors():
         fmodel({**params, "0.wieght": params["0.weight"]}, buffers, x)
     with pytest.raises(ValueError, match=r"params\['1.running_mean'\].*It is a buffer: pass it in `buffers`"):
         fmodel({**params, "1.running_mean": buffers["1.running_mean"]}, buffers, x)
-    with pytest.raises(TypeError, match=r"params\['0.weight'\] must be a tensor, got list"):
+    with pytest.raises(TypeError, match=r"params\['0.weight'\] must be a tensor, got a value of type list"):
         fmodel({**params, "0.weight": params["0.weight"].tolist()}, buffers, x)
     with pytest.raises(
         ValueError, match=r"params\['0.bias'\] has shape \(5,\) but the module's tensor has shape \(4,\)"

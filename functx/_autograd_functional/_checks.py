@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .._tree import is_differentiable
 from ._spec import STRATEGIES, Spec
 
 Tensors = tuple[torch.Tensor, ...]
@@ -44,7 +45,7 @@ def check_inputs(spec: Spec, inputs: Any) -> tuple[bool, Tensors]:
     """``inputs`` as the original checks them: Tensors of a differentiable dtype."""
     is_tuple, xs = as_tuple(inputs, "inputs", spec.name)
     for x in xs:
-        if not (x.is_floating_point() or x.is_complex()):
+        if not is_differentiable(x):
             x.detach().requires_grad_(True)  # torch's own error, as the original raises it
     return is_tuple, xs
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .._tree import describe
 from ._plan import Group, Plan, raise_if_changed
 
 
@@ -77,7 +78,7 @@ def _unknown_key(group: Group, key: str, plan: Plan, api: str) -> ValueError:
 def _bad_value(group: Group, k: int, value: Any, plan: Plan, api: str) -> None:
     name = group.names[k]
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"`functx.nn.{api}`: {group.kind}[{name!r}] must be a tensor, got {type(value).__name__}.")
+        raise TypeError(f"`functx.nn.{api}`: {group.kind}[{name!r}] must be a tensor, got {describe(value)}.")
     raise_if_changed(plan, api)  # a tensor of the module re-seated in place with another shape
     raise ValueError(
         f"`functx.nn.{api}`: {group.kind}[{name!r}] has shape {tuple(value.shape)} but the module's "
