@@ -221,3 +221,20 @@ def test_forward_mode_fallback_never_writes_the_caller():
     assert torch.equal(x, saved)
     expected = TAF.jacobian(f, x.clone(), vectorize=True, strategy="forward-mode")
     torch.testing.assert_close(got, expected)
+
+
+def test_in_place_with_create_graph_on_a_non_leaf_raises_after_one_write(monkeypatch):
+    """With ``create_graph=True`` an input that is a non-leaf of the user's graph reaches
+    ``func`` as a view (the original's ``_grad_preprocess``): autograd lets the write
+    through, in the original too, which then returns the derivative at the written point
+    (4x instead of 8x for ``t.mul_(2) * t``). The drop-in writes no more than the original
+    (once), and raises instead of returning a derivative."""
+    monkeypatch.setitem(SPECS, "jvp", dataclasses.replace(SPECS["jvp"], min_numel=0))
+    base = torch.linspace(-1, 1, 4, dtype=D).requires_grad_()
+    f = lambda t: t.mul_(2) * t
+    x_new, x_old = base * 1, base * 1
+    _, old = TAF.jvp(f, x_old, torch.ones(4, dtype=D), create_graph=True)
+    torch.testing.assert_close(old, 4 * base)  # not the derivative of 4 x^2 (8 x)
+    with pytest.raises(RuntimeError, match=r"`functx.autograd_functional.jvp`: the function wrote one of its inputs"):
+        AF.jvp(f, x_new, torch.ones(4, dtype=D), create_graph=True)
+    torch.testing.assert_close(x_new, x_old)

@@ -40,6 +40,20 @@ from ._strict import strict_probe
 IN_PLACE_ERROR = "a leaf Variable that requires grad is being used in an in-place operation."
 
 
+#: With ``create_graph=True`` an input that is a non-leaf of the user's graph reaches
+#: ``func`` as a view (as in the original), and autograd lets a write through: the
+#: caller's tensor is written, as by the original, and the derivative the original
+#: returns then is not the function's (it differentiates at the written point), so
+#: functx refuses to return one.
+IN_PLACE_VIEW_ERROR = (
+    "the function wrote one of its inputs in place. With `create_graph=True` an input that is "
+    "a non-leaf of your graph reaches the function as a view, so the write went through to your "
+    "tensor (as in torch.autograd.functional), and no derivative of the function at the given "
+    "point can be returned. Compute a new tensor instead of writing the input (`x * 2`, not "
+    "`x.mul_(2)`)."
+)
+
+
 class InPlaceWrite(Exception):
     """``func`` wrote one of its inputs in place (seen on the copies' version counters)."""
 
@@ -70,6 +84,8 @@ def call(
             strict_probe(spec, func, xs, create_graph, vectorize)
         result = _compute(spec, fn, xs, vs, create_graph, strategy)
     except InPlaceWrite:
+        if create_graph:  # a non-leaf input of the user's graph, written as the original lets it
+            raise fail(RuntimeError(f"`functx.autograd_functional.{spec.name}`: {IN_PLACE_VIEW_ERROR}")) from None
         if strategy == FORWARD_MODE:
             raise fail(RuntimeError(IN_PLACE_ERROR)) from None
         return fallback()  # the original refuses the write before making it, with its message
@@ -81,6 +97,7 @@ def call(
 
 
 def _compute(spec: Spec, fn: Outputs, xs: Tensors, vs: Tensors | None, create_graph: bool, strategy: str) -> Any:
+    """The functx result; :class:`InPlaceWrite` if ``func`` wrote one of its inputs."""
     assert spec.compute is not None
     with torch.enable_grad() if create_graph else torch.no_grad():
         prepared = prepare(xs, create_graph)
@@ -96,8 +113,8 @@ def _compute(spec: Spec, fn: Outputs, xs: Tensors, vs: Tensors | None, create_gr
 
 
 def _check_unwritten(prepared: Tensors, before: list[int], err: Exception | None) -> None:
-    """Raise :class:`InPlaceWrite` if ``func`` wrote an input (also when the computation
-    failed after the write: the original must not run on the caller's tensors then)."""
+    """Raise :class:`InPlaceWrite` if ``func`` wrote one of ``prepared`` (also when the
+    computation failed after the write: the original must not run again then)."""
     if any(p._version != v for p, v in zip(prepared, before)):
         raise InPlaceWrite from err
 
