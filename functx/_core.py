@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from . import _torch_internals
+from ._torch_internals import is_exporting, lift, transforms_active, version
 from ._tree import (
     PyTree,
     TreeSpec,
@@ -32,11 +34,13 @@ from ._tree import (
     is_differentiable,
     leaf_paths,
     tree_flatten,
+    tree_structure,
     tree_unflatten,
 )
 
 __all__ = ["input_hint", "is_differentiable"]  # re-exported: the rooms import them from here
 
+_UNSET = tree_structure(None)
 _RANGES: list[tuple[int, ...]] = [tuple(range(n)) for n in range(64)]
 
 
@@ -137,9 +141,9 @@ def plain_eager(*tensors: torch.Tensor | None) -> bool:
     Plain autograd is used only there (where it is measurably faster than ``torch.func`` and
     gives the same result), and solvers may stop early by reading tensor values only there.
     """
-    if torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if transforms_active():
         return False
     return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
 
@@ -149,11 +153,6 @@ def plain_autograd(*tensors: torch.Tensor) -> bool:
     mode, outside inference mode, and no tensor is part of an outer autograd graph (then
     ``torch.func``'s results would be differentiable with respect to it)."""
     return plain_eager(*tensors) and not torch.is_inference_mode_enabled() and not any(t.requires_grad for t in tensors)
-
-
-def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting and is_exporting())
 
 
 def reaches_other_leaves(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
@@ -217,6 +216,7 @@ class Call:
     """
 
     __slots__ = (
+        "_versions",
         "api",
         "argnums",
         "args",
@@ -224,6 +224,7 @@ class Call:
         "aux_static",
         "func",
         "has_aux",
+        "holomorphic",
         "in_spec",
         "kwargs",
         "leaves",
@@ -252,8 +253,10 @@ class Call:
         self.leaves, self.in_spec = tree_flatten(selected)
         if not all(map(is_differentiable, self.leaves)):
             check_float_leaves(self.leaves, self.input_paths, api=api, what="differentiated input ")
-        self.out_spec: TreeSpec | None = None
-        self.aux_spec: TreeSpec | None = None
+        self._versions: list[tuple[int, ...] | None] = []
+        self.holomorphic: bool | None = None  # None: complex outputs are not checked (vjp, jvp)
+        self.out_spec: TreeSpec = _UNSET  # recorded by `flat_fn` while `func` runs
+        self.aux_spec: TreeSpec = _UNSET
         self.aux_static: list[Any] = []
 
     # -- naming, for errors -----------------------------------------------------------
@@ -271,13 +274,30 @@ class Call:
         """Key paths of the differentiated leaves, e.g. ``["params['w']", "x"]``."""
         return [p for i in self._selected_indices() for p in leaf_paths(self.args[i], self._root(i))]
 
+    def require_leaves(self, name: str) -> None:
+        """``ValueError`` when there is nothing to differentiate (forward mode needs a tangent)."""
+        if not self.leaves:
+            raise ValueError(
+                f"`functx.{self.api}`: `{name}` must contain at least one floating-point or complex "
+                f"tensor to differentiate with respect to, got {self.args!r}."
+            )
+
+    def set_holomorphic(self, holomorphic: bool) -> None:
+        """Apply the complex-number rule of ``jacrev``/``jacfwd``/``hessian`` (JAX's): with
+        ``holomorphic`` every differentiated input and every output must be complex; without,
+        outputs must be real (complex inputs are fine: see the ``_jacobian`` module doc)."""
+        self.holomorphic = holomorphic
+        if holomorphic:
+            check_complex(self.leaves, self.input_paths, True, "input", self.api)
+
     # -- the function torch.func sees -------------------------------------------------
     def call_func(self, leaves: Sequence[torch.Tensor]) -> Any:
         selected = tree_unflatten(self.in_spec, leaves)
         argnums = self.argnums
         if argnums is None:
             return self.func(*selected, **self.kwargs)
-        args = list(self.args)
+        lifted = len(self.args) > 1 and not torch.compiler.is_compiling() and transforms_active()
+        args = self.lifted_args() if lifted else list(self.args)
         if isinstance(argnums, int):
             args[argnums] = selected
         else:
@@ -285,19 +305,91 @@ class Call:
                 args[i] = sub
         return self.func(*args, **self.kwargs)
 
+    # -- the two kinds of argument ----------------------------------------------------
+    # A differentiated input is never changed: an in-place write to it raises, in every
+    # mode. A non-differentiated positional argument belongs to `func`, which may write it
+    # in place as under torch.func (it is wrapped at the running transform's level).
+
+    def lifted_args(self) -> list[Any]:
+        """The positional arguments with the tensors of the non-differentiated ones wrapped at
+        the level of the innermost running transform (see ``_torch_internals.lift``)."""
+        args = list(self.args)
+        chosen = self._selected_indices()
+        for i, arg in enumerate(args):
+            if i not in chosen:
+                leaves, spec = tree_flatten(arg)
+                if any(isinstance(t, torch.Tensor) for t in leaves):
+                    args[i] = tree_unflatten(spec, lift(leaves))
+        return args
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """The tensors in the non-differentiated positional arguments."""
+        if self.argnums is None or len(self.args) == 1:
+            return []
+        chosen = self._selected_indices()
+        leaves = [leaf for i, arg in enumerate(self.args) if i not in chosen for leaf in tree_flatten(arg)[0]]
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+    def fresh_leaves(self) -> list[torch.Tensor]:
+        """Copies of the differentiated leaves for the forward-mode paths, where torch would
+        let `func` write the caller's tensors; :meth:`check_unwritten` checks them after."""
+        fresh = [t.clone() for t in self.leaves]
+        if not torch.compiler.is_compiling():  # compiled: the copies still protect the caller
+            self._versions = [version(t) for t in fresh]
+        return fresh
+
+    def check_unwritten(self, fresh: Sequence[torch.Tensor]) -> None:
+        if torch.compiler.is_compiling():  # the copies still protect the caller's tensors
+            return
+        for k, (t, before) in enumerate(zip(fresh, self._versions)):
+            if before is not None and version(t) != before:
+                raise self._inplace_error(k)
+
+    def raise_if_inplace(self, err: RuntimeError) -> None:
+        """After a ``RuntimeError`` in a reverse-mode path (torch refuses in-place writes to
+        the inputs it differentiates): run `func` once more on copies of the inputs, and if
+        it writes one in place, raise functx's error instead. torch's message is not read."""
+        if not _torch_internals.HAVE_VERSION or torch.compiler.is_compiling():
+            return
+        copies = [t.detach().clone() for t in self.leaves]
+        before = [version(t) for t in copies]
+        try:
+            with torch.no_grad():
+                self.call_func(copies)
+        except Exception:  # not an in-place write we can identify: torch's error stands
+            return
+        for k, (t, v) in enumerate(zip(copies, before)):
+            if version(t) != v:
+                raise self._inplace_error(k) from err
+
+    def _inplace_error(self, k: int) -> ValueError:
+        return ValueError(
+            f"`functx.{self.api}`: `func` writes in place to its differentiated input {self.input_paths()[k]} "
+            f"(for example `x.mul_(2)`, `x += 1` or `x[0] = 0`). functx never changes the tensors it "
+            f"differentiates, in any mode: compute a new tensor instead (`x = x * 2`), or pass the tensor "
+            f"in an argument not listed in `argnums` (those belong to `func`, which may write them)."
+        )
+
+    # Four calling conventions of `func` for torch.func, kept because each pays for itself
+    # (measured side by side on one Call, benchmarks/bench_core.py rows in brackets):
+    # * flat_fn   ((outputs,), (aux,)): the one that records structures; used where several
+    #             outputs and aux must be kept apart (linearize, the empty-input paths);
+    # * torch_fn  bare tensor, aux only with has_aux: ~13% faster than flat_fn with has_aux=True
+    #             on the Jacobian engine [jacrev/jacfwd R^256, hessian R^256, per-sample Hessians];
+    # * scalar_fn (scalar, aux): the plain-autograd gradient and hvp [grad overhead, hvp MLP];
+    # * scalar_fn_no_aux: ~7% faster than scalar_fn with has_aux=True, and ~45% faster than
+    #             torch_fn (no optree flatten of the output) on torch.func's gradient, the
+    #             nested path [per-sample gradients].
     def flat_fn(self, *leaves: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """``func`` as a function of flat tensors: returns ``(output_leaves, aux_tensors)``."""
         out, aux_tensors = self._split_aux(self.call_func(leaves))
         out_leaves, self.out_spec = tree_flatten(out)
         if not out_leaves:
             raise ValueError(f"`functx.{self.api}`: `func` returned no tensors to differentiate (got {out!r}).")
+        if self.holomorphic is not None:
+            check_complex(out_leaves, lambda: leaf_paths(out, "output"), self.holomorphic, "output", self.api)
         if not all(map(is_differentiable, out_leaves)):
-            check_float_leaves(
-                out_leaves,
-                lambda: leaf_paths(out, "output"),
-                api=self.api,
-                hint="Every output of `func` is differentiated; return other values as `aux`.",
-            )
+            check_float_leaves(out_leaves, lambda: leaf_paths(out, "output"), api=self.api, hint=self._aux_hint(out))
         return tuple(out_leaves), aux_tensors
 
     def torch_fn(self, *leaves: torch.Tensor) -> Any:
@@ -311,14 +403,19 @@ class Call:
     def scalar_fn(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Like :meth:`flat_fn` for a function that must return a real scalar tensor."""
         out, aux_tensors = self._split_aux(self.call_func(leaves))
-        check_scalar(out, self.api)
+        check_scalar(out, self.api, self.has_aux)
         return out, aux_tensors
 
     def scalar_fn_no_aux(self, *leaves: torch.Tensor) -> torch.Tensor:
         """:meth:`scalar_fn` for ``has_aux=False``: returns the scalar alone."""
         out = self.call_func(leaves)
-        check_scalar(out, self.api)
+        check_scalar(out, self.api, self.has_aux)
         return out
+
+    def _aux_hint(self, out: Any) -> str:
+        if not self.has_aux and _is_pair(out):
+            return "`func` returned a pair: did you forget has_aux=True?"
+        return "Every output of `func` is differentiated; return other values as `aux` (has_aux=True)."
 
     def _split_aux(self, result: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
         if not self.has_aux:
@@ -375,9 +472,29 @@ def unpack(result: tuple[Any, ...], has_aux: bool) -> tuple[Any, ...]:
     return result if has_aux else (*result, ())
 
 
-def check_scalar(out: Any, api: str) -> None:
+def check_complex(
+    leaves: Sequence[torch.Tensor], paths: Callable[[], list[str]], holomorphic: bool, what: str, api: str
+) -> None:
+    """``TypeError`` unless every leaf is complex (``holomorphic``) or none is (``what="output"``)."""
+    for k, leaf in enumerate(leaves):
+        if holomorphic and isinstance(leaf, torch.Tensor) and not leaf.is_complex():
+            raise TypeError(
+                f"`functx.{api}`: with holomorphic=True every differentiated {what} must be a complex "
+                f"tensor, but {paths()[k]} is {describe(leaf)}."
+            )
+        if not holomorphic and isinstance(leaf, torch.Tensor) and leaf.is_complex():
+            raise TypeError(
+                f"`functx.{api}`: {paths()[k]} is {describe(leaf)}: the Jacobian of a complex output is "
+                f"defined only for a holomorphic function. Pass holomorphic=True (with complex inputs) "
+                f"if `func` is holomorphic; otherwise return the real and imaginary parts as real "
+                f"outputs (e.g. `torch.view_as_real(out)`)."
+            )
+
+
+def check_scalar(out: Any, api: str, has_aux: bool = True) -> None:
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"`functx.{api}`: `func` must return a scalar tensor, got {describe(out)}.")
+        hint = " `func` returned a pair: did you forget has_aux=True?" if not has_aux and _is_pair(out) else ""
+        raise TypeError(f"`functx.{api}`: `func` must return a scalar tensor, got {describe(out)}.{hint}")
     if out.dim() != 0:
         raise ValueError(
             f"`functx.{api}`: `func` must return a scalar (0-dimensional) tensor, got a tensor of "
@@ -386,6 +503,10 @@ def check_scalar(out: Any, api: str) -> None:
         )
     if not out.is_floating_point():
         raise TypeError(f"`functx.{api}`: `func` must return a real floating-point scalar, got {describe(out)}.")
+
+
+def _is_pair(out: Any) -> bool:
+    return isinstance(out, (tuple, list)) and len(out) == 2
 
 
 def check_primals(primals: Any, name: str, api: str) -> tuple[Any, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -18,6 +18,22 @@ from ._core import (
     plain_autograd,
     reaches_other_leaves,
 )
+from ._torch_internals import grad_and_value
+from ._tree import PyTree, TensorTree
+
+
+@overload
+def value_and_grad(
+    func: Callable[..., Any], argnums: int | tuple[int, ...] = ..., has_aux: Literal[False] = ...
+) -> Callable[..., tuple[torch.Tensor, TensorTree]]: ...
+@overload
+def value_and_grad(
+    func: Callable[..., Any], argnums: int | tuple[int, ...], has_aux: Literal[True]
+) -> Callable[..., tuple[tuple[torch.Tensor, PyTree], TensorTree]]: ...
+@overload
+def value_and_grad(
+    func: Callable[..., Any], argnums: int | tuple[int, ...] = ..., *, has_aux: Literal[True]
+) -> Callable[..., tuple[tuple[torch.Tensor, PyTree], TensorTree]]: ...
 
 
 def value_and_grad(
@@ -50,6 +66,20 @@ def value_and_grad(
     """
     check_callable(func, "func", "value_and_grad")
     return _value_and_grad(func, check_argnums(argnums, "value_and_grad"), has_aux, "value_and_grad")
+
+
+@overload
+def grad(
+    func: Callable[..., Any], argnums: int | tuple[int, ...] = ..., has_aux: Literal[False] = ...
+) -> Callable[..., TensorTree]: ...
+@overload
+def grad(
+    func: Callable[..., Any], argnums: int | tuple[int, ...], has_aux: Literal[True]
+) -> Callable[..., tuple[TensorTree, PyTree]]: ...
+@overload
+def grad(
+    func: Callable[..., Any], argnums: int | tuple[int, ...] = ..., *, has_aux: Literal[True]
+) -> Callable[..., tuple[TensorTree, PyTree]]: ...
 
 
 def grad(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: bool = False) -> Callable[..., Any]:
@@ -93,7 +123,11 @@ def _value_and_grad(
     @functools.wraps(func)
     def value_and_grad_fn(*args: Any, **kwargs: Any) -> Any:
         call = Call(api, func, args, kwargs, argnums, has_aux)
-        grads, value, aux = grad_and_value_flat(call, call.leaves)
+        try:
+            grads, value, aux = grad_and_value_flat(call, call.leaves)
+        except RuntimeError as err:
+            call.raise_if_inplace(err)
+            raise
         return call.with_aux(value, aux), call.unflatten_in(grads)
 
     return value_and_grad_fn
@@ -112,14 +146,15 @@ def grad_and_value_flat(
         value, aux = call.scalar_fn()
         return (), value, aux
     if plain_autograd(*leaves):
-        grads, value, aux, _ = plain_derivatives(call, leaves)
-        return grads, value, aux
+        plain_grads, value, aux, _ = plain_derivatives(call, leaves)
+        return plain_grads, value, aux
     fn = call.scalar_fn if call.has_aux else call.scalar_fn_no_aux
+    grads: tuple[torch.Tensor, ...]
     if len(leaves) == 1:
-        grad, result = _grad_and_value(fn, 0, call.has_aux, (leaves[0],))
-        grads: tuple[torch.Tensor, ...] = (grad,)
+        grad, result = grad_and_value(fn, 0, call.has_aux, (leaves[0],))
+        grads = (grad,)
     else:
-        grads, result = _grad_and_value(fn, all_argnums(len(leaves)), call.has_aux, tuple(leaves))
+        grads, result = grad_and_value(fn, all_argnums(len(leaves)), call.has_aux, tuple(leaves))
     return (grads, *result) if call.has_aux else (grads, result, ())
 
 
@@ -132,25 +167,25 @@ def plain_derivatives(
     ``hvp`` is the Hessian applied to ``tangents`` (reverse over reverse), or None.
     """
     inputs = [leaf.detach().requires_grad_() for leaf in leaves]  # new tensors: the user's are untouched
+    static = call.static_tensors()
+    marks = [t.grad_fn for t in static]
     with torch.enable_grad():  # a transform ignores an enclosing no_grad, as torch.func does
         value, aux = call.scalar_fn(*inputs)
         outer = reaches_other_leaves([value, *aux], inputs)
         grads = autograd_grad([value], inputs, create_graph=outer or tangents is not None)
         products = None if tangents is None else autograd_grad(grads, inputs, tangents, create_graph=outer)
+    _cut_written(static, marks)
     if outer:  # differentiable w.r.t. captured tensors, as torch.func's results would be
         return grads, value, aux, products
     return tuple(g.detach() for g in grads), value.detach(), tuple(a.detach() for a in aux), products
 
 
-def _grad_and_value(fn: Callable[..., Any], argnums: Any, has_aux: bool, args: tuple[Any, ...]) -> Any:
-    # Eager calls skip the wrapper that `torch.func.grad_and_value` builds on every call
-    # (same implementation underneath); under torch.compile the public API is traced.
-    if _grad_and_value_impl is not None and not torch.compiler.is_compiling():
-        return _grad_and_value_impl(fn, argnums, has_aux, args, {})
-    return torch.func.grad_and_value(fn, argnums=argnums, has_aux=has_aux)(*args)
-
-
-try:  # present since torch 2.0; the public API is the fallback
-    from torch._functorch.eager_transforms import grad_and_value_impl as _grad_and_value_impl
-except ImportError:  # pragma: no cover
-    _grad_and_value_impl = None
+def _cut_written(static: Sequence[torch.Tensor], marks: Sequence[Any]) -> None:
+    """A non-differentiated argument that `func` wrote in place with values of our graph keeps
+    the values (as under torch.func) but not our graph: it must not start requiring grad."""
+    for t, mark in zip(static, marks):
+        if t.grad_fn is not mark and mark is None:
+            try:
+                t.detach_()
+            except RuntimeError:  # a view cannot be detached in place; its base carries the graph
+                pass

@@ -9,8 +9,10 @@ reverse: the Jacobian/VJP of the gradient), ``"fwd-rev"`` (forward over reverse,
 
 * ``hessian``: ``"rev-rev"`` on CPU, where it measures 2-5x faster than forward over
   reverse for dense and per-sample Hessians; ``"fwd-rev"`` elsewhere (torch.func's choice),
-  falling back to ``"rev-rev"`` in eager mode when an operation has no forward-mode
-  derivative of its backward (``F.huber_loss``, ``F.mse_loss`` in torch 2.13).
+  falling back to ``"rev-rev"`` in eager mode when forward over reverse raises
+  ``NotImplementedError``/``RuntimeError`` (an operation with no forward-mode derivative
+  of its backward: ``F.huber_loss``, ``F.mse_loss`` in torch 2.13) and reverse over
+  reverse succeeds; if both fail, the first error is raised. torch's message is not read.
 * ``hvp``: ``"rev-rev"`` everywhere: it costs about two gradients, and it works for the
   losses where ``jvp(grad(f))`` crashes.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -39,10 +41,42 @@ from ._core import (
 )
 from ._grad import grad_and_value_flat, plain_derivatives
 from ._jacobian import Tensors, jacobian_flat
-from ._tree import flatten_like
+from ._tree import PyTree, TensorTree, describe, flatten_like
 
 HESSIAN_MODES = ("auto", "rev-rev", "fwd-rev")
 HVP_MODES = ("auto", "rev-rev", "fwd-rev", "rev-fwd")
+
+
+@overload
+def hessian(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = ...,
+    has_aux: Literal[False] = ...,
+    *,
+    chunk_size: int | None = ...,
+    mode: str = ...,
+    holomorphic: bool = ...,
+) -> Callable[..., TensorTree]: ...
+@overload
+def hessian(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...],
+    has_aux: Literal[True],
+    *,
+    chunk_size: int | None = ...,
+    mode: str = ...,
+    holomorphic: bool = ...,
+) -> Callable[..., tuple[TensorTree, PyTree]]: ...
+@overload
+def hessian(
+    func: Callable[..., Any],
+    argnums: int | tuple[int, ...] = ...,
+    *,
+    has_aux: Literal[True],
+    chunk_size: int | None = ...,
+    mode: str = ...,
+    holomorphic: bool = ...,
+) -> Callable[..., tuple[TensorTree, PyTree]]: ...
 
 
 def hessian(
@@ -52,6 +86,7 @@ def hessian(
     *,
     chunk_size: int | None = None,
     mode: str = "auto",
+    holomorphic: bool = False,
 ) -> Callable[..., Any]:
     """Hessian of ``func``: the Jacobian of its Jacobian, dense.
 
@@ -64,6 +99,11 @@ def hessian(
             (default: ``None``, all at once)
         mode: ``"auto"``, ``"rev-rev"`` or ``"fwd-rev"``; see the module notes.
             (default: ``"auto"``: reverse-over-reverse on CPU)
+        holomorphic: promise that ``func`` is holomorphic (complex inputs and outputs); the
+            Hessian is then ``d2f/dz2``. Without it, complex inputs and outputs are refused
+            (``TypeError``): the Hessian of a real function of complex inputs is not a
+            complex matrix; differentiate ``torch.view_as_real`` parts instead.
+            (default: ``False``)
 
     Returns:
         A function returning the Hessian (or ``(hessian, aux)``): output structure, then
@@ -81,18 +121,34 @@ def hessian(
     check_bool(has_aux, "has_aux", "hessian")
     chunk_size = check_chunk_size(chunk_size, "hessian")
     check_choice(mode, "mode", HESSIAN_MODES, "hessian")
+    check_bool(holomorphic, "holomorphic", "hessian")
 
     @functools.wraps(func)
     def hessian_fn(*args: Any, **kwargs: Any) -> Any:
         call = Call("hessian", func, args, kwargs, argnums, has_aux)
+        call.set_holomorphic(holomorphic)
+        if not holomorphic:
+            _refuse_complex_inputs(call)
+        options: dict[str, Any] = {"has_aux": has_aux, "chunk_size": chunk_size, "holomorphic": holomorphic}
 
         def jac(*leaves: torch.Tensor) -> Any:
-            _, blocks, aux = jacobian_flat(call.torch_fn, leaves, has_aux=has_aux, rev=True, chunk_size=chunk_size)
+            args = call.args
+            call.args = tuple(call.lifted_args())  # func's own arguments, at this level too
+            try:
+                _, blocks, aux = jacobian_flat(call.torch_fn, leaves, rev=True, **options)
+            finally:
+                call.args = args
             return torch_result([b for row in blocks for b in row], aux, has_aux)
 
-        outer = lambda rev: jacobian_flat(jac, call.leaves, has_aux=has_aux, rev=rev, chunk_size=chunk_size)
+        outer = lambda rev: jacobian_flat(jac, call.leaves, rev=rev, **options)
         if call.leaves:
-            _, blocks, aux = _with_mode(mode, call.leaves, rev_rev=lambda: outer(True), fwd_rev=lambda: outer(False))
+            try:
+                _, blocks, aux = _with_mode(
+                    mode, call.leaves, rev_rev=lambda: outer(True), fwd_rev=lambda: outer(False)
+                )
+            except RuntimeError as err:
+                call.raise_if_inplace(err)
+                raise
         else:  # nothing to differentiate: empty Hessian blocks
             (_, aux), blocks = call.flat_fn(), []  # evaluated for the output structure and aux
         n = len(call.leaves)
@@ -103,6 +159,26 @@ def hessian(
         return call.with_aux(call.unflatten_out(rows), aux)
 
     return hessian_fn
+
+
+def _refuse_complex_inputs(call: Call) -> None:
+    for k, leaf in enumerate(call.leaves):
+        if leaf.is_complex():
+            raise TypeError(
+                f"`functx.hessian`: differentiated input {call.input_paths()[k]} is {describe(leaf)}. The "
+                f"Hessian is a complex matrix only for a holomorphic `func`: pass holomorphic=True if it is; "
+                f"otherwise differentiate with respect to real tensors (`torch.view_as_real(z)`)."
+            )
+
+
+@overload
+def hvp(
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[False] = ..., *, mode: str = ...
+) -> tuple[tuple[TensorTree, ...], tuple[TensorTree, ...]]: ...
+@overload
+def hvp(
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[True], *, mode: str = ...
+) -> tuple[tuple[TensorTree, ...], tuple[TensorTree, ...], PyTree]: ...
 
 
 def hvp(
@@ -141,12 +217,17 @@ def hvp(
     )
     if not call.leaves:
         _, aux = call.scalar_fn()
-        grads, products = (), ()
+        grads: Tensors = ()
+        products: Tensors = ()
     else:
         run = {"auto": _hvp_rev_rev, "rev-rev": _hvp_rev_rev, "fwd-rev": _hvp_fwd_rev, "rev-fwd": _hvp_rev_fwd}[mode]
         if run is _hvp_rev_rev and plain_autograd(*call.leaves, *flat_tangents):
             run = _hvp_plain
-        grads, products, aux = run(call, flat_tangents)
+        try:
+            grads, products, aux = run(call, flat_tangents)
+        except RuntimeError as err:
+            call.raise_if_inplace(err)
+            raise
     result = (call.unflatten_in(grads), call.unflatten_in(products))
     return result + (call.aux(aux),) if has_aux else result
 
@@ -162,18 +243,18 @@ def _with_mode(
     try:
         return fwd_rev()
     except (NotImplementedError, RuntimeError) as err:
-        if not _is_missing_forward_ad(err):
-            raise
-        return rev_rev()
+        # An operation without a forward-mode derivative of its backward raises one of
+        # these. Rather than read torch's message, retry reverse over reverse: if that
+        # works it is the right answer; if it fails too the error was not about forward
+        # mode and the first error is the one to show.
+        try:
+            return rev_rev()
+        except Exception:
+            raise err from None
 
 
 def _prefers_rev_rev(leaves: Sequence[torch.Tensor]) -> bool:
     return not leaves or leaves[0].device.type == "cpu"
-
-
-def _is_missing_forward_ad(err: Exception) -> bool:
-    text = str(err)
-    return "forward AD" in text or "ZeroTensors are immutable" in text
 
 
 def _grad_fn(call: Call) -> Callable[..., Any]:
@@ -194,6 +275,7 @@ def _hvp_rev_rev(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tenso
 def _hvp_plain(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
     """:func:`_hvp_rev_rev` with plain autograd, for top-level eager calls."""
     grads, _, aux, products = plain_derivatives(call, call.leaves, tangents)
+    assert products is not None  # asked for with `tangents`
     return grads, products, aux
 
 
@@ -205,9 +287,9 @@ def _hvp_fwd_rev(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tenso
 
 def _hvp_rev_fwd(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
     def value_and_slope(*leaves: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], Tensors]:
-        value, slope, aux = torch.func.jvp(call.scalar_fn, leaves, tangents, has_aux=True)
+        value, slope, aux = unpack(torch.func.jvp(call.scalar_fn, leaves, tangents, has_aux=True), True)
         return (value, slope), aux
 
-    (value, slope), pullback, aux = torch.func.vjp(value_and_slope, *call.leaves, has_aux=True)
+    (value, slope), pullback, aux = unpack(torch.func.vjp(value_and_slope, *call.leaves, has_aux=True), True)
     one, zero = torch.ones_like(value), torch.zeros_like(slope)
     return pullback((one, zero)), pullback((zero, one)), aux

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
 from ._core import Call, as_leaves, check_bool, check_callable, check_primals, pack_like, unpack
-from ._tree import flatten_like
+from ._tree import PyTree, TensorTree, flatten_like
+
+
+@overload
+def vjp(
+    func: Callable[..., Any], *primals: Any, has_aux: Literal[False] = ...
+) -> tuple[TensorTree, Callable[[TensorTree], tuple[TensorTree, ...]]]: ...
+@overload
+def vjp(
+    func: Callable[..., Any], *primals: Any, has_aux: Literal[True]
+) -> tuple[TensorTree, Callable[[TensorTree], tuple[TensorTree, ...]], PyTree]: ...
 
 
 def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
@@ -35,7 +45,11 @@ def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple
     check_callable(func, "func", "vjp")
     check_bool(has_aux, "has_aux", "vjp")
     call = Call("vjp", func, primals, {}, None, has_aux, roots=("primals",))
-    out, pullback, aux = unpack(torch.func.vjp(call.torch_fn, *call.leaves, has_aux=has_aux), has_aux)
+    try:
+        out, pullback, aux = unpack(torch.func.vjp(call.torch_fn, *call.leaves, has_aux=has_aux), has_aux)
+    except RuntimeError as err:
+        call.raise_if_inplace(err)
+        raise
     outs = as_leaves(out)
 
     def vjp_fn(cotangents: Any) -> tuple[Any, ...]:
@@ -44,6 +58,16 @@ def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple
 
     result = (call.unflatten_out(outs), vjp_fn)
     return result + (call.aux(aux),) if has_aux else result
+
+
+@overload
+def jvp(
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[False] = ...
+) -> tuple[TensorTree, TensorTree]: ...
+@overload
+def jvp(
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[True]
+) -> tuple[TensorTree, TensorTree, PyTree]: ...
 
 
 def jvp(func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = False) -> tuple[Any, ...]:
@@ -70,12 +94,25 @@ def jvp(func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = F
     primals = check_primals(primals, "primals", "jvp")
     tangents = check_primals(tangents, "tangents", "jvp")
     call = Call("jvp", func, primals, {}, None, has_aux, roots=("primals",))
+    call.require_leaves("primals")
     flat_tangents = flatten_like(tangents, call.in_spec, call.leaves, name="tangents", api="jvp", ref="the primals")
+    fresh = call.fresh_leaves()  # torch.func.jvp would let `func` write the caller's tensors
     out, tangents_out, aux = unpack(
-        torch.func.jvp(call.torch_fn, tuple(call.leaves), tuple(flat_tangents), has_aux=has_aux), has_aux
+        torch.func.jvp(call.torch_fn, tuple(fresh), tuple(flat_tangents), has_aux=has_aux), has_aux
     )
+    call.check_unwritten(fresh)
     result = (call.unflatten_out(as_leaves(out)), call.unflatten_out(as_leaves(tangents_out)))
     return result + (call.aux(aux),) if has_aux else result
+
+
+@overload
+def linearize(
+    func: Callable[..., Any], *primals: Any, has_aux: Literal[False] = ...
+) -> tuple[TensorTree, Callable[..., TensorTree]]: ...
+@overload
+def linearize(
+    func: Callable[..., Any], *primals: Any, has_aux: Literal[True]
+) -> tuple[TensorTree, Callable[..., TensorTree], PyTree]: ...
 
 
 def linearize(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
@@ -105,11 +142,16 @@ def linearize(func: Callable[..., Any], *primals: Any, has_aux: bool = False) ->
     check_callable(func, "func", "linearize")
     check_bool(has_aux, "has_aux", "linearize")
     call = Call("linearize", func, primals, {}, None, has_aux, roots=("primals",))
-    out, aux = call.flat_fn(*call.leaves)
+    call.require_leaves("primals")
+    fresh = call.fresh_leaves()
+    out, aux = call.flat_fn(*fresh)
+    call.check_unwritten(fresh)
 
     def jvp_fn(*tangents: Any) -> Any:
         flat = flatten_like(tangents, call.in_spec, call.leaves, name="tangents", api="linearize", ref="the primals")
-        result = torch.func.jvp(call.torch_fn, tuple(call.leaves), tuple(flat), has_aux=has_aux)
+        fresh = call.fresh_leaves()
+        result = torch.func.jvp(call.torch_fn, tuple(fresh), tuple(flat), has_aux=has_aux)
+        call.check_unwritten(fresh)
         return call.unflatten_out(as_leaves(result[1]))
 
     result = (call.unflatten_out(out), jvp_fn)

@@ -86,13 +86,14 @@ def vmap(
             out_leaves, outputs["spec"] = tree_flatten(out)
             outputs["dims"] = broadcast_prefix(out_dims, out, "the output", "out_dims", "vmap")
             outputs["leaves"] = out_leaves
+            _check_out_dims(out, out_leaves, outputs["dims"])
             tensors = [(t, d) for t, d in zip(out_leaves, outputs["dims"]) if isinstance(t, torch.Tensor)]
             return [t for t, d in tensors if d is not None], [t for t, d in tensors if d is None]
 
         mapped, unmapped = torch.vmap(
             flat_fn,
             in_dims=tuple(dims[k] for k in batched),
-            out_dims=(0, None),
+            out_dims=(0, None),  # type: ignore[arg-type]  # torch's annotation omits None entries
             randomness=randomness,
             chunk_size=chunk_size,
         )(*(leaves[k] for k in batched))
@@ -113,6 +114,21 @@ def _rebuild(outputs: dict[str, Any], mapped: Any, unmapped: Any) -> Any:
             t = next(mapped)
             rebuilt.append(t if dim == 0 else t.movedim(0, dim))
     return tree_unflatten(outputs["spec"], rebuilt)
+
+
+def _check_out_dims(out: Any, leaves: list[Any], dims: list[Any]) -> None:
+    """Every ``out_dims`` entry must be an int that exists in the batched output (checked
+    while ``func``'s outputs are traced, before torch moves any dimension)."""
+    for k, (leaf, dim) in enumerate(zip(leaves, dims)):
+        if dim is None or not isinstance(leaf, torch.Tensor):
+            continue
+        _check_dim(dim, "out_dims")
+        rank = leaf.dim() + 1  # with the batch dimension
+        if not -rank <= dim < rank:
+            raise ValueError(
+                f"`functx.vmap`: `out_dims` puts the batch dimension of {leaf_paths(out, 'output')[k]} at "
+                f"{dim}, but with the batch dimension it has {rank} dimension(s) (valid: {-rank} to {rank - 1})."
+            )
 
 
 def _check_dims_tree(dims: Any, name: str) -> None:
@@ -145,7 +161,7 @@ def _check_batched_leaves(args: tuple[Any, ...], leaves: list[Any], dims: list[A
             "`functx.vmap`: at least one tensor argument must be batched (have an int in "
             "`in_dims`); got no batched inputs."
         )
-    sizes = {}
+    sizes: dict[int, str] = {}
     for k in batched:
         leaf, dim = leaves[k], dims[k]
         _check_dim(dim, "in_dims")

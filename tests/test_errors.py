@@ -168,6 +168,6 @@ def test_integer_outputs_rejected_for_jacobians():
 
 def test_errors_leave_inputs_untouched():
     p = {"w": torch.ones(3, requires_grad=True), "lr": 0.1}
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"p\['lr'\]"):
         functx.grad(lambda p: p["w"].sum())(p)
     assert p["w"].requires_grad and p["w"].grad is None and p["lr"] == 0.1

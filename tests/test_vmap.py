@@ -70,7 +70,7 @@ def test_chunk_size_and_randomness():
     assert noise.unique().numel() == 64
     same = functx.vmap(lambda x: x + torch.rand(()), randomness="same")(torch.zeros(8))
     assert same.unique().numel() == 1
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="randomness"):  # torch's own error
         functx.vmap(lambda x: x + torch.rand(()))(torch.zeros(3))
 
 
