@@ -10,16 +10,16 @@ A call of :mod:`functx.autograd_functional` goes through :func:`call`, reading t
 4. with ``strict=True`` a plain-autograd probe (``_strict``) raises the original's errors;
 5. the functx core computes the result on flat tuples of tensors (``torch.func``
    underneath), under ``enable_grad`` with ``create_graph=True`` (results
-   differentiable, as the original's) and under ``no_grad`` otherwise (results detached),
-   on copies of the inputs: a ``func`` that writes its inputs in place gets the
-   original's error, and the caller's tensors are never written;
+   differentiable, as the original's) and under ``no_grad`` otherwise (results detached);
 6. :func:`finish` undoes the tupling, as the original's ``_tuple_postprocess`` does.
 
 If the core fails on ``func`` (a legacy ``autograd.Function`` without ``setup_context``,
 ``.item()`` under ``vmap``, an operation without a forward-mode formula, integer outputs,
-a complex output, a tensor subclass ``torch.func`` cannot wrap...), the call is rerun with
-the original algorithm, so the result, or the error, is the original's. Errors raised by
-the checks are never rerun.
+a complex output, a tensor subclass ``torch.func`` cannot wrap, a ``func`` that writes its
+inputs in place, which the core refuses in every mode...), the call is rerun with the
+original algorithm, so the result, or the error, is the original's. Errors raised by the
+checks are never rerun. Where the original's forward mode would write the caller's tensors,
+it runs on copies (``_api``).
 """
 
 from __future__ import annotations
@@ -29,33 +29,18 @@ from typing import Any
 
 import torch
 
+from .._torch_internals import version
 from ._checks import Outputs, Tensors, check_inputs, fail, parse_v
 from ._spec import FORWARD_MODE, Engine, Level, Spec, Strict, route
 from ._strict import strict_probe
 
-#: Autograd's error for an in-place write to an input of the original (its inputs are
-#: leaves that require grad), raised where the original itself would not refuse the write
-#: (forward mode, which it refuses without ``vectorize=True`` and lets write the caller's
-#: tensor with it).
-IN_PLACE_ERROR = "a leaf Variable that requires grad is being used in an in-place operation."
-
-
-#: With ``create_graph=True`` an input that is a non-leaf of the user's graph reaches
-#: ``func`` as a view (as in the original), and autograd lets a write through: the
-#: caller's tensor is written, as by the original, and the derivative the original
-#: returns then is not the function's (it differentiates at the written point), so
-#: functx refuses to return one.
-IN_PLACE_VIEW_ERROR = (
-    "the function wrote one of its inputs in place. With `create_graph=True` an input that is "
-    "a non-leaf of your graph reaches the function as a view, so the write went through to your "
-    "tensor (as in torch.autograd.functional), and no derivative of the function at the given "
-    "point can be returned. Compute a new tensor instead of writing the input (`x * 2`, not "
-    "`x.mul_(2)`)."
+#: A write to an input that reached the caller's tensor (see :func:`_compute`).
+IN_PLACE_ERROR = (
+    "the function wrote one of its inputs in place, and the write reached your tensor (with "
+    "`create_graph=True` an input that is a non-leaf of your graph is passed as a view, as "
+    "torch.autograd.functional does); no derivative at the given point can be returned. Compute "
+    "a new tensor instead of writing the input (`x * 2`, not `x.mul_(2)`)."
 )
-
-
-class InPlaceWrite(Exception):
-    """``func`` wrote one of its inputs in place (seen on the copies' version counters)."""
 
 
 def call(
@@ -83,12 +68,6 @@ def call(
         if strict and spec.strict is not Strict.ORIGINAL:
             strict_probe(spec, func, xs, create_graph, vectorize)
         result = _compute(spec, fn, xs, vs, create_graph, strategy)
-    except InPlaceWrite:
-        if create_graph:  # a non-leaf input of the user's graph, written as the original lets it
-            raise fail(RuntimeError(f"`functx.autograd_functional.{spec.name}`: {IN_PLACE_VIEW_ERROR}")) from None
-        if strategy == FORWARD_MODE:
-            raise fail(RuntimeError(IN_PLACE_ERROR)) from None
-        return fallback()  # the original refuses the write before making it, with its message
     except Exception as err:
         if getattr(err, "_functx_compat", False):
             raise
@@ -97,36 +76,36 @@ def call(
 
 
 def _compute(spec: Spec, fn: Outputs, xs: Tensors, vs: Tensors | None, create_graph: bool, strategy: str) -> Any:
-    """The functx result; :class:`InPlaceWrite` if ``func`` wrote one of its inputs."""
+    """The functx result. A ``func`` that writes one of its inputs in place is refused by
+    the core in every mode (its forward mode runs on copies), and the call reruns the
+    original, which raises its own error (or, in its forward mode, runs on copies). A
+    write that reaches the caller's tensor all the same (through the view that
+    ``create_graph=True`` passes for a non-leaf input, as the original does) raises."""
     assert spec.compute is not None
     with torch.enable_grad() if create_graph else torch.no_grad():
         prepared = prepare(xs, create_graph)
-        before = [p._version for p in prepared]
+        before = [version(p) for p in prepared]
         tangents = prepare_v(vs, xs, create_graph) if spec.takes_v else None
         try:
             result = spec.compute(fn, prepared, tangents, strategy)
-        except Exception as err:
-            _check_unwritten(prepared, before, err)
-            raise
-    _check_unwritten(prepared, before, None)
+        finally:
+            _check_unwritten(spec, prepared, before)
     return result if create_graph else detach(result)
 
 
-def _check_unwritten(prepared: Tensors, before: list[int], err: Exception | None) -> None:
-    """Raise :class:`InPlaceWrite` if ``func`` wrote one of ``prepared`` (also when the
-    computation failed after the write: the original must not run again then)."""
-    if any(p._version != v for p, v in zip(prepared, before)):
-        raise InPlaceWrite from err
+def _check_unwritten(spec: Spec, prepared: Tensors, before: list[Any]) -> None:
+    """``prepared`` share the caller's version counters: a change means the caller's tensor
+    was written (once; the original must not run again and write it a second time)."""
+    if any(version(p) != v for p, v in zip(prepared, before)):
+        raise fail(RuntimeError(f"`functx.autograd_functional.{spec.name}`: {IN_PLACE_ERROR}"))
 
 
 def prepare(xs: Tensors, create_graph: bool) -> Tensors:
     """New tensor objects for ``func``, never the user's (the original's ``_grad_preprocess``):
-    with ``create_graph=True`` connected to the user's graph (an in-place write to a leaf
-    raises autograd's error, as in the original); otherwise fresh copies, so that an
-    in-place write (which ``torch.func``'s forward mode would let through) lands in the
-    copy, is seen by its version counter and raises the original's error."""
+    with ``create_graph=True`` connected to the user's graph, or detached (results
+    differentiable, as the original's, even under ``no_grad``)."""
     if not create_graph:
-        return tuple(x.detach().clone() for x in xs)
+        return tuple(x.detach() for x in xs)
     return tuple(x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True) for x in xs)
 
 

@@ -65,9 +65,17 @@ def _refresh_rnn(rnn: nn.Module, d: dict[str, Any]) -> None:
 
 
 def check_no_parametrize_cache(plan: Plan, api: str) -> None:
-    if plan.parametrized and parametrize._cache_enabled:
+    if plan.parametrized and _parametrize_cache_enabled():
         raise RuntimeError(
             f"`functx.nn.{api}`: called inside `torch.nn.utils.parametrize.cached()`, whose cache is "
             f"keyed by id(module); per-call module copies could reuse a stale entry. Call it outside "
             f"the context (each call computes every parametrization once per access)."
         )
+
+
+def _parametrize_cache_enabled() -> bool:
+    """Whether ``torch.nn.utils.parametrize.cached()`` is active: its private
+    ``_cache_enabled`` counter. Where torch lacks it, ``False``: the call runs (each
+    per-call copy computes its parametrizations afresh unless a stale cache entry is hit,
+    which only that context manager creates)."""
+    return bool(getattr(parametrize, "_cache_enabled", 0))

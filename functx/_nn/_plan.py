@@ -55,7 +55,15 @@ class Node:
         self.values = tuple(tuple(d[k].values()) for k in OWN)
         self.fixes: tuple[tuple[Fix, str, Any], ...] = ()
         self.rnn = isinstance(module, nn.RNNBase)
-        self.norm = isinstance(module, nn.modules.batchnorm._NormBase)
+        self.norm = is_norm_with_running_stats(module)
+
+
+def is_norm_with_running_stats(module: nn.Module) -> bool:
+    """A normalization layer with running statistics (BatchNorm, InstanceNorm and
+    SyncBatchNorm, torch's private ``_NormBase``, or a user layer following its
+    convention), recognized by its public attributes rather than the private class."""
+    d = module.__dict__
+    return "running_mean" in d["_buffers"] and isinstance(d.get("track_running_stats"), bool)
 
 
 def _shape(value: Any) -> torch.Size | None:

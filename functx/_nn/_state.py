@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _torch_internals
 from ._plan import Plan
-
-_functorch = getattr(torch._C, "_functorch", None)
 
 
 def clones(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -27,16 +26,11 @@ def clones(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [t.clone() for t in tensors]
 
 
-def versions(t: torch.Tensor) -> tuple[int, ...] | int:
-    """Version counter of ``t`` and of every functorch wrapper level under it."""
-    if _functorch is None or not _functorch.is_functorch_wrapped_tensor(t):
-        return t._version
-    out = []
-    while True:
-        out.append(t._version)
-        if not _functorch.is_functorch_wrapped_tensor(t):
-            return tuple(out)
-        t = _functorch.get_unwrapped(t)
+def versions(t: torch.Tensor) -> tuple[int, ...] | None:
+    """Version counters of ``t`` and of every functorch wrapper level under it (``vmap``
+    alone does not bump the outer one); ``None`` where the internals are unavailable, and
+    then in-place updates are seen only by identity and by :func:`_norm_ran`."""
+    return _torch_internals.version(t)
 
 
 def buffers_after(
