@@ -6,6 +6,7 @@ called directly, in float64. Compositions with the transforms are in test_nn_com
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import re
@@ -21,6 +22,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 import functx
 import functx.nn as fnn
+from functx import _torch_internals
 
 D = torch.float64
 
@@ -305,7 +307,15 @@ def test_state_in_inference_mode():
         assert_tree_allclose(fmodel.with_training(False)(params, buffers, x), copy.deepcopy(module).eval()(x))
 
 
-def test_buffer_updates_detected_by_version_and_by_reassignment():
+@pytest.mark.parametrize("internals", ["on", "off"])
+def test_buffer_updates_detected_by_version_and_by_reassignment(internals):
+    """With torch's version counters, and without them (``functx._torch_internals``
+    switched off: updates are found by comparing values)."""
+    with contextlib.nullcontext() if internals == "on" else _torch_internals.switched_off():
+        _check_buffer_updates_detected()
+
+
+def _check_buffer_updates_detected():
     class Counter(nn.Module):
         def __init__(self, reassign: bool) -> None:
             super().__init__()

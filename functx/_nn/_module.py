@@ -17,7 +17,7 @@ from torch import nn
 
 from ._copy import build, check_no_parametrize_cache
 from ._plan import Plan, TensorDict, check_fresh
-from ._state import buffers_after, clones, versions
+from ._state import buffers_after, clones, state_before
 from ._tensors import resolve
 
 
@@ -120,8 +120,9 @@ class FunctionalModule:
         check_fresh(plan, api)
         check_no_parametrize_cache(plan, api)
         p = resolve(plan.params, params, plan, api)
-        cloned = clones(resolve(plan.buffers, buffers, plan, api))
-        before = [versions(c) for c in cloned]
+        given = resolve(plan.buffers, buffers, plan, api)
+        cloned = clones(given)
+        before = [state_before(c, b) for c, b in zip(cloned, given)]
         copies = build(plan, p, cloned, self._training)
         try:
             out = copies[0](*args, **kwargs)

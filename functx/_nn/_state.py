@@ -26,11 +26,22 @@ def clones(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [t.clone() for t in tensors]
 
 
-def versions(t: torch.Tensor) -> tuple[int, ...] | None:
-    """Version counters of ``t`` and of every functorch wrapper level under it (``vmap``
-    alone does not bump the outer one); ``None`` where the internals are unavailable, and
-    then in-place updates are seen only by identity and by :func:`_norm_ran`."""
-    return _torch_internals.version(t)
+def state_before(clone: torch.Tensor, given: torch.Tensor) -> Any:
+    """What :func:`buffers_after` compares with: the version counters of ``clone`` and of
+    every functorch wrapper level under it (``vmap`` alone does not bump the outer one),
+    or, where ``functx._torch_internals.version`` is unavailable, the given buffer
+    itself (then in-place updates are found by comparing values, in eager mode only)."""
+    v = _torch_internals.version(clone)
+    return given if v is None else v
+
+
+def _changed_in_place(clone: torch.Tensor, before: Any) -> bool:
+    if not isinstance(before, torch.Tensor):
+        return _torch_internals.version(clone) != before
+    try:
+        return not torch.equal(clone, before)
+    except RuntimeError:  # under a transform values cannot be compared: identity and _norm_ran only
+        return False
 
 
 def buffers_after(
@@ -48,7 +59,7 @@ def buffers_after(
             if now is not clones[g] and isinstance(now, torch.Tensor):
                 finals[g] = now
                 changed.add(g)
-            elif versions(clones[g]) != before[g]:
+            elif _changed_in_place(clones[g], before[g]):
                 changed.add(g)
         if node.norm and _norm_ran(dict(node.buffers), c.__dict__, changed):
             changed.update(g for k, g in node.buffers if k in ("running_mean", "running_var") and g is not None)
