@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from ._checks import as_tuple, check_strategy
+from ._compute import FORWARD_MODE
 from ._engine import call
-from ._spec import FORWARD_MODE, SPECS, Spec
+from ._spec import SPECS, Spec
 
 
 def vjp(func: Callable[..., Any], inputs: Any, v: Any = None, create_graph: bool = False, strict: bool = False) -> Any:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from .._tree import is_differentiable
-from ._spec import STRATEGIES, Spec
+from ._compute import STRATEGIES
+from ._spec import Spec
 
 Tensors = tuple[torch.Tensor, ...]
 

@@ -13,7 +13,9 @@ from .._jacobian import jacfwd, jacrev
 from .._vjp_jvp import jvp as core_jvp
 
 Tensors = tuple[torch.Tensor, ...]
-_FORWARD_MODE = "forward-mode"
+#: The values of ``strategy`` / ``outer_jacobian_strategy`` (the original's).
+STRATEGIES = ("forward-mode", "reverse-mode")
+FORWARD_MODE = "forward-mode"
 
 
 def jvp(fn: Callable[..., Any], xs: Tensors, vs: Tensors, strategy: str) -> Any:
@@ -23,11 +25,11 @@ def jvp(fn: Callable[..., Any], xs: Tensors, vs: Tensors, strategy: str) -> Any:
 
 def jacobian(fn: Callable[..., Any], xs: Tensors, vs: None, strategy: str) -> Any:
     """The Jacobian blocks, a tuple over outputs of tuples over inputs."""
-    transform = jacfwd if strategy == _FORWARD_MODE else jacrev
+    transform = jacfwd if strategy == FORWARD_MODE else jacrev
     return transform(fn, argnums=all_argnums(len(xs)))(*xs)
 
 
 def hessian(fn: Callable[..., Any], xs: Tensors, vs: None, strategy: str) -> Any:
     """The Hessian blocks, a tuple over inputs of tuples over inputs."""
-    mode = "fwd-rev" if strategy == _FORWARD_MODE else "rev-rev"
+    mode = "fwd-rev" if strategy == FORWARD_MODE else "rev-rev"
     return core_hessian(fn, argnums=all_argnums(len(xs)), mode=mode)(*xs)

@@ -31,7 +31,8 @@ import torch
 
 from .._torch_internals import version
 from ._checks import Outputs, Tensors, check_inputs, fail, parse_v
-from ._spec import FORWARD_MODE, Engine, Level, Spec, Strict, route
+from ._compute import FORWARD_MODE
+from ._spec import Engine, Level, Spec, Strict, route
 from ._strict import strict_probe
 
 #: A write to an input that reached the caller's tensor (see :func:`_compute`).

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.autograd.functional as original
 
-from ._compute import hessian, jacobian, jvp
+from ._compute import FORWARD_MODE, hessian, jacobian, jvp
 
 #: ``jvp`` with fewer input elements than this runs the original double-backward trick:
 #: below it ``torch.func``'s fixed per-call overhead costs more than forward mode saves
@@ -23,8 +23,6 @@ from ._compute import hessian, jacobian, jvp
 #: live in docs/benchmarks.md).
 JVP_FORWARD_MODE_MIN_NUMEL = 2**14
 
-STRATEGIES = ("forward-mode", "reverse-mode")
-FORWARD_MODE = "forward-mode"
 
 
 class Engine(enum.Enum):
