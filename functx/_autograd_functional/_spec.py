@@ -24,7 +24,6 @@ from ._compute import FORWARD_MODE, hessian, jacobian, jvp
 JVP_FORWARD_MODE_MIN_NUMEL = 2**14
 
 
-
 class Engine(enum.Enum):
     """What computes a call."""
 
