@@ -6,12 +6,16 @@ size; the caller's tensors never written)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
+import re
 
 import pytest
 import torch
 import torch.autograd.functional as TAF
 from test_autograd_functional import assert_same_outcome, outcome
 
+import functx._autograd_functional as room
 import functx.autograd_functional as AF
 from functx._autograd_functional._spec import SPECS
 
@@ -237,3 +241,17 @@ def test_in_place_with_create_graph_on_a_non_leaf_writes_no_more_than_the_origin
     outcome(lambda: AF.jvp(f, x_new, torch.ones(4, dtype=D), create_graph=True))
     torch.testing.assert_close(x_old, 2 * base)
     torch.testing.assert_close(x_new, x_old)
+
+
+# --------------------------------------------------------------------------------------
+# The spec table: what differs between the APIs is data.
+
+
+def test_no_api_name_branching_outside_the_spec_table():
+    """The adapter reads each API's Spec; no module of the room compares an API's name."""
+    names = "|".join(SPECS)
+    for module in ("_api", "_checks", "_compute", "_engine", "_spec", "_strict"):
+        source = inspect.getsource(importlib.import_module(f"{room.__name__}.{module}"))
+        assert not re.search(rf"(==|!=|\bin)\s*\(?\s*['\"]({names})['\"]", source), module
+    assert {s.name for s in SPECS.values()} == {"vjp", "jvp", "jacobian", "hessian", "vhp", "hvp"}
+    assert all(dataclasses.is_dataclass(s) and s.__dataclass_params__.frozen for s in SPECS.values())
