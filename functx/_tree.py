@@ -34,6 +34,11 @@ The boundary API (private; every room routes its checks through it):
   key path, with a fix from :func:`input_hint` unless ``hint`` is given. ``paths`` may be a
   callable (computed only on failure). :func:`flatten_float` flattens and checks in one go.
 * :class:`FlatLayout` and :func:`ravel_pytree`: the one ravel (pytree <-> one 1-D tensor).
+  ``FlatLayout(leaves, spec, name=, api=)`` keeps shapes, dtypes, the promoted dtype and
+  sizes; ``ravel_leaves`` concatenates leaves already checked with :func:`flatten_like`;
+  ``unravel`` checks the length (``ValueError``) and restores per-leaf dtypes. The solvers'
+  layout can subclass it.
+* Callables are checked with ``functx._core.check_callable(func, name, api, optional=False)``.
 * :func:`tree_norm`, :func:`tree_vdot`, :func:`tree_add`, :func:`tree_sub`,
   :func:`tree_scale`, :func:`tree_axpy`, :func:`tree_zeros_like`: public tree algebra
   (exported from :mod:`functx`); binary operations check their second tree with
@@ -209,8 +214,10 @@ def flatten_like(
     Args:
         tree: the pytree to check (tangents, cotangents, a callable's result ...).
         spec: the structure ``tree`` must have.
-        like: one reference tensor per leaf of ``spec``; ``tree``'s leaf must be a tensor of
-            the same shape and dtype. A ``None`` entry accepts anything at that position.
+        like: one reference per leaf of ``spec``: anything with ``.shape`` and ``.dtype``
+            (a tensor, or ``torch.empty(shape, dtype=dtype, device="meta")`` when only the
+            layout is kept); ``tree``'s leaf must be a tensor of the same shape and dtype. A
+            ``None`` entry accepts anything at that position.
         name: the argument's name, for messages (``"tangents"``).
         api: the API name, for messages (``functx.<api>``).
         ref: what the reference is, for messages (``"the primals"``).
