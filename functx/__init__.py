@@ -9,6 +9,16 @@ Pytree policy: arguments are flattened with optree in the ``"functx"`` namespace
 includes optree's global registry; register your own classes with
 ``@optree.dataclasses.dataclass(namespace="functx")`` (or globally). ``None`` is an empty
 subtree.
+
+The two kinds of argument: a differentiated input (selected by ``argnums``, or every primal
+of ``vjp``/``jvp``/``linearize``/``hvp``) is never changed; a ``func`` that writes one in
+place raises ``ValueError`` in every mode. A non-differentiated positional argument belongs
+to ``func``, which may write it in place, as under ``torch.func``.
+
+Complex numbers follow JAX's rule: ``jacrev``/``jacfwd``/``hessian`` take ``holomorphic=``;
+complex outputs are refused unless ``holomorphic=True`` (then the result is ``df/dz``), and a
+complex input of a real output gets torch's gradient convention ``du/dx + i du/dy`` (the
+conjugate of JAX's ``grad``).
 """
 
 from . import autograd_functional as autograd_functional
