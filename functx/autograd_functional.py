@@ -6,239 +6,31 @@ Change one import line and keep every behaviour::
 
 The six functions have the original's signatures, defaults, result nesting, ``strict`` and
 ``create_graph`` semantics, ``no_grad`` behaviour, exception types and messages. What
-changes is the engine (the policy, with its measurements, is ``functx._compat.route``):
+changes is the engine (the policy is ``functx._autograd_functional._spec.route``; the
+speed-ups are measured in docs/benchmarks.md):
 
 * ``jacobian`` and ``hessian`` run functx's vectorized core (``torch.func`` underneath)
-  by default, not only with ``vectorize=True``: about 10x faster at n=256. ``strategy``
+  by default, not only with ``vectorize=True``. ``strategy``
   keeps its meaning (reverse or forward mode), and forward mode also works without
   ``vectorize=True`` and with ``create_graph=True``, which the original refuses.
 * ``jvp`` runs forward mode instead of the double-backward trick for large inputs.
-* ``hvp`` runs reverse over reverse instead of the double-backward trick (2x faster).
+* ``hvp`` runs reverse over reverse instead of the double-backward trick (one backward
+  pass fewer).
 * ``vjp`` and ``vhp`` are already optimal and run the original algorithm unchanged.
+* complex inputs or outputs run the original: its conventions, and its errors (such as
+  ``jacobian`` of a complex output), are kept exactly.
+* a ``func`` that writes its inputs in place raises the original's ``RuntimeError`` in
+  every mode and size; the caller's tensors are never written.
 * whenever ``torch.func`` cannot run ``func`` (a legacy ``autograd.Function``, ``.item()``
   under ``vmap``, an operation without a forward-mode formula...), the call is rerun with
   the original algorithm: the result, or the error, is the original's.
 """
 
-from __future__ import annotations
-
-import functools
-from collections.abc import Callable
-from typing import Any
-
-import torch.autograd.functional as _original
-
-from . import _compat
+from ._autograd_functional._api import hessian as hessian
+from ._autograd_functional._api import hvp as hvp
+from ._autograd_functional._api import jacobian as jacobian
+from ._autograd_functional._api import jvp as jvp
+from ._autograd_functional._api import vhp as vhp
+from ._autograd_functional._api import vjp as vjp
 
 __all__ = ["hessian", "hvp", "jacobian", "jvp", "vhp", "vjp"]
-
-
-def vjp(func: Callable[..., Any], inputs: Any, v: Any = None, create_graph: bool = False, strict: bool = False) -> Any:
-    """Vector-Jacobian product ``v^T J`` of ``func`` at ``inputs``.
-
-    One backward pass is already the best algorithm, so this is the original
-    :func:`torch.autograd.functional.vjp` (``torch.func`` would only add overhead).
-
-    Args:
-        func: a function of Tensors returning a Tensor or a tuple of Tensors.
-        inputs: a Tensor or a tuple of Tensors, the point.
-        v: shaped like the output; optional when the output has a single element
-            (then ``1``). (default: ``None``)
-        create_graph: whether the results are differentiable. (default: ``False``)
-        strict: raise if an input does not influence the outputs instead of returning
-            zeros for it. (default: ``False``)
-
-    Returns:
-        ``(func_output, vjp)``, ``vjp`` shaped like ``inputs``.
-
-    Example:
-        >>> import torch
-        >>> import functx.autograd_functional as AF
-        >>> AF.vjp(lambda x: x ** 2, torch.tensor([1.0, 2.0]), torch.ones(2))
-        (tensor([1., 4.]), tensor([2., 4.]))
-    """
-    return _original.vjp(func, inputs, v, create_graph, strict)
-
-
-def jvp(func: Callable[..., Any], inputs: Any, v: Any = None, create_graph: bool = False, strict: bool = False) -> Any:
-    """Jacobian-vector product ``J v`` of ``func`` at ``inputs``.
-
-    Forward mode (functx's core) for inputs of at least
-    ``functx._compat.JVP_FORWARD_MODE_MIN_NUMEL`` elements; below it, and with
-    ``strict=True``, the original's double-backward trick, which is cheaper there.
-
-    Args:
-        func: a function of Tensors returning a Tensor or a tuple of Tensors.
-        inputs: a Tensor or a tuple of Tensors, the point.
-        v: shaped like ``inputs``; optional when ``inputs`` is a single one-element
-            Tensor (then ``1``). (default: ``None``)
-        create_graph: whether the results are differentiable. (default: ``False``)
-        strict: raise if the outputs do not depend on an input. (default: ``False``)
-
-    Returns:
-        ``(func_output, jvp)``, ``jvp`` shaped like the output.
-
-    Example:
-        >>> import torch
-        >>> import functx.autograd_functional as AF
-        >>> AF.jvp(lambda x, y: x * y, (torch.tensor(2.0), torch.tensor(3.0)), (torch.tensor(1.0), torch.tensor(0.0)))
-        (tensor(6.), tensor(3.))
-    """
-    fallback = functools.partial(_original.jvp, func, inputs, v, create_graph, strict)
-    return _compat.call("jvp", func, inputs, v, create_graph, strict, fallback)
-
-
-def jacobian(
-    func: Callable[..., Any],
-    inputs: Any,
-    create_graph: bool = False,
-    strict: bool = False,
-    vectorize: bool = False,
-    strategy: str = "reverse-mode",
-) -> Any:
-    """Jacobian of ``func`` at ``inputs``, vectorized whatever ``vectorize`` says.
-
-    Args:
-        func: a function of Tensors returning a Tensor or a tuple of Tensors.
-        inputs: a Tensor or a tuple of Tensors, the point.
-        create_graph: whether the Jacobian is differentiable. (default: ``False``)
-        strict: raise if an output does not depend on an input (checked with plain
-            autograd, one backward per output). Not with ``vectorize=True`` or
-            ``strategy="forward-mode"``, as in the original. (default: ``False``)
-        vectorize: accepted for compatibility; the computation is always vectorized.
-            (default: ``False``)
-        strategy: ``"reverse-mode"`` (one vector-Jacobian product per output element,
-            batched) or ``"forward-mode"`` (one Jacobian-vector product per input element,
-            batched); both without ``vectorize=True`` and with ``create_graph=True`` too.
-            (default: ``"reverse-mode"``)
-
-    Returns:
-        A Tensor of shape ``output.shape + input.shape`` for a Tensor input and output; a
-        tuple over inputs (or over outputs) if one of them is a tuple; a tuple over outputs
-        of tuples over inputs if both are. Forward mode returns lists where the input
-        level is a tuple, as the original does.
-
-    Example:
-        >>> import torch
-        >>> import functx.autograd_functional as AF
-        >>> AF.jacobian(lambda x: x ** 2, torch.tensor([1.0, 2.0]))
-        tensor([[2., 0.],
-                [0., 4.]])
-        >>> J = AF.jacobian(lambda x, y: (x * y, x + y), (torch.ones(2), torch.ones(3, 1)))
-        >>> J[0][1].shape
-        torch.Size([3, 2, 3, 1])
-    """
-    _compat.check_strategy(strategy, "jacobian")
-    fallback = functools.partial(_original.jacobian, func, inputs, create_graph, strict, vectorize, strategy)
-    return _compat.call(
-        "jacobian", func, inputs, None, create_graph, strict, fallback, vectorize=vectorize, strategy=strategy
-    )
-
-
-def hessian(
-    func: Callable[..., Any],
-    inputs: Any,
-    create_graph: bool = False,
-    strict: bool = False,
-    vectorize: bool = False,
-    outer_jacobian_strategy: str = "reverse-mode",
-) -> Any:
-    """Hessian of a single-element ``func`` at ``inputs``, vectorized.
-
-    Args:
-        func: a function of Tensors returning a Tensor with a single element.
-        inputs: a Tensor or a tuple of Tensors, the point.
-        create_graph: whether the Hessian is differentiable. (default: ``False``)
-        strict: raise if the Jacobian or the Hessian does not depend on an input
-            (checked with plain autograd). Not with ``vectorize=True`` or forward mode,
-            as in the original. (default: ``False``)
-        vectorize: accepted for compatibility; the computation is always vectorized.
-            (default: ``False``)
-        outer_jacobian_strategy: how the Jacobian of the gradient is taken:
-            ``"reverse-mode"`` or ``"forward-mode"`` (forward over reverse, also without
-            ``vectorize=True``). (default: ``"reverse-mode"``)
-
-    Returns:
-        A Tensor of shape ``input.shape + input.shape`` for a Tensor input; for a tuple,
-        a tuple of tuples with ``H[i][j]`` of shape ``inputs[i].shape + inputs[j].shape``.
-
-    Example:
-        >>> import torch
-        >>> import functx.autograd_functional as AF
-        >>> AF.hessian(lambda x: (x ** 3).sum(), torch.tensor([1.0, 2.0]))
-        tensor([[ 6.,  0.],
-                [ 0., 12.]])
-    """
-    _compat.as_tuple(inputs, "inputs", "hessian")
-    _compat.check_strategy(outer_jacobian_strategy, "hessian")
-    fallback = functools.partial(
-        _original.hessian, func, inputs, create_graph, strict, vectorize, outer_jacobian_strategy
-    )
-    return _compat.call(
-        "hessian",
-        func,
-        inputs,
-        None,
-        create_graph,
-        strict,
-        fallback,
-        vectorize=vectorize,
-        strategy=outer_jacobian_strategy,
-    )
-
-
-def vhp(func: Callable[..., Any], inputs: Any, v: Any = None, create_graph: bool = False, strict: bool = False) -> Any:
-    """Vector-Hessian product ``v^T H`` of a single-element ``func`` at ``inputs``.
-
-    Reverse over reverse, two backward passes, is already the best algorithm, so this is
-    the original :func:`torch.autograd.functional.vhp`.
-
-    Args:
-        func: a function of Tensors returning a Tensor with a single element.
-        inputs: a Tensor or a tuple of Tensors, the point.
-        v: shaped like ``inputs``; optional for a single one-element input.
-            (default: ``None``)
-        create_graph: whether the results are differentiable. (default: ``False``)
-        strict: raise if the gradient does not depend on an input. (default: ``False``)
-
-    Returns:
-        ``(func_output, vhp)``, ``vhp`` shaped like ``inputs``.
-
-    Example:
-        >>> import torch
-        >>> import functx.autograd_functional as AF
-        >>> AF.vhp(lambda x: (x ** 3).sum(), torch.tensor([1.0, 2.0]), torch.ones(2))
-        (tensor(9.), tensor([ 6., 12.]))
-    """
-    return _original.vhp(func, inputs, v, create_graph, strict)
-
-
-def hvp(func: Callable[..., Any], inputs: Any, v: Any = None, create_graph: bool = False, strict: bool = False) -> Any:
-    """Hessian-vector product ``H v`` of a single-element ``func`` at ``inputs``.
-
-    Computed as ``(v^T H)^T`` by reverse over reverse (two backward passes) instead of the
-    original's double-backward trick (three): the same numbers whenever the Hessian is
-    symmetric, which it is for every twice continuously differentiable function and for
-    everything autograd's double-backward formulas differentiate; about 2x faster. With
-    ``strict=True`` the original runs, since its checks belong to the trick.
-
-    Args:
-        func: a function of Tensors returning a Tensor with a single element.
-        inputs: a Tensor or a tuple of Tensors, the point.
-        v: shaped like ``inputs``; optional for a single one-element input.
-            (default: ``None``)
-        create_graph: whether the results are differentiable. (default: ``False``)
-        strict: raise if the gradient does not depend on an input. (default: ``False``)
-
-    Returns:
-        ``(func_output, hvp)``, ``hvp`` shaped like ``inputs``.
-
-    Example:
-        >>> import torch
-        >>> import functx.autograd_functional as AF
-        >>> AF.hvp(lambda x, y: (x ** 2 * y).sum(), (torch.tensor([1.0]), torch.tensor([3.0])),
-        ...        (torch.tensor([1.0]), torch.tensor([0.0])))
-        (tensor(3.), (tensor([6.]), tensor([2.])))
-    """
-    fallback = functools.partial(_original.hvp, func, inputs, v, create_graph, strict)
-    return _compat.call("hvp", func, inputs, v, create_graph, strict, fallback)

@@ -25,6 +25,13 @@
   evaluates in eval mode (``True``: training mode) without touching ``model.training``; by
   default (``None``) each submodule follows its own flag at call time. Every keyword
   argument of a call belongs to the module's ``forward``.
+* Structure: a :class:`FunctionalModule` holds the structure it was made from. Calling it
+  after a parameter, buffer or submodule of the module was added, removed, replaced or
+  re-shaped (or a parametrization registered) raises ``ValueError`` before any work,
+  naming each change; call :func:`make_functional` again.
+* BatchNorm in training mode under ``functx.vmap`` (per-sample gradients, grad of vmap)
+  raises ``ValueError`` naming the layers and the fixes (``model.eval()``,
+  ``make_functional(model, training=False)``, ``fmodel.with_training(False)``).
 * :func:`stack` builds an ensemble: ``functx.vmap(fmodel, in_dims=(0, 0, None))``.
 * :func:`partition` / :func:`combine` select parameters by glob, regex, names (such as
   ``fmodel.trainable``, the names with ``requires_grad``) or predicate, and merge them back.
@@ -36,10 +43,10 @@ Attributes holding a module of the tree or a method bound to one are redirected 
 per-call copies.
 """
 
-from ._nn import FunctionalModule as FunctionalModule
-from ._nn import make_functional as make_functional
-from ._nn import stack as stack
-from ._nn_select import combine as combine
-from ._nn_select import partition as partition
+from ._nn._module import FunctionalModule as FunctionalModule
+from ._nn._module import make_functional as make_functional
+from ._nn._select import combine as combine
+from ._nn._select import partition as partition
+from ._nn._stack import stack as stack
 
 __all__ = ["FunctionalModule", "combine", "make_functional", "partition", "stack"]

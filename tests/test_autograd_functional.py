@@ -5,6 +5,7 @@ flags, strict errors, exception types and messages, no_grad, create_graph deriva
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import warnings
 
@@ -14,7 +15,7 @@ import torch.autograd.functional as TAF
 from torch.autograd import gradcheck, gradgradcheck
 
 import functx.autograd_functional as AF
-from functx import _compat
+from functx._autograd_functional._spec import SPECS
 
 # --------------------------------------------------------------------------------------
 # Helpers
@@ -59,7 +60,7 @@ def assert_same_outcome(new_fn, old_fn, **kw):
 @pytest.fixture
 def forward_mode_jvp(monkeypatch):
     """Route every non-strict jvp to functx's forward mode, whatever the size."""
-    monkeypatch.setattr(_compat, "JVP_FORWARD_MODE_MIN_NUMEL", 0)
+    monkeypatch.setitem(SPECS, "jvp", dataclasses.replace(SPECS["jvp"], min_numel=0))
 
 
 @pytest.fixture
@@ -73,7 +74,8 @@ def original_calls(monkeypatch):
             calls[_name] = calls.get(_name, 0) + 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(_compat.original, name, spy)
+        monkeypatch.setattr(TAF, name, spy)
+        monkeypatch.setitem(SPECS, name, dataclasses.replace(SPECS[name], original=spy))
     return calls
 
 
@@ -506,7 +508,7 @@ def test_strict_probe_is_cheap(original_calls):
 
 def test_routes(original_calls):
     x = torch.rand(8, dtype=torch.float64)
-    big = torch.rand(_compat.JVP_FORWARD_MODE_MIN_NUMEL)
+    big = torch.rand(SPECS["jvp"].min_numel)
     f, g = (lambda a: a.sin() * a), (lambda a: (a.sin() * a).sum())
     AF.jacobian(f, x, vectorize=False)
     AF.hessian(g, x)
@@ -592,7 +594,7 @@ def test_no_warnings():
 def test_forward_mode_without_vectorize_and_with_create_graph():
     f = lambda x: x.exp() * x.sum()
     x = rand(3)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError, match="only implemented for `vectorize=True`"):
         TAF.jacobian(f, x, strategy="forward-mode")
     expected = TAF.jacobian(f, x)
     assert_same(AF.jacobian(f, x, strategy="forward-mode"), expected)

@@ -225,3 +225,70 @@ def test_transformer_per_sample_grads():
     grads = functx.vmap(functx.grad(loss), in_dims=(None, 0))(params, x)
     expected = [grads_of(model, lambda m: head(m(x[i : i + 1]))) for i in range(len(x))]
     assert_tree_allclose(grads, {n: torch.stack([e[n] for e in expected]) for n in grads}, rtol=1e-9, atol=1e-11)
+
+
+# ---------------------------------------------------------------------------------------
+# A train-mode BatchNorm under vmap: functx's hint instead of torch's raw error.
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(torch.float64)
+
+
+BN_HINT = (
+    r"`functx.nn.FunctionalModule.(__call__|stateful)`: normalization layer\(s\) '1' run in training mode "
+    r"under `vmap`.*`model.eval\(\)`.*`functx.nn.make_functional\(model, training=False\)`.*"
+    r"`fmodel.with_training\(False\)`.*Per-sample BatchNorm"
+)
+
+
+def bn_calls(fmodel, params, buffers, x):
+    """Compositions a user writes with a train-mode BatchNorm; each must raise the hint."""
+    return {
+        "vmap(call)": lambda: functx.vmap(lambda xi: fmodel(params, buffers, xi))(x),
+        "vmap(stateful)": lambda: functx.vmap(lambda xi: fmodel.stateful(params, buffers, xi))(x),
+        "grad(vmap)": lambda: functx.grad(
+            lambda p: functx.vmap(lambda xi: fmodel.stateful(p, buffers, xi)[0])(x).sum()
+        )(params),
+        "vmap(grad)": lambda: functx.vmap(
+            lambda xi: functx.grad(lambda p: fmodel.stateful(p, buffers, xi)[0].sum())(params)
+        )(x),
+    }
+
+
+@pytest.mark.parametrize("call", ["vmap(call)", "vmap(stateful)", "grad(vmap)", "vmap(grad)"])
+@pytest.mark.parametrize("how", ["module flag", "training=True"])
+def test_train_mode_batchnorm_under_vmap_names_the_fix(call, how):
+    model = bn_model()
+    fmodel, params, buffers = fnn.make_functional(model, training=True if how == "training=True" else None)
+    x = torch.randn(6, 5, 3, dtype=torch.float64)
+    before = {k: v.clone() for k, v in buffers.items()}
+    with pytest.raises(ValueError, match=BN_HINT) as info:
+        bn_calls(fmodel, params, buffers, x)[call]()
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error stays attached
+    assert_tree_allclose(buffers, before)
+    # The fix the hint names works and agrees with the module in eval mode.
+    model.eval()
+    out = functx.vmap(lambda xi: fmodel.with_training(False)(params, buffers, xi))(x)
+    assert_tree_allclose(out, torch.stack([model(xi) for xi in x]))
+
+
+def test_batchnorm_hint_only_for_the_batchnorm_error():
+    """Other RuntimeErrors of a forward with a train-mode BatchNorm pass through as they are;
+    a train-mode BatchNorm of an ensemble (stacked buffers) runs under vmap."""
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    fmodel, params, buffers = fnn.make_functional(nn.Sequential(Boom(), nn.BatchNorm1d(3)).to(torch.float64))
+    with pytest.raises(RuntimeError, match=r"^boom$"):
+        functx.vmap(lambda xi: fmodel.stateful(params, buffers, xi))(torch.randn(2, 4, 3, dtype=torch.float64))
+    members = [bn_model() for _ in range(3)]
+    fmodel, params, buffers = fnn.stack(members)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    out, new = functx.vmap(fmodel.stateful, in_dims=(0, 0, None))(params, buffers, x)
+    for i, m in enumerate(members):
+        assert_tree_allclose(out[i], m(x))  # train mode: updates m's running stats, as new[...][i]
+        assert_tree_allclose(new["1.running_mean"][i], m[1].running_mean)

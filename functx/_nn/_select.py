@@ -42,7 +42,8 @@ def partition(tree: Mapping[str, Any], filter: Filter, /) -> tuple[dict[str, Any
     if not isinstance(tree, Mapping):
         raise TypeError(f"`functx.nn.partition`: `tree` must be a dict keyed by names, got {type(tree).__name__}.")
     keep = _predicate(filter, list(tree))
-    selected, rest = {}, {}
+    selected: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
     for name, value in tree.items():
         (selected if keep(name, value) else rest)[name] = value
     return selected, rest
