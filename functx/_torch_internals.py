@@ -213,6 +213,8 @@ def version(t: torch.Tensor) -> tuple[int, ...] | None:
     every in-place write to ``t`` or a view of it), or ``None`` when unavailable."""
     if not HAVE_VERSION:
         return None
+    if _is_wrapped is None or not _is_wrapped(t):  # the common case: a plain tensor, no chain to build
+        return (t._version,)
     return tuple(u._version for u in wrapper_chain(t))
 
 
