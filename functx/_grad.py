@@ -163,7 +163,7 @@ def plain_derivatives(
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, Any, tuple[torch.Tensor, ...] | None]:
     """``(grads, value, aux_tensors, hvp)`` of ``call.scalar_fn`` with plain autograd, for
     top-level eager calls (see ``plain_autograd``): the same numbers as the torch.func
-    engine without its per-operation dispatch (about 30% of a small MLP's gradient).
+    engine without its per-operation dispatch (the "grad overhead" rows of docs/benchmarks.md).
     ``hvp`` is the Hessian applied to ``tangents`` (reverse over reverse), or None.
     """
     inputs = [leaf.detach().requires_grad_() for leaf in leaves]  # new tensors: the user's are untouched

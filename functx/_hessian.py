@@ -7,8 +7,8 @@ reverse: the Jacobian/VJP of the gradient), ``"fwd-rev"`` (forward over reverse,
 
 ``"auto"`` picks per call, from the device of the inputs:
 
-* ``hessian``: ``"rev-rev"`` on CPU, where it measures 2-5x faster than forward over
-  reverse for dense and per-sample Hessians; ``"fwd-rev"`` elsewhere (torch.func's choice),
+* ``hessian``: ``"rev-rev"`` on CPU, where it is faster than forward over reverse for
+  dense and per-sample Hessians (the hessian rows of docs/benchmarks.md); ``"fwd-rev"`` elsewhere (torch.func's choice),
   falling back to ``"rev-rev"`` in eager mode when forward over reverse raises
   ``NotImplementedError``/``RuntimeError`` (an operation with no forward-mode derivative
   of its backward: ``F.huber_loss``, ``F.mse_loss`` in torch 2.13) and reverse over
