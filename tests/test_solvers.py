@@ -461,6 +461,21 @@ def test_compiles_fullgraph():
     assert 0 < iterations <= 8 and bool(converged)
 
 
+@pytest.mark.parametrize("method", ["cg", "minres", "gmres", "bicgstab", "normal_cg", "lu", "cholesky"])
+def test_every_solver_compiles_fullgraph_at_small_max_iter(method):
+    # compile time grows with max_iter (a fixed trip count under compile): keep it small here
+    a, b = make_matrix("spd", n=5), rand(5)
+    options = {} if method in ("lu", "cholesky") else {"max_iter": 4}
+    solve = lambda a, b: tuple(solvers.solve(lambda x: a @ x, b, method=method, **options))
+    torch._dynamo.reset()
+    x, iterations, residual, converged = torch.compile(solve, fullgraph=True)(a, b)
+    x_eager, iterations_eager, _, converged_eager = solve(a, b)
+    torch.testing.assert_close(x, x_eager, rtol=1e-9, atol=1e-12)
+    assert int(iterations) == int(iterations_eager) and bool(converged) == bool(converged_eager)
+    if method in ("lu", "cholesky"):
+        torch.testing.assert_close(x, torch.linalg.solve(a, b))
+
+
 # ---------------------------------------------------------------------------------------
 # Errors
 
