@@ -161,7 +161,7 @@ def _check_batched_leaves(args: tuple[Any, ...], leaves: list[Any], dims: list[A
             "`functx.vmap`: at least one tensor argument must be batched (have an int in "
             "`in_dims`); got no batched inputs."
         )
-    sizes: dict[int, str] = {}
+    sizes: dict[int, int] = {}  # batch size -> index of the first leaf with it (paths only on error)
     for k in batched:
         leaf, dim = leaves[k], dims[k]
         _check_dim(dim, "in_dims")
@@ -176,7 +176,8 @@ def _check_batched_leaves(args: tuple[Any, ...], leaves: list[Any], dims: list[A
                 f"`functx.vmap`: {path()} has shape {tuple(leaf.shape)}, which has no dimension {dim} "
                 f"to map over (in_dims={dim})."
             )
-        sizes.setdefault(leaf.shape[dim], path())
+        sizes.setdefault(leaf.shape[dim], k)
     if len(sizes) > 1:
-        found = ", ".join(f"{p} has size {s}" for s, p in sizes.items())
+        paths = leaf_paths(args, "args")
+        found = ", ".join(f"{paths[k]} has size {s}" for s, k in sizes.items())
         raise ValueError(f"`functx.vmap`: inconsistent batch sizes along the mapped dimensions: {found}.")
