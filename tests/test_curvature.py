@@ -541,3 +541,16 @@ def test_closed_form_output_hessians_are_used(name, monkeypatch):
     model, loss, _, X, y = setup(name)
     G = fc.GGNOperator(model, loss, dict(model.named_parameters()), split(X, y))
     G @ torch.randn(G.shape[0], dtype=F64)
+
+
+def test_callable_model_pytree_v_of_the_wrong_structure_names_the_key_path():
+    def model(p, X):
+        return X @ p["a"]["w"] + p["b"]
+
+    p = {"a": {"w": torch.randn(3, 2, dtype=torch.float64)}, "b": torch.zeros(2, dtype=torch.float64)}
+    data = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))]
+    H = fc.HessianOperator(model, torch.nn.MSELoss(), p, data)
+    with pytest.raises(
+        ValueError, match=r"`v` must have the same tree structure as `params`: missing leaf \"v\['b'\]\""
+    ):
+        H @ {"a": {"w": torch.ones(3, 2, dtype=torch.float64)}}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._tree import leaf_paths, structure_mismatch, tree_flatten, tree_unflatten
+from .._tree import flatten_like, leaf_paths, tree_flatten, tree_unflatten
 from ..nn import make_functional
 
 
@@ -79,10 +79,8 @@ class Layout:
                     f"`{self.api}`: `{what}` must be a dict with the keys of params {self.keys}, got {got}."
                 )
             return [tree[k] for k in self.keys]
-        leaves, treespec = tree_flatten(tree)
-        if treespec != self.treespec:
-            raise ValueError(f"`{self.api}`: `{what}` {structure_mismatch(self.treespec, tree, what)}")
-        return leaves
+        api = self.api.removeprefix("functx.")  # flatten_like adds the prefix
+        return flatten_like(tree, self.treespec, [None] * len(self.shapes), name=what, api=api, ref="`params`")
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Cut a ``(K, P)`` tensor into ``(K, *shape)`` pieces, one per leaf."""
