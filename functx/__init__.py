@@ -25,6 +25,8 @@ from . import autograd_functional as autograd_functional
 from . import implicit as implicit
 from . import nn as nn
 from . import solvers as solvers
+from ._errors import NonConvergenceError as NonConvergenceError
+from ._errors import NonConvergenceWarning as NonConvergenceWarning
 from ._grad import grad as grad
 from ._grad import value_and_grad as value_and_grad
 from ._hessian import hessian as hessian
@@ -53,6 +55,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NAMESPACE",
+    "NonConvergenceError",
+    "NonConvergenceWarning",
     "PyTree",
     "TensorTree",
     "autograd_functional",

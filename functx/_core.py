@@ -29,7 +29,6 @@ from ._tree import (
     PyTree,
     TreeSpec,
     check_float_leaves,
-    describe,
     input_hint,
     is_differentiable,
     leaf_paths,
@@ -37,8 +36,17 @@ from ._tree import (
     tree_structure,
     tree_unflatten,
 )
+from ._validate import check_bool, check_callable, check_choice, check_chunk_size, describe
 
-__all__ = ["input_hint", "is_differentiable"]  # re-exported: the rooms import them from here
+__all__ = [  # re-exported: the rooms import them from here
+    "check_bool",
+    "check_callable",
+    "check_choice",
+    "check_chunk_size",
+    "describe",
+    "input_hint",
+    "is_differentiable",
+]
 
 _UNSET = tree_structure(None)
 _RANGES: list[tuple[int, ...]] = [tuple(range(n)) for n in range(64)]
@@ -53,20 +61,6 @@ def all_argnums(n: int) -> tuple[int, ...]:
 # Option validation, done once when a transform is created.
 
 
-def check_callable(func: Any, name: str, api: str, optional: bool = False) -> None:
-    """``TypeError`` unless ``func`` is callable (or ``None`` when ``optional``)."""
-    if func is None and optional:
-        return
-    if not callable(func):
-        kind = "None or a callable" if optional else "callable"
-        raise TypeError(f"`functx.{api}`: `{name}` must be {kind}, got {describe(func)}.")
-
-
-def check_bool(value: Any, name: str, api: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"`functx.{api}`: `{name}` must be a bool, got {value!r}.")
-
-
 def check_argnums(argnums: Any, api: str) -> int | tuple[int, ...]:
     """Validate the form of ``argnums`` (an int or a non-empty sequence of distinct ints)."""
     if isinstance(argnums, int) and not isinstance(argnums, bool):
@@ -79,22 +73,6 @@ def check_argnums(argnums: Any, api: str) -> int | tuple[int, ...]:
                 raise TypeError(f"`functx.{api}`: `argnums` must be an int or a tuple of ints, got {argnums!r}.")
         return tuple(argnums)
     raise TypeError(f"`functx.{api}`: `argnums` must be an int or a tuple of ints, got {argnums!r}.")
-
-
-def check_chunk_size(chunk_size: Any, api: str) -> int | None:
-    if chunk_size is None:
-        return None
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
-        raise TypeError(f"`functx.{api}`: `chunk_size` must be None or an int, got {chunk_size!r}.")
-    if chunk_size < 1:
-        raise ValueError(f"`functx.{api}`: `chunk_size` must be a positive int, got {chunk_size}.")
-    return chunk_size
-
-
-def check_choice(value: Any, name: str, choices: Sequence[str], api: str) -> str:
-    if value not in choices:
-        raise ValueError(f"`functx.{api}`: `{name}` must be one of {list(choices)}, got {value!r}.")
-    return value
 
 
 def _resolve_argnum(a: int, nargs: int, api: str) -> int:

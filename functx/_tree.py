@@ -55,6 +55,8 @@ from typing import Any, TypeAlias
 import optree
 import torch
 
+from ._validate import describe
+
 NAMESPACE = "functx"
 
 PyTree: TypeAlias = Any
@@ -90,13 +92,6 @@ def leaf_paths(tree: PyTree, root: str) -> list[str]:
 
 def spec_paths(treespec: TreeSpec, root: str) -> list[str]:
     return [accessor.codify(root) for accessor in optree.treespec_accessors(treespec)]
-
-
-def describe(value: Any) -> str:
-    """Short description of a value for error messages."""
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return f"a value of type {type(value).__name__}"
 
 
 def structure_mismatch(expected: TreeSpec, tree: PyTree, root: str) -> str:

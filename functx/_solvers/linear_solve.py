@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .._core import check_bool
+from .._errors import NonConvergenceError, NonConvergenceWarning
 from .._tree import TreeSpec, describe, flatten_like, tree_flatten, tree_norm, tree_unflatten
 from ._functorch import all_true, eager_under_compile, forward_rule, plain, revive
 from .cg import normal_cg
@@ -36,14 +37,6 @@ MakeMatvec = Callable[[Tensors], Callable[[Tensors], Tensors]]
 ON_FAILURE = ("warn", "raise", "ignore")
 SOLVES = ("auto", "cg", "gmres", "bicgstab", "minres", "normal_cg", "lu", "cholesky")
 SYMMETRIC_SOLVES = ("cg", "minres", "cholesky")
-
-
-class NonConvergenceWarning(RuntimeWarning):
-    """A forward, adjoint or tangent solve of implicit differentiation did not converge."""
-
-
-class NonConvergenceError(RuntimeError):
-    """Raised instead of :class:`NonConvergenceWarning` with ``on_failure="raise"``."""
 
 
 # --------------------------------------------------------------------------------------
