@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .._core import plain_eager
+from ._base import CurvatureOperatorBase
 from ._data import Data
 from ._distributed import (
     all_reduce_sum,
@@ -27,10 +28,8 @@ from ._distributed import (
 from ._losses import LossSpec
 from ._params import Layout, model_function
 
-_DENSE_CHUNK = 64  # columns per product in to_dense()
 
-
-class _CurvatureOperator:
+class _CurvatureOperator(CurvatureOperatorBase):
     """The shared machinery; subclasses define ``_batch_product``."""
 
     def __init__(
@@ -67,100 +66,11 @@ class _CurvatureOperator:
         if check_deterministic:
             self._check_deterministic()
 
-    # -- the operator protocol -------------------------------------------------------------
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(P, P)`` with ``P`` the number of entries of ``params``."""
-        return (self._layout.size, self._layout.size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of ``params`` (and of every product)."""
-        return self._layout.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The device of ``params`` (and of every product)."""
-        return self._layout.device
-
-    @property
-    def num_data(self) -> int:
-        """``N``: the number of samples over all processes (counted, or ``num_data``)."""
-        return self._num_data
-
-    def __matmul__(self, v: Any) -> Any:
-        """Apply the operator to ``v``: a tensor ``(P,)``, a matrix ``(P, K)``, or a pytree
-        shaped like ``params`` (leaves shaped like the parameters, or with a trailing ``K``
-        axis); returns the same form."""
-        if isinstance(v, torch.Tensor):
-            return self._matmul_flat(v)
-        leaves = self._layout.tree_leaves(v, "v")
-        columns = self._leaf_columns(leaves)
-        flat = torch.cat([leaf.reshape(size, -1) for leaf, size in zip(leaves, self._layout.sizes)], dim=0)
-        result = self._matmul_flat(flat if columns else flat[:, 0])
-        pieces = result.split(self._layout.sizes, dim=0)
-        shapes = [s + ((flat.shape[1],) if columns else ()) for s in self._layout.shapes]
-        return self._layout.to_tree([p.reshape(s) for p, s in zip(pieces, shapes)])
-
-    def flatten(self, tree: Any) -> torch.Tensor:
-        """The ``(P,)`` vector of a pytree shaped like ``params`` (flattening order of the operator)."""
-        leaves = self._layout.tree_leaves(tree, "tree")
-        for leaf, shape, path in zip(leaves, self._layout.shapes, self._layout.paths):
-            if not isinstance(leaf, torch.Tensor) or tuple(leaf.shape) != shape:
-                raise ValueError(
-                    f"`{self._api}.flatten`: the leaf for {path} must have shape {shape}, got {_desc(leaf)}."
-                )
-        return torch.cat([leaf.reshape(-1) for leaf in leaves])
-
-    def unflatten(self, flat: torch.Tensor) -> Any:
-        """The pytree shaped like ``params`` of a ``(P,)`` vector (or ``(P, K)``: trailing ``K`` axes)."""
-        flat = self._check_flat(flat)
-        pieces = flat.split(self._layout.sizes, dim=0)
-        return self._layout.to_tree([p.reshape(s + flat.shape[1:]) for p, s in zip(pieces, self._layout.shapes)])
-
-    def to_dense(self) -> torch.Tensor:
-        """The ``(P, P)`` matrix, built from products with blocks of the identity (small ``P`` only)."""
-        P = self._layout.size
-        eye = torch.eye(P, dtype=self.dtype, device=self.device)
-        return torch.cat([self @ eye[:, i : i + _DENSE_CHUNK] for i in range(0, P, _DENSE_CHUNK)], dim=1)
-
-    def to_scipy(self) -> Any:
-        """A ``scipy.sparse.linalg.LinearOperator`` with this operator's products (scipy is
-        imported here only)."""
-        import numpy as np
-        from scipy.sparse.linalg import LinearOperator
-
-        np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
-
-        def matmat(x: Any) -> Any:
-            t = torch.as_tensor(np.asarray(x, dtype=np_dtype), device=self.device)
-            return (self @ t.reshape(self._layout.size, -1)).cpu().numpy()
-
-        def matvec(x: Any) -> Any:
-            return matmat(x)[:, 0]
-
-        return LinearOperator(self.shape, matvec=matvec, rmatvec=matvec, matmat=matmat, rmatmat=matmat, dtype=np_dtype)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(P={self._layout.size}, N={self._num_data}, reduction={self._loss.reduction!r}, "
-            f"dtype={self.dtype})"
-        )
-
     # -- products ----------------------------------------------------------------------------
 
-    def _matmul_flat(self, v: torch.Tensor) -> torch.Tensor:
-        v = self._check_flat(v)
-        columns = v.ndim == 2
-        V = v.T.contiguous() if columns else v.unsqueeze(0)  # (K, P), each column contiguous
-        if V.shape[0] == 0:
-            return torch.zeros_like(v)
-        result = self._product(V.to(self.dtype).detach())
-        return result.T.contiguous() if columns else result[0]
-
-    def _product(self, V: torch.Tensor) -> torch.Tensor:
+    def _apply(self, V: torch.Tensor) -> torch.Tensor:
         """``(A V^T)^T`` for ``V`` of shape ``(K, P)``: one pass, one reduction."""
+        V = V.detach()
         K, batched = V.shape[0], V.shape[0] > 1
         pieces = self._layout.split(V)
         vectors = [p.contiguous() for p in pieces] if batched else [p[0] for p in pieces]  # dense: fast vmap
@@ -180,37 +90,12 @@ class _CurvatureOperator:
     ) -> tuple[tuple[torch.Tensor | None, ...], float]:
         raise NotImplementedError
 
-    def _check_flat(self, v: torch.Tensor) -> torch.Tensor:
-        P = self._layout.size
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"`{self._api}`: `v` must be a tensor or a pytree like params, got {type(v).__name__}.")
+    def _check_v(self, v: torch.Tensor) -> None:
         if not plain_eager(v) or torch.is_inference_mode_enabled():
             raise TypeError(
                 f"`{self._api}`: products run eager autograd over the data; they cannot run inside a "
                 f"functx/torch.func transform, torch.compile or inference mode."
             )
-        if not v.is_floating_point():
-            raise TypeError(f"`{self._api}`: `v` must be a real floating-point tensor, got dtype {v.dtype}.")
-        if v.ndim not in (1, 2) or v.shape[0] != P:
-            raise ValueError(f"`{self._api}`: `v` must have shape ({P},) or ({P}, K), got {tuple(v.shape)}.")
-        return v.to(device=self.device)
-
-    def _leaf_columns(self, leaves: list[Any]) -> bool:
-        """Whether the leaves of a pytree ``v`` carry a trailing ``K`` axis (all or none)."""
-        kinds: set[int | None] = set()
-        for leaf, shape, path in zip(leaves, self._layout.shapes, self._layout.paths):
-            if isinstance(leaf, torch.Tensor) and tuple(leaf.shape) == shape:
-                kinds.add(None)
-            elif isinstance(leaf, torch.Tensor) and leaf.ndim == len(shape) + 1 and tuple(leaf.shape[:-1]) == shape:
-                kinds.add(leaf.shape[-1])
-            else:
-                raise ValueError(
-                    f"`{self._api}`: the leaf of `v` for {path} must have shape {shape} (or {shape} + (K,)), "
-                    f"got {_desc(leaf)}."
-                )
-        if len(kinds) > 1:
-            raise ValueError(f"`{self._api}`: the leaves of `v` mix vectors and matrices (trailing K axes {kinds}).")
-        return kinds != {None}
 
     # -- construction-time checks -----------------------------------------------------------
 
@@ -264,12 +149,6 @@ def _check_num_data(num_data: Any, api: str) -> None:
         raise TypeError(f"`{api}`: `num_data` must be an int or None, got {type(num_data).__name__}.")
     if num_data <= 0:
         raise ValueError(f"`{api}`: `num_data` must be a positive int (the number of samples), got {num_data}.")
-
-
-def _desc(value: Any) -> str:
-    return (
-        f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a value of type {type(value).__name__}"
-    )
 
 
 def _grad(
