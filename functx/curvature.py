@@ -34,6 +34,8 @@ from ._curvature._estimators import diagonal as diagonal
 from ._curvature._estimators import eigsh as eigsh
 from ._curvature._estimators import spectral_density as spectral_density
 from ._curvature._estimators import trace as trace
+from ._curvature._inverse import InverseOperator as InverseOperator
+from ._curvature._kron import KronBlock as KronBlock
 from ._curvature._operators import EFOperator as EFOperator
 from ._curvature._operators import GGNOperator as GGNOperator
 from ._curvature._operators import HessianOperator as HessianOperator
@@ -43,6 +45,8 @@ __all__ = [
     "EigshInfo",
     "GGNOperator",
     "HessianOperator",
+    "InverseOperator",
+    "KronBlock",
     "diagonal",
     "eigsh",
     "spectral_density",
