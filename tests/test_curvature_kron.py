@@ -50,6 +50,9 @@ PARAM_SHAPES = {
     "norm.weight": (4,),
 }
 
+MLP_SHAPES = {"0.weight": (4, 3), "0.bias": (4,), "2.weight": (2, 4), "2.bias": (2,)}  # mlp_problem's
+ALL_SHAPES = {**PARAM_SHAPES, **MLP_SHAPES}
+
 
 def make(ekfac=False, seed=0, dtype=F64, singular=False):
     gen = torch.Generator().manual_seed(seed)
@@ -100,10 +103,26 @@ def dense_block(b: KronBlock) -> torch.Tensor:
     else:
         Q = torch.kron(torch.linalg.eigh(G)[1].contiguous(), QA.contiguous())
         M = Q @ torch.diag(b.eigenvalues.to(F64).reshape(-1)) @ Q.T
+    return arrange(b, M)
+
+
+def arrange(b: KronBlock, M: torch.Tensor) -> torch.Tensor:
+    """From the matrix acting on vec_row(V) to the one acting on the block's slice."""
+    m, n = b.G.shape[0], M.shape[0] // b.G.shape[0]
     if b.transposed:
-        P = transpose_perm(G.shape[0], A.shape[0])
-        M = P @ M @ P.T
+        P = transpose_perm(m, n)
+        return P @ M @ P.T
+    if len(b.params) > 1:  # [W | b]: the slice is vec(W) then b
+        P = joint_perm(m, [math.prod(ALL_SHAPES[p]) for p in b.params])
+        return P.T @ M @ P
     return M
+
+
+def joint_perm(m, piece_sizes):
+    """P with P slice = vec_row([P_1 | P_2 | ...]), each piece reshaped to (m, n_i)."""
+    idx = torch.arange(sum(piece_sizes))
+    cols = [p.reshape(m, -1) for p in idx.split(piece_sizes)]
+    return torch.eye(len(idx), dtype=F64)[torch.cat(cols, dim=1).reshape(-1)]
 
 
 def dense(K) -> torch.Tensor:
@@ -160,6 +179,17 @@ def test_block_of_the_interface_example():
     V = torch.arange(6, dtype=F64).reshape(2, 3)
     torch.testing.assert_close(K @ V.reshape(-1), (G @ V @ A).reshape(-1))
     torch.testing.assert_close(K.to_dense(), torch.kron(G, A))
+    # a joint bias: V = [W | b] (2 x 4), the slice is vec(W) then b
+    A4 = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=F64)) + 0.1
+    params = {"w": torch.zeros(2, 3, dtype=F64), "b": torch.zeros(2, dtype=F64)}
+    K = Kron(params, {"w": KronBlock(("w", "b"), G, A4)})
+    b = torch.tensor([10.0, 20.0], dtype=F64)
+    Wb = torch.cat([V, b[:, None]], dim=1)
+    out = G @ Wb @ A4
+    torch.testing.assert_close(K @ torch.cat([V.reshape(-1), b]), torch.cat([out[:, :3].reshape(-1), out[:, 3]]))
+    torch.testing.assert_close(
+        K.diagonal(), torch.cat([(G.diag()[:, None] * A4.diag()).T[:3].T.reshape(-1), G.diag() * A4[3, 3]])
+    )
 
 
 def test_closed_forms(K):
@@ -264,10 +294,7 @@ def factor_inverse_reference(K, delta, heuristic):
         A = torch.diag(b.A) if b.A.ndim == 1 else b.A
         pi = math.sqrt((A.trace() / A.shape[0]) / (b.G.trace() / b.G.shape[0])) if heuristic else 1.0
         M = torch.kron(torch.linalg.inv(b.G + root / pi * eye_like(b.G)), torch.linalg.inv(A + root * pi * eye_like(A)))
-        if b.transposed:
-            P = transpose_perm(b.G.shape[0], A.shape[0])
-            M = P @ M @ P.T
-        blocks.append(M)
+        blocks.append(arrange(b, M))
     return torch.block_diag(*blocks)
 
 
@@ -400,6 +427,10 @@ def test_bad_blocks():
         Kron(params, {"x": KronBlock(("w",), G, A), "b": KronBlock(("b",), G, None)})
     with pytest.raises(TypeError, match=r"must be a torch\.float64 tensor"):
         Kron(params, {"w": KronBlock(("w",), G.float(), A), "b": KronBlock(("b",), G, None)})
+    with pytest.raises(ValueError, match="of one parameter can be transposed"):
+        Kron(params, {"w": KronBlock(("w", "b"), G, torch.ones(4, dtype=F64), transposed=True)})
+    with pytest.raises(ValueError, match="must be a multiple of m = 4"):
+        Kron(params, {"w": KronBlock(("w", "b"), torch.eye(4, dtype=F64), torch.eye(2, dtype=F64))})
     with pytest.raises(ValueError, match="`eigenvalues` must have shape"):
         Kron(params, {"w": KronBlock(("w",), G, A, torch.ones(3, 2, dtype=F64)), "b": KronBlock(("b",), G, None)})
 

@@ -3,9 +3,13 @@
 A :class:`KroneckerOperatorBase` is block diagonal over contiguous slices of the flattening;
 each block is a :class:`KronBlock`:
 
-* a Kronecker block ``G ⊗ A``: the slice is the row-major vec of a matrix ``V`` of shape
-  ``(m, n)`` and the block acts as ``V -> G V A`` (``A`` may be a diagonal ``(n,)``;
-  ``transposed=True``: the slice is the row-major vec of ``V^T``, an Embedding weight);
+* a Kronecker block ``G ⊗ A``: the block acts as ``V -> G V A`` on a matrix ``V`` of shape
+  ``(m, n)`` whose columns are the block's parameters side by side, each reshaped to
+  ``(m, n_i)`` (``[W | b]``: a Linear weight ``(out, in)``, then its bias as a last column;
+  a Conv2d weight as ``(out, in/groups kh kw)``); the slice is those parameters' row-major
+  entries concatenated, so the weight's ``m n_1`` entries come first, then the bias's ``m``.
+  ``A`` may be a diagonal ``(n,)``; ``transposed=True``: the slice is the row-major vec of
+  ``V^T``, an Embedding weight ``(num_embeddings, dim)`` with ``G`` over ``dim``;
 * a G-only block (a separate bias): the slice is a vector of length ``m``, acted on by ``G``;
 * a diagonal block: ``G`` is a ``(p,)`` vector multiplying the slice elementwise;
 * EKFAC: ``eigenvalues`` (``(m, n)``, ``(m,)`` for a G-only block) replace ``λ_G λ_A^T`` in the
@@ -42,6 +46,10 @@ _MODES = ("exact", "factors", "heuristic")
 
 class KronBlock(NamedTuple):
     """One block of a Kronecker-factored operator (``K.blocks[name]``).
+
+    The block acts as ``V -> G V A`` on the matrix ``V = [P_1 | P_2 | ...]`` of its
+    parameters, each reshaped to ``(m, n_i)`` (a Linear's ``[W | b]``), i.e. as
+    ``G ⊗ A`` on the row-major vec of ``V``.
 
     Attributes:
         params: the names of the block's parameters, in the operator's flattening order.
@@ -103,22 +111,31 @@ class _Slot(NamedTuple):
     m: int
     n: int
     transposed: bool
+    widths: tuple[int, ...]  # columns of V from each parameter (a joint bias: (n - 1, 1))
 
 
 # -- block shapes ------------------------------------------------------------------------------
 
 
 def _to_matrix(X: torch.Tensor, slot: _Slot) -> torch.Tensor:
-    """``(K, size) -> (K, m, n)`` for a Kronecker block."""
+    """``(K, size) -> (K, m, n)`` for a Kronecker block: each parameter's entries are the
+    row-major vec of its ``(m, n_i)`` columns of ``V`` (``[W | b]``: the weight, then the bias)."""
+    K = X.shape[0]
     if slot.transposed:
-        return X.reshape(X.shape[0], slot.n, slot.m).transpose(1, 2)
-    return X.reshape(X.shape[0], slot.m, slot.n)
+        return X.reshape(K, slot.n, slot.m).transpose(1, 2)
+    if len(slot.widths) == 1:
+        return X.reshape(K, slot.m, slot.n)
+    pieces = X.split([slot.m * w for w in slot.widths], dim=1)
+    return torch.cat([p.reshape(K, slot.m, w) for p, w in zip(pieces, slot.widths)], dim=2)
 
 
 def _from_matrix(Y: torch.Tensor, slot: _Slot) -> torch.Tensor:
+    K = Y.shape[0]
     if slot.transposed:
-        Y = Y.transpose(1, 2)
-    return Y.reshape(Y.shape[0], -1)
+        return Y.transpose(1, 2).reshape(K, -1)
+    if len(slot.widths) == 1:
+        return Y.reshape(K, -1)
+    return torch.cat([p.reshape(K, -1) for p in Y.split(list(slot.widths), dim=2)], dim=1)
 
 
 def _right(Y: torch.Tensor, M: torch.Tensor | None, transpose: bool = False) -> torch.Tensor:
@@ -246,9 +263,15 @@ class KroneckerOperatorBase(_BlockDiagonal):
         expected = {"kron": (m, n), "g_only": (m,), "diagonal": None}[kind]
         if lam is not None and (expected is None or tuple(lam.shape) != expected):
             raise self._error(f"block {name!r}: `eigenvalues` must have shape {expected}, got {describe(lam)}")
-        if block.transposed and kind != "kron":
-            raise self._error(f"block {name!r}: only a Kronecker block can be transposed")
-        return _Slot(name, start, stop, kind, m, n, bool(block.transposed))
+        if block.transposed and (kind != "kron" or len(params) != 1):
+            raise self._error(f"block {name!r}: only a Kronecker block of one parameter can be transposed")
+        sizes = [offsets[index[p] + 1] - offsets[index[p]] for p in params]
+        if kind != "kron":
+            return _Slot(name, start, stop, kind, m, n, False, (n,))
+        if any(size % m for size in sizes):
+            raise self._error(f"block {name!r}: every parameter's size, {sizes}, must be a multiple of m = {m}")
+        widths = tuple(size // m for size in sizes)
+        return _Slot(name, start, stop, kind, m, n, bool(block.transposed), widths)
 
     def _error(self, message: str, kind: type[Exception] = ValueError) -> Exception:
         return kind(f"{api_name(self._api)}: {message}.")
