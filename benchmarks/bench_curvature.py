@@ -155,7 +155,8 @@ def kron_inverse_table() -> str | None:
     deltas = [10.0 ** (-3 - k / 100) for k in range(100_000)]  # a new damping at every call
     step = iter(range(len(deltas)))
     check = ours.inverse(1e-3) @ v  # the eigendecompositions, once (any later damping reuses them)
-    torch.testing.assert_close(check, KFACInverseLinearOperator(theirs, 1e-3, use_exact_damping=True) @ v)
+    reference = KFACInverseLinearOperator(theirs, 1e-3, use_exact_damping=True) @ v
+    assert float((check - reference).norm() / reference.norm()) < 1e-3, "not the same inverse as curvlinops"
     Ki = ours.inverse(1e-3)
     Ki_theirs = KFACInverseLinearOperator(theirs, 1e-3, use_exact_damping=True)
     Ki_theirs @ v  # its cache

@@ -230,6 +230,10 @@ def test_exact_inverse_of_singular_factors():
     assert torch.linalg.matrix_rank(D) < D.shape[0]
     torch.testing.assert_close(K.inverse(1e-2).to_dense(), torch.linalg.inv(D + 1e-2 * eye_like(D)))
     assert K.logdet(0.0) == -math.inf
+    for call in (lambda: K.inverse(0.0), lambda: K.power(-0.5, damping=0.0), lambda: K.inverse(0.0, mode="factors")):
+        with pytest.raises(ValueError, match="block 'l1.weight' of K \\+ δI is singular"):
+            call()
+    torch.testing.assert_close(K.power(0.5, damping=0.0).to_dense(), sym_fn(D, lambda x: x.clamp(min=0).sqrt()))
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 0.5, -0.5, -0.3, -2.0])
@@ -667,3 +671,38 @@ def test_no_warning_on_products(K):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         K.inverse(0.1) @ randv(K.shape[0])
+
+
+# -- end to end with real factors (KFACOperator / EKFACOperator of helper "kfac") ------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_single_linear_kfac_is_the_hessian_and_preconditions_exactly(reduction):
+    if not hasattr(fc, "KFACOperator"):
+        pytest.skip("needs functx.curvature.KFACOperator (issue 17, the factors)")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).to(F64)
+    X, y = torch.randn(11, 4, dtype=F64), torch.randn(11, 3, dtype=F64)
+    data = [(X[:6], y[:6]), (X[6:], y[6:])]
+    loss, params = nn.MSELoss(reduction=reduction), dict(model.named_parameters())
+    H = fc.HessianOperator(model, loss, params, data)
+    K = fc.KFACOperator(model, loss, params, data, fisher="type-2", joint_bias=True)
+    E = fc.EKFACOperator(model, loss, params, data, fisher="type-2", joint_bias=True)
+    Hd = H.to_dense()
+    assert list(K.blocks) == ["weight"] and K.blocks["weight"].params == ("weight", "bias")
+    torch.testing.assert_close(K.to_dense(), Hd)
+    torch.testing.assert_close(E.to_dense(), Hd)
+    delta = 1e-2
+    Hi = torch.linalg.inv(Hd + delta * eye_like(Hd))
+    for op in (K, E):
+        torch.testing.assert_close(op.inverse(delta).to_dense(), Hi)
+        torch.testing.assert_close(op.logdet(delta), torch.linalg.slogdet(Hd + delta * eye_like(Hd))[1])
+        torch.testing.assert_close(op.trace(), Hd.trace())
+        torch.testing.assert_close(op.diagonal(), Hd.diagonal())
+    v = randv(Hd.shape[0])
+    pre = fc.InverseOperator(H, damping=delta, preconditioner=K.inverse(delta))
+    torch.testing.assert_close(pre @ v, Hi @ v)
+    assert pre.converged and pre.num_steps == 1
+    plain = fc.InverseOperator(H, damping=delta)
+    torch.testing.assert_close(plain @ v, Hi @ v)
+    assert plain.num_steps > 1

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._validate import api_name, check_choice, check_float, check_scalar_tensor_or_float, describe, is_number
+from .._torch_internals import transforms_active
 from ._base import CurvatureOperatorBase
 
 Damping = float | torch.Tensor
@@ -540,6 +541,11 @@ class KroneckerOperatorBase(_BlockDiagonal):
                     lam = (g + root / pi)[:, None] * (a + root * pi)[None, :]
                 else:
                     lam = (g + root)[:, None] * (a + root)[None, :]
+            if p < 0 and not transforms_active() and bool((lam.detach() <= 0).any()):
+                raise ValueError(
+                    f"{api_name(self._api + '.' + method)}: block {slot.name!r} of K + δI is singular (a zero "
+                    f"eigenvalue), so a negative power is undefined; pass `damping` > 0."
+                )
             values[slot.name] = _pow(lam, p).to(self.dtype)
         what = f"power({p}, damping=...)" if method == "power" else f"inverse(damping=..., mode={mode!r})"
         return _KronFunctionOperator(self, values, what, f"{self._api}.{method}")
