@@ -231,7 +231,7 @@ def test_exact_inverse_of_singular_factors():
     torch.testing.assert_close(K.inverse(1e-2).to_dense(), torch.linalg.inv(D + 1e-2 * eye_like(D)))
     assert K.logdet(0.0) == -math.inf
     for call in (lambda: K.inverse(0.0), lambda: K.power(-0.5, damping=0.0), lambda: K.inverse(0.0, mode="factors")):
-        with pytest.raises(ValueError, match="block 'l1.weight' of K \\+ δI is singular"):
+        with pytest.raises(ValueError, match=r"block 'l1.weight' of K \+ δI is singular"):
             call()
     torch.testing.assert_close(K.power(0.5, damping=0.0).to_dense(), sym_fn(D, lambda x: x.clamp(min=0).sqrt()))
 

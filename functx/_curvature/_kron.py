@@ -37,8 +37,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._validate import api_name, check_choice, check_float, check_scalar_tensor_or_float, describe, is_number
 from .._torch_internals import transforms_active
+from .._validate import api_name, check_choice, check_float, check_scalar_tensor_or_float, describe, is_number
 from ._base import CurvatureOperatorBase
 
 Damping = float | torch.Tensor
