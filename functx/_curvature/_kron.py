@@ -190,7 +190,8 @@ class KroneckerOperatorBase(_BlockDiagonal):
 
     Beyond the operator protocol (``@``, ``shape``, ``to_dense``, ...) it gives the closed
     forms ``trace``, ``diagonal``, ``frobenius_norm``, ``logdet`` and the damped functions
-    ``inverse`` and ``power``, which return operators.
+    ``inverse`` and ``power``, which return operators. The factors' eigendecompositions run in
+    the class attribute ``_eigh_dtype`` (``None``: float64 for float32 factors, else theirs).
     """
 
     _eigh_dtype: torch.dtype | None = None  # None: float64 for float32 factors, else their dtype
