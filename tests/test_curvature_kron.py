@@ -222,6 +222,10 @@ def test_exact_inverse(K, delta):
     torch.testing.assert_close(Ki.to_dense(), torch.linalg.inv(D))
     torch.testing.assert_close(Ki @ randv(K.shape[0], 2), torch.linalg.solve(D, randv(K.shape[0], 2)))
     torch.testing.assert_close(Ki.trace(), torch.linalg.inv(D).trace())
+    torch.testing.assert_close(Ki.diagonal(), torch.linalg.inv(D).diagonal())
+    torch.testing.assert_close(Ki.flatten(Ki.diagonal(as_tree=True)), torch.linalg.inv(D).diagonal())
+    S = K.power(0.5, damping=delta)
+    torch.testing.assert_close(S.diagonal(), sym_fn(D, torch.sqrt).diagonal())
 
 
 def test_exact_inverse_of_singular_factors():

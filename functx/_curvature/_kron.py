@@ -161,6 +161,17 @@ def _spectral_block(X: torch.Tensor, slot: _Slot, Qg: torch.Tensor | None, Qa: t
     return _from_matrix(_right(Y, Qa, transpose=True), slot)
 
 
+def _spectral_diagonal(slot: _Slot, Qg: torch.Tensor | None, Qa: torch.Tensor | None, D: torch.Tensor):
+    """The diagonal of ``Q diag(D) Q^T`` on the block's slice."""
+    if slot.kind == "diagonal":
+        return D
+    assert Qg is not None
+    if slot.kind == "g_only":
+        return Qg.square() @ D
+    right = D if Qa is None else D @ Qa.square().mT
+    return _from_matrix((Qg.square() @ right)[None], slot)[0]
+
+
 # -- the block-diagonal operator layer ---------------------------------------------------------
 
 
@@ -376,12 +387,7 @@ class KroneckerOperatorBase(_BlockDiagonal):
             block = self._blocks[slot.name]
             if block.eigenvalues is not None:
                 Qg, Qa = self._bases(slot.name, self.dtype)
-                assert Qg is not None
-                if slot.kind == "g_only":
-                    piece = Qg.square() @ block.eigenvalues
-                else:
-                    right = block.eigenvalues if Qa is None else block.eigenvalues @ Qa.square().mT
-                    piece = _from_matrix((Qg.square() @ right)[None], slot)[0]
+                piece = _spectral_diagonal(slot, Qg, Qa, block.eigenvalues)
             elif slot.kind == "kron":
                 assert block.A is not None
                 outer = block.G.diagonal()[:, None] * _diag(block.A)[None, :]
@@ -587,6 +593,16 @@ class _KronFunctionOperator(_BlockDiagonal):
     def _apply_block(self, slot: _Slot, X: torch.Tensor) -> torch.Tensor:
         Qg, Qa = (None, None) if slot.kind == "diagonal" else self._source._bases(slot.name, X.dtype)
         return _spectral_block(X, slot, Qg, Qa, self._values[slot.name].to(X.dtype))
+
+    def diagonal(self, as_tree: bool = False) -> Any:
+        """The exact diagonal (e.g. a Laplace posterior's marginal variances): ``(P,)``, or a
+        pytree like ``params`` (``as_tree``)."""
+        pieces = []
+        for slot in self._slots:
+            Qg, Qa = (None, None) if slot.kind == "diagonal" else self._source._bases(slot.name, self.dtype)
+            pieces.append(_spectral_diagonal(slot, Qg, Qa, self._values[slot.name]))
+        flat = torch.cat(pieces)
+        return self.unflatten(flat) if as_tree else flat
 
     def trace(self) -> torch.Tensor:
         """The exact trace (the sum of the damped function's eigenvalues)."""
