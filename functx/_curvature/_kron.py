@@ -231,6 +231,7 @@ class KroneckerOperatorBase(_BlockDiagonal):
         self._slot_of = {s.name: s for s in self._slots}
         self._eigen_cache: dict[str, _Eigen] = {}
         self._cast_cache: dict[tuple[str, torch.dtype], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._spectra: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         for name, value in (eigen or {}).items():
             if name not in self._blocks:
@@ -337,14 +338,19 @@ class KroneckerOperatorBase(_BlockDiagonal):
     def _spectrum(self, slot: _Slot) -> torch.Tensor:
         """The block's eigenvalues ``Λ`` (``(m, n)``, ``(m,)`` or ``(p,)``), in the eigh dtype;
         the factors' eigenvalues are clipped at 0 (the factors are PSD by construction)."""
+        cached = self._spectra.get(slot.name)
+        if cached is not None:
+            return cached
         block, e = self._blocks[slot.name], self._eigen(slot.name)
         if block.eigenvalues is not None:
-            return block.eigenvalues.detach().to(e.g_vals.dtype).clamp(min=0)
-        g = e.g_vals.clamp(min=0)
-        if slot.kind != "kron":
-            return g
-        assert e.a_vals is not None
-        return g[:, None] * e.a_vals.clamp(min=0)[None, :]
+            lam = block.eigenvalues.detach().to(e.g_vals.dtype).clamp(min=0)
+        elif slot.kind != "kron":
+            lam = e.g_vals.clamp(min=0)
+        else:
+            assert e.a_vals is not None
+            lam = e.g_vals.clamp(min=0)[:, None] * e.a_vals.clamp(min=0)[None, :]
+        self._spectra[slot.name] = lam
+        return lam
 
     # -- closed forms ----------------------------------------------------------------------
 
