@@ -357,11 +357,11 @@ def test_check_deterministic_catches_dropout_and_train_mode_batchnorm():
     _, loss, _, X, y = setup("ce-mean")
     data = split(X, y)
     dropout = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 3)).to(F64)
-    with pytest.raises(ValueError, match=r"HessianOperator`: two passes .* dropout"):
+    with pytest.raises(ValueError, match=r"HessianOperator`: two passes .* the module\(s\) '1' \(Dropout\) in training"):
         fc.HessianOperator(dropout, loss, dict(dropout.named_parameters()), data)
     bn = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).to(F64)
     before = {k: b.clone() for k, b in bn.named_buffers()}
-    with pytest.raises(ValueError, match=r"GGNOperator`: .*BatchNorm in training"):
+    with pytest.raises(ValueError, match=r"GGNOperator`: .*'1' \(BatchNorm1d\) in training mode and a forward that updates the buffer\(s\) \['1.num_batches_tracked', '1.running_mean', '1.running_var'\]"):
         fc.GGNOperator(bn, loss, dict(bn.named_parameters()), data)
     assert all(torch.equal(before[k], b) for k, b in bn.named_buffers())
     bn.eval()
@@ -464,7 +464,7 @@ def test_bad_vectors():
         H @ torch.zeros(P + 1, dtype=F64)
     with pytest.raises(ValueError, match=r"`v` must have shape"):
         H @ torch.zeros(P, 2, 2, dtype=F64)
-    with pytest.raises(TypeError, match=r"real floating-point tensor, got dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"`v` must be a real floating-point tensor, got dtype torch.int64"):
         H @ torch.zeros(P, dtype=torch.long)
     tree = H.unflatten(torch.zeros(P, dtype=F64))
     with pytest.raises(ValueError, match=r"`v` must be a dict with the keys of params"):
@@ -472,17 +472,17 @@ def test_bad_vectors():
     tree["0.bias"] = torch.zeros(5, dtype=F64)
     with pytest.raises(ValueError, match=r"params\['0.bias'\] must have shape \(4,\)"):
         H @ tree
-    with pytest.raises(TypeError, match=r"cannot run inside a functx/torch.func transform"):
-        functx.vmap(lambda v: H @ v)(torch.zeros(2, P, dtype=F64))
+    with pytest.raises(TypeError, match=r"cannot be compiled, exported or traced|outside transforms and torch.compile"):
+        torch.compile(lambda v: H @ v, backend="eager")(torch.zeros(P, dtype=F64))
 
 
 def test_bad_construction():
     model, loss, _, X, y = setup("ce-mean")
     params, data = dict(model.named_parameters()), split(X, y)
     api = r"`functx.curvature.GGNOperator`: "
-    with pytest.raises(ValueError, match=api + r"`data` holds no sample"):
+    with pytest.raises(ValueError, match=api + r"`data` must hold at least one sample"):
         fc.GGNOperator(model, loss, params, [])
-    with pytest.raises(ValueError, match=api + r"params\['1.weight'\] is not a parameter of the model"):
+    with pytest.raises(ValueError, match=api + r"params\['1.weight'\] must be a parameter of the model"):
         fc.GGNOperator(model, loss, {"1.weight": torch.zeros(3, dtype=F64)}, data)
     with pytest.raises(ValueError, match=api + r"params\['0.bias'\] must have the shape"):
         fc.GGNOperator(model, loss, {"0.bias": torch.zeros(3, dtype=F64)}, data)
@@ -490,9 +490,9 @@ def test_bad_construction():
         fc.GGNOperator(model, nn.CrossEntropyLoss(reduction="none"), params, data)
     with pytest.raises(ValueError, match=api + r"the loss's reduction must be 'mean' or 'sum'.*'max'"):
         fc.GGNOperator(model, squared, params, data, reduction="max")
-    with pytest.raises(ValueError, match=api + r"`reduction='sum'` disagrees"):
+    with pytest.raises(ValueError, match=api + r"`reduction` must agree with the loss module's reduction 'mean', got 'sum'"):
         fc.GGNOperator(model, loss, params, data, reduction="sum")
-    with pytest.raises(TypeError, match=api + r"`loss` is a callable without a `reduction`"):
+    with pytest.raises(TypeError, match=api + r"`reduction` must be given for a callable `loss` without a `reduction`"):
         fc.GGNOperator(model, squared, params, data)
     with pytest.raises(TypeError, match=api + r"`loss` must be a torch.nn loss module or a callable"):
         fc.GGNOperator(model, "mse", params, data)
@@ -500,7 +500,7 @@ def test_bad_construction():
         fc.GGNOperator(42, loss, params, data)
     with pytest.raises(TypeError, match=api + r"`data` must be a re-iterable .* one-shot iterator"):
         fc.GGNOperator(model, loss, params, iter(data))
-    with pytest.raises(ValueError, match=api + r"`num_data` must be a positive int"):
+    with pytest.raises(ValueError, match=api + r"`num_data` must be an int >= 1, got 0"):
         fc.GGNOperator(model, loss, params, data, num_data=0)
     with pytest.raises(TypeError, match=api + r"params\['0.bias'\] must be a floating-point tensor"):
         fc.GGNOperator(model, loss, {"0.bias": torch.zeros(4, dtype=torch.long)}, data)
