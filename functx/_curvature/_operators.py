@@ -22,8 +22,8 @@ from ._base import CurvatureOperatorBase
 from ._data import Data
 from ._distributed import (
     all_reduce_sum,
-    any_rank,
     check_same_across_ranks,
+    flagged_ranks,
     global_count,
     on_every_rank,
     resolve_group,
@@ -166,8 +166,15 @@ class _CurvatureOperator(CurvatureOperatorBase):
         first, second = (on_every_rank(self._loss_and_gradient, self._group, self._api, what) for _ in range(2))
         changed = sorted(set(first[2]) | set(second[2]))
         local = bool(changed) or not _close(first[0], second[0]) or not _close(first[1], second[1])
-        if any_rank(local, self._group):
+        ranks = flagged_ranks(local, self._group)
+        if local:
             raise fail(self._api, self._nondeterminism_message(changed))
+        if ranks:
+            raise fail(
+                self._api,
+                f"two passes over `data` must give the same loss and gradient (check_deterministic=True), got "
+                f"different ones on rank(s) {ranks} of the process group (see their error).",
+            )
 
     def _nondeterminism_message(self, changed: list[str]) -> str:
         """Name what made two passes differ: a module in training mode, updated buffers, or
