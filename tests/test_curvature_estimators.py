@@ -619,3 +619,23 @@ def test_no_warning_on_good_calls():
         est.trace(A)
         est.diagonal(A, method="xdiag")
         est.spectral_density(A)
+
+
+def test_curvature_doctests_compare_no_float_digits():
+    """Issue 15, item 1: a doctest that prints a float compares digits a different CPU may not
+    print (``1.0000...`` against ``1.0``); every float a curvature doctest prints is rounded."""
+    import doctest
+    import importlib
+    import pkgutil
+    import re
+
+    import functx._curvature as package
+
+    names = [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
+    offenders = []
+    for name in ["functx.curvature", *names]:
+        for test in doctest.DocTestFinder().find(importlib.import_module(name)):
+            for example in test.examples:
+                if re.search(r"\d\.", example.want) and "round(" not in example.source:
+                    offenders.append(f"{test.name}: {example.source.strip()} -> {example.want.strip()}")
+    assert not offenders, "\n".join(offenders)

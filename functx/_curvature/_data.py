@@ -101,8 +101,9 @@ class Data:
         return size
 
     def count(self) -> int:
-        """The number of samples in this process's data (one pass, no model evaluation)."""
-        return sum(size for _, _, size in self.batches("counting samples"))
+        """The number of samples in this process's data (one pass, no model evaluation; a
+        ``ValueError`` names a batch with a nan or inf in ``X`` or ``y``)."""
+        return sum(size for _, _, _, size in self.indexed_batches("counting samples", check_finite=True))
 
 
 def _tqdm_available(api: str) -> bool:
