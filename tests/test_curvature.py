@@ -357,11 +357,16 @@ def test_check_deterministic_catches_dropout_and_train_mode_batchnorm():
     _, loss, _, X, y = setup("ce-mean")
     data = split(X, y)
     dropout = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 3)).to(F64)
-    with pytest.raises(ValueError, match=r"HessianOperator`: two passes .* the module\(s\) '1' \(Dropout\) in training"):
+    with pytest.raises(
+        ValueError, match=r"HessianOperator`: two passes .* the module\(s\) '1' \(Dropout\) in training"
+    ):
         fc.HessianOperator(dropout, loss, dict(dropout.named_parameters()), data)
     bn = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).to(F64)
     before = {k: b.clone() for k, b in bn.named_buffers()}
-    with pytest.raises(ValueError, match=r"GGNOperator`: .*'1' \(BatchNorm1d\) in training mode and a forward that updates the buffer\(s\) \['1.num_batches_tracked', '1.running_mean', '1.running_var'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"GGNOperator`: .*'1' \(BatchNorm1d\) in training mode and a forward that updates the buffer\(s\) \['1.num_batches_tracked', '1.running_mean', '1.running_var'\]",
+    ):
         fc.GGNOperator(bn, loss, dict(bn.named_parameters()), data)
     assert all(torch.equal(before[k], b) for k, b in bn.named_buffers())
     bn.eval()
@@ -490,7 +495,9 @@ def test_bad_construction():
         fc.GGNOperator(model, nn.CrossEntropyLoss(reduction="none"), params, data)
     with pytest.raises(ValueError, match=api + r"the loss's reduction must be 'mean' or 'sum'.*'max'"):
         fc.GGNOperator(model, squared, params, data, reduction="max")
-    with pytest.raises(ValueError, match=api + r"`reduction` must agree with the loss module's reduction 'mean', got 'sum'"):
+    with pytest.raises(
+        ValueError, match=api + r"`reduction` must agree with the loss module's reduction 'mean', got 'sum'"
+    ):
         fc.GGNOperator(model, loss, params, data, reduction="sum")
     with pytest.raises(TypeError, match=api + r"`reduction` must be given for a callable `loss` without a `reduction`"):
         fc.GGNOperator(model, squared, params, data)
@@ -637,7 +644,9 @@ def test_inference_mode():
     model, loss, reduction, X, y = setup("mse-mean")
     params = dict(model.named_parameters())
     with torch.inference_mode():
-        with pytest.raises(RuntimeError, match=r"HessianOperator`: the operator must be built outside torch.inference_mode"):
+        with pytest.raises(
+            RuntimeError, match=r"HessianOperator`: the operator must be built outside torch.inference_mode"
+        ):
             fc.HessianOperator(model, loss, params, split(X, y))
         Xi, yi, vi = X.clone(), y.clone(), torch.randn(31, dtype=F64)
     assert Xi.is_inference() and vi.is_inference()
@@ -681,14 +690,19 @@ def test_non_finite_data_names_the_batch_and_what():
             fc.GGNOperator(model, loss, params, data)
         with pytest.raises(ValueError, match=api + rf"hold finite values, got a nan or inf in {what}\.$"):
             fc.GGNOperator(model, loss, params, data, check_deterministic=False)  # the counting pass
-    infinite = lambda out, y: ((out - y) ** 2).mean() / (y[0, 0] != y[0, 0]).to(out.dtype)  # noqa: E731  1 / 0
+    infinite = lambda out, y: ((out - y) ** 2).mean() / (y[0, 0] != y[0, 0]).to(out.dtype)
     data = split(X, y)
-    with pytest.raises(ValueError, match=r"batch 0 of `data` must give a finite loss and gradient, got a nan or inf in the loss\."):
+    with pytest.raises(
+        ValueError, match=r"batch 0 of `data` must give a finite loss and gradient, got a nan or inf in the loss\."
+    ):
         fc.GGNOperator(model, infinite, params, data, reduction="mean")
-    kink = lambda out, y: (out - y).abs().sqrt().mean()  # noqa: E731  finite, with an infinite slope at 0
+    kink = lambda out, y: (out - y).abs().sqrt().mean()
     zero = nn.Linear(3, 3).to(F64)
     nn.init.zeros_(zero.weight), nn.init.zeros_(zero.bias)
-    with pytest.raises(ValueError, match=r"batch 0 of `data` must give a finite loss and gradient, got a nan or inf in the gradient of the loss\."):
+    with pytest.raises(
+        ValueError,
+        match=r"batch 0 of `data` must give a finite loss and gradient, got a nan or inf in the gradient of the loss\.",
+    ):
         fc.GGNOperator(zero, kink, dict(zero.named_parameters()), [(X, torch.zeros_like(y))], reduction="mean")
 
 
@@ -709,10 +723,31 @@ def test_wrong_losses_are_named_on_the_first_batch():
     params = {k: p.detach() for k, p in model.named_parameters()}
     api = r"^`functx.curvature.HessianOperator`: "
     cases = [
-        (nn.MSELoss, None, TypeError, api + r"`loss` must be a loss instance or a callable, got the class MSELoss \(e.g. MSELoss\(\)\)"),
-        (lambda o, y: ((o - y) ** 2).mean(1), "mean", ValueError, api + r"`loss` must return a 0-d tensor \(a scalar\), got a torch.float64 tensor of shape \(4,\) for batch 0"),
-        (lambda o, y: float(((o - y) ** 2).mean().detach()), "mean", TypeError, api + r"`loss` must return a 0-d tensor, got a value of type float for batch 0 \(a Python number is not"),
-        (lambda o, y: ((o - y) ** 2).mean().detach(), "mean", ValueError, api + r"`loss` must return a tensor that depends on the prediction"),
+        (
+            nn.MSELoss,
+            None,
+            TypeError,
+            api + r"`loss` must be a loss instance or a callable, got the class MSELoss \(e.g. MSELoss\(\)\)",
+        ),
+        (
+            lambda o, y: ((o - y) ** 2).mean(1),
+            "mean",
+            ValueError,
+            api
+            + r"`loss` must return a 0-d tensor \(a scalar\), got a torch.float64 tensor of shape \(4,\) for batch 0",
+        ),
+        (
+            lambda o, y: float(((o - y) ** 2).mean().detach()),
+            "mean",
+            TypeError,
+            api + r"`loss` must return a 0-d tensor, got a value of type float for batch 0 \(a Python number is not",
+        ),
+        (
+            lambda o, y: ((o - y) ** 2).mean().detach(),
+            "mean",
+            ValueError,
+            api + r"`loss` must return a tensor that depends on the prediction",
+        ),
     ]
     for loss, reduction, error, match in cases:
         counting = CountingModel(model)
@@ -724,8 +759,10 @@ def test_wrong_losses_are_named_on_the_first_batch():
 def test_ggn_prediction_must_be_a_tensor_on_the_first_batch():
     model, loss, _, X, y = setup("mse-mean")
     params = {k: p.detach() for k, p in model.named_parameters()}
-    forward = lambda p, X: {"out": torch.func.functional_call(model, p, (X,))}  # noqa: E731
-    with pytest.raises(TypeError, match=r"GGNOperator`: the model's prediction must be a tensor, got a value of type dict"):
+    forward = lambda p, X: {"out": torch.func.functional_call(model, p, (X,))}
+    with pytest.raises(
+        TypeError, match=r"GGNOperator`: the model's prediction must be a tensor, got a value of type dict"
+    ):
         fc.GGNOperator(forward, lambda o, y: o["out"].sum(), params, split(X, y), reduction="sum")
 
 

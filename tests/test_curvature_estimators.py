@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import functx
-
 from functx._curvature import _estimators as est
 
 DT = torch.float64
@@ -219,7 +218,9 @@ def test_eigsh_not_converged_warns_or_raises():
         *_, info = est.eigsh(A, k=1, max_matvecs=8, return_info=True)
     assert not info.converged and info.num_matvecs <= 8 and info.residual_norms.max() > info.threshold
     assert info.num_steps == info.num_matvecs  # block size 1: one vector per step
-    with pytest.raises(functx.NonConvergenceError, match=r"eigsh`: not converged after \d+ matvecs \(max_matvecs=8\)") as caught:
+    with pytest.raises(
+        functx.NonConvergenceError, match=r"eigsh`: not converged after \d+ matvecs \(max_matvecs=8\)"
+    ) as caught:
         est.eigsh(A, k=1, max_matvecs=8, throw=True)
     error = caught.value
     assert isinstance(error, RuntimeError) and error.api == "functx.curvature.eigsh"
@@ -380,7 +381,10 @@ def test_diagonal_as_tree():
     tree = est.diagonal(op, 10, "xdiag", as_tree=True)
     assert set(tree) == {"bias", "weight"} and tree["weight"].shape == (2, 4)
     torch.testing.assert_close(torch.cat([tree["bias"], tree["weight"].reshape(-1)]), A.diagonal())
-    with pytest.raises(TypeError, match=r"`functx.curvature.diagonal`: `op` must have an `unflatten` method for as_tree=True .* got a torch.float64 tensor"):
+    with pytest.raises(
+        TypeError,
+        match=r"`functx.curvature.diagonal`: `op` must have an `unflatten` method for as_tree=True .* got a torch.float64 tensor",
+    ):
         est.diagonal(A, 4, as_tree=True)
 
 
@@ -568,7 +572,11 @@ BAD = [
         r"^`functx.curvature.trace`: `num_matvecs` must be an int >= 2, got 1.",
     ),
     (lambda: est.trace(SQUARE, 0, "hutchinson"), ValueError, r"`num_matvecs` must be an int >= 1, got 0."),
-    (lambda: est.trace(torch.zeros(0, 0, dtype=DT)), ValueError, r"^`functx.curvature.trace`: `op` must have at least one row, got shape \(0, 0\)."),
+    (
+        lambda: est.trace(torch.zeros(0, 0, dtype=DT)),
+        ValueError,
+        r"^`functx.curvature.trace`: `op` must have at least one row, got shape \(0, 0\).",
+    ),
     (
         lambda: est.trace(SQUARE, 9, "exact"),
         ValueError,

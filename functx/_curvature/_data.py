@@ -34,7 +34,9 @@ class Data:
     ) -> None:
         if not isinstance(data, Iterable) or isinstance(data, Iterator):
             kind = "a one-shot iterator" if isinstance(data, Iterator) else describe(data)
-            raise fail(api, f"`data` must be a re-iterable of (X, y) batches (a list or a DataLoader), got {kind}.", TypeError)
+            raise fail(
+                api, f"`data` must be a re-iterable of (X, y) batches (a list or a DataLoader), got {kind}.", TypeError
+            )
         check_callable(batch_size_fn, "batch_size_fn", api, optional=True)
         check_bool(progress, "progress", api)
         self.data, self.batch_size_fn, self.device, self.api = data, batch_size_fn, device, api

@@ -17,7 +17,7 @@ from torch import nn
 
 from .._core import autograd_grad, plain_eager
 from .._torch_internals import is_exporting
-from .._validate import api_name, check_bool, check_optional_int, describe, fail
+from .._validate import check_bool, check_optional_int, describe, fail
 from ._base import CurvatureOperatorBase
 from ._data import Data
 from ._distributed import (

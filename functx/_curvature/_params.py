@@ -111,7 +111,8 @@ def model_function(model: Any, layout: Layout, api: str) -> tuple[Callable[..., 
         return _module_function(model, layout, api)
     if not callable(model):
         raise fail(
-            api, f"`model` must be a torch.nn.Module or a callable model(params, X) -> prediction, got {describe(model)}.",
+            api,
+            f"`model` must be a torch.nn.Module or a callable model(params, X) -> prediction, got {describe(model)}.",
             TypeError,
         )
     return model, None
@@ -128,10 +129,13 @@ def _module_function(module: nn.Module, layout: Layout, api: str) -> tuple[Calla
         )
     for key, shape in zip(layout.keys, layout.shapes):
         if key not in all_params:
-            raise fail(api, f"params[{key!r}] must be a parameter of the model {list(all_params)}, got an unknown name.")
+            raise fail(
+                api, f"params[{key!r}] must be a parameter of the model {list(all_params)}, got an unknown name."
+            )
         if tuple(all_params[key].shape) != shape:
             raise fail(
-                api, f"params[{key!r}] must have the shape of the model's parameter, {tuple(all_params[key].shape)}, got {shape}."
+                api,
+                f"params[{key!r}] must have the shape of the model's parameter, {tuple(all_params[key].shape)}, got {shape}.",
             )
     fixed = {name: t for name, t in all_params.items() if name not in set(layout.keys)}
 
