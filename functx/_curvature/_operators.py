@@ -68,7 +68,7 @@ class _CurvatureOperator(CurvatureOperatorBase):
         self._forward, self._stateful = model_function(model, self._layout, api)
         self._data = Data(data, batch_size_fn, self._layout.device, progress, api)
         check_bool(check_deterministic, "check_deterministic", api)
-        check_optional_int(num_data, "num_data", api, minimum=1)
+        _check_num_data(num_data, api)
         self._group = resolve_group(group, api)
         check_same_across_ranks(self._layout.signature(), self._group, api)
         # a local failure (a bad batch) raises on every rank, not a hang
@@ -168,42 +168,13 @@ class _CurvatureOperator(CurvatureOperatorBase):
         local = bool(changed) or not _close(first[0], second[0]) or not _close(first[1], second[1])
         ranks = flagged_ranks(local, self._group)
         if local:
-            raise fail(self._api, self._nondeterminism_message(changed))
+            raise fail(self._api, _nondeterminism_message(getattr(self, "_model", None), changed))
         if ranks:
             raise fail(
                 self._api,
                 f"two passes over `data` must give the same loss and gradient (check_deterministic=True), got "
                 f"different ones on rank(s) {ranks} of the process group (see their error).",
             )
-
-    def _nondeterminism_message(self, changed: list[str]) -> str:
-        """Name what made two passes differ: a module in training mode, updated buffers, or
-        (when the model shows neither) the data pipeline."""
-        start = "two passes over `data` must give the same loss and gradient (check_deterministic=True), got "
-        skip = " Pass check_deterministic=False to skip this check."
-        modules = []
-        if isinstance(self._model, nn.Module):
-            modules = [
-                f"{name!r} ({type(m).__name__})"
-                for name, m in self._model.named_modules()
-                if m.training and isinstance(m, _TRAINING_SENSITIVE)
-            ]
-        if modules or changed:
-            what = []
-            if modules:
-                what.append(f"the module(s) {', '.join(modules)} in training mode")
-            if changed:
-                what.append(f"a forward that updates the buffer(s) {changed}")
-            return (
-                f"{start}different ones: the model has {' and '.join(what)}. Call model.eval() before building "
-                f"the operator.{skip}"
-            )
-        return (
-            f"{start}different ones, from a model without modules in training mode. Likely causes: random data "
-            f"augmentation, a DataLoader that drops a different last batch each pass (shuffle=True with "
-            f"drop_last=True; shuffling alone is harmless: the curvature is a sum over the samples), randomness "
-            f"inside the model or the loss.{skip}"
-        )
 
     def _loss_and_gradient(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """``(sum_b a_b l_b, sum_b a_b grad l_b, updated buffers)`` with ``a_b = B_b`` ("mean") or 1;
@@ -259,6 +230,41 @@ class _Product(torch.autograd.Function):
         moved = v.movedim(dim, -1)  # (P, B) or (P, K, B): one (P, K * B) product
         out = _Product.apply(op, moved.reshape(moved.shape[0], -1))
         return out.reshape(moved.shape), moved.ndim - 1
+
+
+def _nondeterminism_message(model: Any, changed: list[str]) -> str:
+    """Name what made two passes differ: a module in training mode, updated buffers, or
+    (when the model shows neither) the data pipeline."""
+    start = "two passes over `data` must give the same loss and gradient (check_deterministic=True), got "
+    skip = " Pass check_deterministic=False to skip this check."
+    modules = []
+    if isinstance(model, nn.Module):
+        modules = [
+            f"{name!r} ({type(m).__name__})"
+            for name, m in model.named_modules()
+            if m.training and isinstance(m, _TRAINING_SENSITIVE)
+        ]
+    if modules or changed:
+        what = []
+        if modules:
+            what.append(f"the module(s) {', '.join(modules)} in training mode")
+        if changed:
+            what.append(f"a forward that updates the buffer(s) {changed}")
+        return (
+            f"{start}different ones: the model has {' and '.join(what)}. Call model.eval() before building "
+            f"the operator.{skip}"
+        )
+    return (
+        f"{start}different ones, from a model without modules in training mode. Likely causes: random data "
+        f"augmentation, a DataLoader that drops a different last batch each pass (shuffle=True with "
+        f"drop_last=True; shuffling alone is harmless: the curvature is a sum over the samples), randomness "
+        f"inside the model or the loss.{skip}"
+    )
+
+
+def _check_num_data(num_data: Any, api: str) -> None:
+    """``None`` or a positive ``int`` (``num_data``); kept for the operators built beside these."""
+    check_optional_int(num_data, "num_data", api, minimum=1)
 
 
 def _check_finite(t: torch.Tensor, what: str, k: int, api: str) -> None:
