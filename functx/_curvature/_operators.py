@@ -113,11 +113,10 @@ class _CurvatureOperator(CurvatureOperatorBase):
         if not plain_eager(v) or v.requires_grad:
             raise fail(
                 self._api,
-                "`v` must be a plain tensor that does not require grad, outside transforms and torch.compile, for "
-                "a composite operator (A + B, c * A, A @ B) made with this operator, got one under a functx/"
-                "torch.func transform, torch.compile, or requiring grad (its product would be detached). Products "
-                "run eager autograd over the data: apply the operators separately (A @ v + B @ v), which is "
-                "differentiable in v, outside torch.compile.",
+                "`v` must be a plain tensor that does not require grad for a composite operator (A + B, c * A, "
+                "A @ B, an inverse) made with this operator, got a product that would be detached: composites "
+                "cannot run inside a functx/torch.func transform or torch.compile. Products run eager autograd "
+                "over the data: apply the operators separately (A @ v + B @ v), which is differentiable in v.",
                 TypeError,
             )
 
