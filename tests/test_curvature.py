@@ -477,7 +477,10 @@ def test_bad_vectors():
     tree["0.bias"] = torch.zeros(5, dtype=F64)
     with pytest.raises(ValueError, match=r"params\['0.bias'\] must have shape \(4,\)"):
         H @ tree
-    with pytest.raises(TypeError, match=r"cannot be compiled, exported or traced|outside transforms and torch.compile"):
+    with pytest.raises(
+        TypeError,
+        match=r"cannot be compiled, exported or traced|cannot run inside a functx/torch.func transform or torch.compile",
+    ):
         torch.compile(lambda v: H @ v, backend="eager")(torch.zeros(P, dtype=F64))
 
 
