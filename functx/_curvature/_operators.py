@@ -300,15 +300,29 @@ class HessianOperator(_CurvatureOperator):
         batch_size_fn: ``X -> int``, the number of samples of a batch whose ``X`` is not a
             tensor (a dict of tensors). (default: ``X.shape[0]``)
         check_deterministic: at construction, evaluate the loss and gradient twice and
-            raise ``ValueError`` when they differ (dropout, train-mode BatchNorm, shuffling,
-            augmentation). (default: ``True``)
+            raise ``ValueError`` when they differ, naming the modules in training mode
+            (dropout, BatchNorm) or the buffers the forward updates; random augmentation and
+            a loader that drops a different last batch each pass also fail it (shuffling
+            alone does not: the curvature is a sum over the samples). Each batch's ``X``,
+            ``y``, loss and gradient must be finite. (default: ``True``)
         progress: a tqdm progress bar over the batches of each pass (when tqdm is
             installed). (default: ``False``)
         group: the ``torch.distributed`` process group products reduce over. (default:
             the world group when ``torch.distributed`` is initialised, else none)
 
+    Construction evaluates the model and the loss on the first batch (a loss class instead of
+    an instance, a loss returning a vector, a number or a detached tensor is named there),
+    counts the samples and runs the determinism check; batches of size 0 are skipped, and a
+    nan or inf in a batch's ``X`` or ``y`` raises a ``ValueError`` naming the batch. It must
+    run outside :func:`torch.inference_mode` (products may run inside it). Products ``H @ v``
+    are differentiable in ``v`` (their derivative is ``H``: the operator is linear and
+    symmetric) under autograd, forward-mode AD and every functx/torch.func transform
+    (``grad``, ``vjp``, ``jvp``, ``vmap``, ``jacrev``, ``jacfwd``, ``hessian``); a composite
+    (``H + G``, ``c * H``, ``H @ G``) refuses a ``v`` that requires grad or a transform with
+    a ``TypeError``, and no product can be compiled.
+
     Example:
-        >>> import torch, functx.curvature as fc
+        >>> import torch, functx, functx.curvature as fc
         >>> model = torch.nn.Linear(3, 1, bias=False)
         >>> X, y = torch.randn(8, 3), torch.randn(8, 1)
         >>> H = fc.HessianOperator(model, torch.nn.MSELoss(reduction="sum"), dict(model.named_parameters()),
@@ -316,6 +330,9 @@ class HessianOperator(_CurvatureOperator):
         >>> H.shape
         (3, 3)
         >>> torch.allclose(H.to_dense(), 2 * X.T @ X, atol=1e-5)
+        True
+        >>> v = torch.randn(3)
+        >>> torch.allclose(functx.grad(lambda v: v @ (H @ v))(v), 2 * (H @ v))  # d(v^T H v)/dv = 2 H v
         True
     """
 
