@@ -564,6 +564,21 @@ def test_inverse_operator_foreign_and_composite(operators):
         fc.InverseOperator(D, damping=0.5) @ {"v": v}
 
 
+def test_inverse_operator_refuses_transforms_and_differentiates_by_autograd():
+    K = make()
+    Ki = fc.InverseOperator(K, damping=0.1)
+    with pytest.raises(TypeError, match="Krylov solve"):
+        torch.func.vmap(lambda x: Ki @ x)(torch.ones(2, K.shape[0], dtype=F64))
+    D = dense(K) + 0.1 * eye_like(dense(K))
+    v, u = randv(K.shape[0]), randv(K.shape[0], seed=1)
+    w = v.clone().requires_grad_()
+    (g,) = torch.autograd.grad(u @ (Ki @ w), w)  # through the CG iterations
+    torch.testing.assert_close(g, torch.linalg.solve(D, u))
+    delta = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    (gd,) = torch.autograd.grad(u @ (fc.InverseOperator(K, damping=delta) @ v), delta)
+    torch.testing.assert_close(gd, -(u @ torch.linalg.solve(D, torch.linalg.solve(D, v))))
+
+
 def test_inverse_operator_bad_input(operators):
     G = operators["G"]
     with pytest.raises(ValueError, match="`method` must be one of"):

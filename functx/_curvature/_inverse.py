@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .._core import plain_eager
 from .._errors import report_nonconvergence
 from .._validate import (
     api_name,
@@ -133,6 +134,11 @@ class InverseOperator(CurvatureOperatorBase):
     def _check_v(self, v: torch.Tensor) -> None:
         if isinstance(self._op, CurvatureOperatorBase):
             self._op._check_v(v)
+        if not plain_eager(v) or torch.compiler.is_compiling():
+            raise TypeError(
+                f"{api_name(_API)}: products run one Krylov solve per column with data-dependent stopping; they "
+                f"cannot run inside a functx/torch.func transform or torch.compile (got a transformed `v`)."
+            )
 
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
         from .. import solvers
@@ -151,9 +157,9 @@ class InverseOperator(CurvatureOperatorBase):
                 matvec, v, rtol=self._rtol, max_iter=self._max_iter, preconditioner=precondition, ridge=self._damping
             )
             rows.append(sol.value)
-            steps = max(steps, int(sol.iterations))
-            residuals.append(float(sol.residual_norm))
-            converged = converged and bool(sol.converged)
+            steps = max(steps, int(sol.iterations.detach()))
+            residuals.append(float(sol.residual_norm.detach()))
+            converged = converged and bool(sol.converged.detach())
         stats = {"converged": converged, "num_steps": steps, "num_matvecs": count[0], "residual_norm": max(residuals)}
         self._stats = stats
         if not converged:
