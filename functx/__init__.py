@@ -52,7 +52,7 @@ from ._vjp_jvp import linearize as linearize
 from ._vjp_jvp import vjp as vjp
 from ._vmap import vmap as vmap
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "NAMESPACE",

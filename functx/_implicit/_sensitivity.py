@@ -167,8 +167,9 @@ def implicit_hessian(
         >>> from functx.implicit import implicit_hessian
         >>> k = lambda z, a: z ** 2 - a  # z* = sqrt(a): dz/da = a^(-1/2) / 2, d2z/da2 = -a^(-3/2) / 4
         >>> a = torch.tensor(4.0, dtype=torch.float64)
-        >>> implicit_hessian(k, torch.sqrt(a), a)
-        (tensor(0.2500, dtype=torch.float64), tensor(-0.0312, dtype=torch.float64))
+        >>> first, second = implicit_hessian(k, torch.sqrt(a), a)
+        >>> round(first.item(), 6), round(second.item(), 6)
+        (0.25, -0.03125)
     """
     api = "implicit.implicit_hessian"
     _, zfun = _setup(api, k_fn, z, params, solve, symmetric, on_failure, residual_tol)
