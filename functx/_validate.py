@@ -146,3 +146,19 @@ def _range(minimum: int | None, maximum: int | None) -> str:
     if minimum is not None and maximum is not None:
         return f"in [{minimum}, {maximum}]"
     return f">= {minimum}" if minimum is not None else f"<= {maximum}"
+
+
+def check_tolerance(value: Any, name: str, api: str, default: float) -> float:
+    """``default`` for ``None``, else a non-negative finite ``float`` (a solver tolerance)."""
+    if value is None:
+        return default
+    if not is_number(value):
+        raise fail(api, f"`{name}` must be None or a non-negative float, got {describe(value)}.", TypeError)
+    return check_nonnegative(value, name, api)
+
+
+def check_keys(mapping: Any, name: str, api: str, hint: str = "") -> None:
+    """``TypeError`` unless every key of ``mapping`` is a ``str`` (names, as in ``state_dict``)."""
+    for key in mapping:
+        if not isinstance(key, str):
+            raise fail(api, f"`{name}` must be keyed by str names, got the key {key!r} ({describe(key)}).{hint}", TypeError)
