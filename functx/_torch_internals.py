@@ -260,7 +260,9 @@ def require(available: Any, what: str, api: str) -> None:
 def rule_internals_available() -> bool:
     """Whether every private name the forward-mode rules of linear solves and implicit
     functions need is available (functorch, its interpreter stack, the forward-AD switch)."""
-    return functorch is not None and retrieve_all_functorch_interpreters is not None and set_fwd_grad_enabled is not None
+    return (
+        functorch is not None and retrieve_all_functorch_interpreters is not None and set_fwd_grad_enabled is not None
+    )
 
 
 def transforms_detected() -> bool:

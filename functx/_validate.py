@@ -161,4 +161,13 @@ def check_keys(mapping: Any, name: str, api: str, hint: str = "") -> None:
     """``TypeError`` unless every key of ``mapping`` is a ``str`` (names, as in ``state_dict``)."""
     for key in mapping:
         if not isinstance(key, str):
-            raise fail(api, f"`{name}` must be keyed by str names, got the key {key!r} ({describe(key)}).{hint}", TypeError)
+            raise fail(
+                api, f"`{name}` must be keyed by str names, got the key {key!r} ({describe(key)}).{hint}", TypeError
+            )
+
+
+def check_optional_bool(value: Any, name: str, api: str) -> bool | None:
+    """``None``, ``True`` or ``False``."""
+    if value is not None and not isinstance(value, bool):
+        raise fail(api, f"`{name}` must be None or a bool, got {value!r}.", TypeError)
+    return value

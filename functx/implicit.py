@@ -48,14 +48,14 @@ once per call under a check that raises ``ValueError`` when it uses a captured t
 that requires grad or that an enclosing ``grad``/``jvp`` transform traces.
 """
 
+from ._errors import NonConvergenceError as NonConvergenceError
+from ._errors import NonConvergenceWarning as NonConvergenceWarning
 from ._implicit._root import custom_fixed_point as custom_fixed_point
 from ._implicit._root import custom_root as custom_root
 from ._implicit._root import root_jvp as root_jvp
 from ._implicit._root import root_vjp as root_vjp
 from ._implicit._sensitivity import implicit_hessian as implicit_hessian
 from ._implicit._sensitivity import implicit_jacobian as implicit_jacobian
-from ._errors import NonConvergenceError as NonConvergenceError
-from ._errors import NonConvergenceWarning as NonConvergenceWarning
 
 __all__ = [
     "NonConvergenceError",

@@ -94,4 +94,3 @@ class CaptureCheck(TorchFunctionMode):
 
 
 _CONSTANT_MAKERS = (torch.Tensor.detach, torch.detach)
-

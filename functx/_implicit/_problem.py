@@ -37,7 +37,7 @@ from .._tree import (
     tree_unflatten,
     tree_vdot,
 )
-from .._validate import check_tolerance, fail
+from .._validate import check_tolerance
 from ._capture import CaptureCheck, check_no_plain_duals
 
 

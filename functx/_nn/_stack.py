@@ -38,7 +38,7 @@ def stack(
         torch.Size([4, 2, 3])
         >>> x = torch.randn(5, 3)
         >>> out = functx.vmap(fmodel, in_dims=(0, 0, None))(params, buffers, x)
-        >>> out.shape, torch.allclose(out[2], members[2](x))
+        >>> out.shape, torch.allclose(out[2], members[2](x), atol=1e-6)
         (torch.Size([4, 5, 2]), True)
     """
     if not isinstance(modules, (list, tuple, nn.ModuleList)):

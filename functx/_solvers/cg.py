@@ -25,6 +25,7 @@ from ._common import (
     iterate,
     norm,
     owned,
+    raise_dtype_hint,
     setup,
     shifted,
     threshold,
@@ -234,6 +235,7 @@ def _adjoint(matvec: Any, rmatvec: Any, x_layout: Layout, b_layout: Layout) -> F
     try:
         out, vjp_fn = vjp(matvec, zero)
     except RuntimeError as e:  # most often a rectangular A applied to a vector shaped like b
+        raise_dtype_hint(e, "solvers.normal_cg", "matvec", "x", x_layout)
         raise ValueError(
             "`functx.solvers.normal_cg`: `matvec` failed on a vector shaped like `b` (the solution "
             "space when neither `x0` nor `rmatvec` is given, i.e. a square A). For a rectangular A, "

@@ -58,7 +58,9 @@ def check_solve(solve: Any, symmetric: Any, api: str) -> tuple[Any, bool]:
         return solve, symmetric
     if not isinstance(solve, str):
         raise fail(
-            api, f"`solve` must be one of {list(SOLVES)} or a callable `solve(matvec, b)`, got {describe(solve)}.", TypeError
+            api,
+            f"`solve` must be one of {list(SOLVES)} or a callable `solve(matvec, b)`, got {describe(solve)}.",
+            TypeError,
         )
     if solve not in SOLVES:
         raise fail(
