@@ -171,3 +171,10 @@ def check_optional_bool(value: Any, name: str, api: str) -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise fail(api, f"`{name}` must be None or a bool, got {value!r}.", TypeError)
     return value
+
+
+def check_instance(value: Any, types: type | tuple[type, ...], name: str, api: str, kind: str) -> Any:
+    """``value`` if it is an instance of ``types``, else ``TypeError`` ("`name` must be <kind>")."""
+    if not isinstance(value, types):
+        raise fail(api, f"`{name}` must be {kind}, got {describe(value)}.", TypeError)
+    return value

@@ -578,7 +578,7 @@ def test_partition_and_combine_errors():
         fnn.partition([torch.ones(1)], "*")
     with pytest.raises(ValueError, match=r"'fc1\.weight' appears in more than one"):
         fnn.combine(params, {"fc1.weight": torch.zeros(1)})
-    with pytest.raises(TypeError, match="argument 1 must be a dict"):
+    with pytest.raises(TypeError, match=r"`trees\[1\]` must be a dict"):
         fnn.combine(params, [1])
 
 
@@ -765,7 +765,7 @@ def test_unchanged_structure_is_accepted():
 
 
 def test_unconvertible_modules():
-    with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module, got function"):
+    with pytest.raises(TypeError, match=r"`module` must be a torch\.nn\.Module, got a value of type function"):
         fnn.make_functional(lambda x: x)
     scripted = torch.jit.script(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="TorchScript"):
