@@ -714,3 +714,29 @@ def test_solvers_stop_early_under_vmap_and_grad(name, transform):
     }[transform]
     run()
     assert eager < 100 and calls[0] <= eager + 2  # not max_iter = 500
+
+
+def test_torch_internals_unsure_answers_are_explicit():
+    """`transforms_active` answers True when unsure (take the safe path), `transforms_detected`
+    False (nothing to peel); without the internals, throw=True is still honoured in eager mode
+    and under grad, and the fallback solvers give the same numbers."""
+    from functx import _torch_internals as ti
+
+    a = make_matrix("spd", cond=1e6)
+    b = torch.linspace(1.0, 2.0, N, dtype=F64)
+    assert not ti.transforms_active() and not ti.transforms_detected()
+    seen = []
+    torch.func.grad(lambda t: seen.append((ti.transforms_active(), ti.transforms_detected())) or t.sum())(b)
+    assert seen == [(True, True)] and ti.transform_levels() == []
+    want = solvers.cg(lambda x: a @ x, b, max_iter=3)
+    with ti.switched_off():
+        assert ti.transforms_active() and not ti.transforms_detected() and not ti.rule_internals_available()
+        got = solvers.cg(lambda x: a @ x, b, max_iter=3)
+        with pytest.raises(functx.NonConvergenceError):
+            solvers.cg(lambda x: a @ x, b, max_iter=3, throw=True)
+        with pytest.raises(functx.NonConvergenceError):
+            functx.grad(lambda bb: solvers.cg(lambda x: a @ x, bb, max_iter=3, throw=True).value.sum())(b)
+        batched = functx.vmap(lambda bb: solvers.cg(lambda x: a @ x, bb, max_iter=3).value)(b[None])
+    torch.testing.assert_close(got.value, want.value)
+    torch.testing.assert_close(batched[0], want.value)
+    assert int(got.num_steps) == int(want.num_steps) == 3

@@ -140,7 +140,14 @@ def all_true(flag: torch.Tensor) -> bool | None:
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None
     if not ti.CAN_UNWRAP and ti.transforms_active():
-        return None  # a wrapped flag that cannot be read in every lane
+        # Unsure whether a transform runs (internals unavailable): read the flag as it is; a
+        # vmap-batched flag refuses (data-dependent control flow) and is then unreadable.
+        if type(flag) not in (torch.Tensor, torch.nn.Parameter) or flag.device.type == "meta":
+            return None
+        try:
+            return bool(flag.all())
+        except RuntimeError:
+            return None
     t = ti.unwrap_all(flag)
     if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type == "meta":
         return None
