@@ -566,6 +566,10 @@ def test_throw_raises_nonconvergence_error_with_stats(name):
     err = info.value
     assert err.api == f"functx.solvers.{name}" and isinstance(err, RuntimeError)
     assert err.stats["converged"] is False and err.stats["num_steps"] == 2 and err.stats["max_iter"] == 2
+    # every product with the operator: one per step (two for bicgstab; A and A^H for normal_cg),
+    # plus the start and the final residual, plus a restart residual for gmres
+    per_step = {"cg": 1, "minres": 1, "gmres": 1, "bicgstab": 2, "normal_cg": 2}[name]
+    assert 2 * per_step <= err.stats["num_matvecs"] <= 2 * per_step + 4, err.stats
     assert math.isclose(err.stats["residual_norm"], float(quiet.residual_norm), rel_tol=1e-9)
     # converged: throw=True returns the same Solution
     ok = fn(lambda x: a @ x, b, max_iter=10 * N, rtol=1e-6, throw=True)

@@ -144,9 +144,17 @@ class Layout(FlatLayout):
 Flat = Callable[[torch.Tensor], torch.Tensor]
 
 
-def flat_map(fn: Callable[[PyTree], PyTree], source: Layout, target: Layout, name: str, arg: str) -> Flat:
+def flat_map(
+    fn: Callable[[PyTree], PyTree],
+    source: Layout,
+    target: Layout,
+    name: str,
+    arg: str,
+    count: list[int] | None = None,
+) -> Flat:
     """``fn`` (pytree of ``source`` layout -> pytree of ``target`` layout) on flat vectors,
-    checking every output. ``name(arg)`` is how outputs are named in errors.
+    checking every output. ``name(arg)`` is how outputs are named in errors; ``count[0]``
+    (if given) counts the calls (operator products, for failure reports).
 
     ``fn`` is user code: an error that says two dtypes differ is named (the operator has
     another dtype than ``b``), and a write to its input in place (which would corrupt the
@@ -155,6 +163,8 @@ def flat_map(fn: Callable[[PyTree], PyTree], source: Layout, target: Layout, nam
     api = source.api
 
     def apply(v: torch.Tensor) -> torch.Tensor:
+        if count is not None:
+            count[0] += 1
         before = None if torch.compiler.is_compiling() else version(v)
         try:
             out = fn(source.unravel(v))
@@ -222,6 +232,7 @@ class LinearProblem(NamedTuple):
     max_iter: int
     early_exit: bool
     throw: bool = False
+    products: list[int] | None = None  # products with A so far (a Python count, for reports)
 
     @property
     def target(self) -> torch.Tensor:
@@ -264,7 +275,8 @@ def setup(
     ridge = check_ridge(ridge, api)
     flat_b = owned(layout.ravel(b, "b", "`b`"), layout.like)
     flat_x0 = None if x0 is None else owned(layout.ravel(x0, "x0", "`x0`"), layout.like)
-    A = shifted(flat_map(matvec, layout, layout, "matvec", "x"), cast_ridge(ridge, layout))
+    products = [0]
+    A = shifted(flat_map(matvec, layout, layout, "matvec", "x", products), cast_ridge(ridge, layout))
     M = None if preconditioner is None else flat_map(preconditioner, layout, layout, "preconditioner", "r")
     return LinearProblem(
         layout,
@@ -276,6 +288,7 @@ def setup(
         max_iter,
         early_exit_allowed(flat_b, flat_x0),
         throw,
+        products,
     )
 
 
@@ -387,7 +400,8 @@ def finish(
         residual = problem.b - problem.A(x)
     residual_norm = torch.linalg.vector_norm(residual)
     solution = Solution(problem.layout.unravel(x), iterations, residual_norm, residual_norm <= problem.tol)
-    return conclude(problem.layout.api, solution, problem.throw, problem.tol, problem.max_iter)
+    products = None if problem.products is None else problem.products[0]
+    return conclude(problem.layout.api, solution, problem.throw, problem.tol, problem.max_iter, num_matvecs=products)
 
 
 ITERATIVE_HINT = (
@@ -403,6 +417,7 @@ def conclude(
     tol: torch.Tensor | float,
     max_iter: int | None = None,
     hint: str = ITERATIVE_HINT,
+    num_matvecs: int | None = None,
 ) -> Solution:
     """The failure policy: with ``throw``, raise :class:`functx.NonConvergenceError` when
     ``converged`` is False in any ``vmap`` lane. The flag is read where it can be (eager
@@ -418,6 +433,8 @@ def conclude(
     budget = "" if max_iter is None else f" after {steps} of max_iter={max_iter} iterations"
     if max_iter is not None:
         stats["max_iter"] = max_iter
+    if num_matvecs is not None:  # all products with the operator (A and A^H for normal_cg)
+        stats["num_matvecs"] = num_matvecs
     report_nonconvergence(
         api,
         f"did not converge: residual norm {residual:.3g} > tolerance {bound:.3g}{budget}. {hint}",

@@ -189,11 +189,12 @@ def normal_cg(
     check_callable(preconditioner, "preconditioner", api, optional=True)
     b_layout = Layout(b, "b", api)
     flat_b = owned(b_layout.ravel(b, "b", "`b`"), b_layout.like)
-    x_layout, rhs = _solution_space(matvec, rmatvec, flat_b, x0, b_layout, api)
+    products = [0]
+    x_layout, rhs = _solution_space(matvec, rmatvec, flat_b, x0, b_layout, api, products)
     rtol, atol, max_iter, throw = check_options(api, x_layout.dtype, x_layout.size, rtol, atol, max_iter, throw)
     ridge = cast_ridge(check_ridge(ridge, api), x_layout)
-    A = flat_map(matvec, x_layout, b_layout, "matvec", "x")
-    AT = _adjoint(matvec, rmatvec, x_layout, b_layout)
+    A = flat_map(matvec, x_layout, b_layout, "matvec", "x", products)
+    AT = _adjoint(matvec, rmatvec, x_layout, b_layout, products)
     if rhs is None:
         rhs = AT(flat_b)
     flat_x0 = None if x0 is None else owned(x_layout.ravel(x0, "x0", "`x0`"), x_layout.like)
@@ -208,12 +209,13 @@ def normal_cg(
         max_iter,
         early_exit_allowed(flat_b, flat_x0),
         throw,
+        products,
     )
     return run_cg(problem)
 
 
 def _solution_space(
-    matvec: Any, rmatvec: Any, flat_b: torch.Tensor, x0: PyTree, b_layout: Layout, api: str
+    matvec: Any, rmatvec: Any, flat_b: torch.Tensor, x0: PyTree, b_layout: Layout, api: str, products: list[int]
 ) -> tuple[Layout, torch.Tensor | None]:
     """The layout of ``x`` and, when ``rmatvec(b)`` had to be evaluated for it, ``A^H b``
     (``rmatvec`` gets a copy of ``b``, never the caller's tensors)."""
@@ -221,16 +223,17 @@ def _solution_space(
         return Layout(x0, "x0", api), None
     if rmatvec is not None:
         rhs_tree = rmatvec(b_layout.unravel(flat_b))
+        products[0] += 1
         layout = Layout(rhs_tree, "rmatvec(b)", api)
         return layout, layout.ravel(rhs_tree, "rmatvec(b)", "the output of `rmatvec`")
     return b_layout, None
 
 
-def _adjoint(matvec: Any, rmatvec: Any, x_layout: Layout, b_layout: Layout) -> Flat:
+def _adjoint(matvec: Any, rmatvec: Any, x_layout: Layout, b_layout: Layout, products: list[int]) -> Flat:
     """``y -> A^H y`` on flat vectors: ``rmatvec`` if given, else a VJP of ``matvec`` (linear,
     so the VJP at zero is the adjoint everywhere)."""
     if rmatvec is not None:
-        return flat_map(rmatvec, b_layout, x_layout, "rmatvec", "y")
+        return flat_map(rmatvec, b_layout, x_layout, "rmatvec", "y", products)
     zero = x_layout.unravel(x_layout.zeros())
     try:
         out, vjp_fn = vjp(matvec, zero)
@@ -242,4 +245,10 @@ def _adjoint(matvec: Any, rmatvec: Any, x_layout: Layout, b_layout: Layout) -> F
             f"pass `x0` (a pytree in the solution space) or `rmatvec`. The error was: {e}"
         ) from e
     b_layout.check(out, "matvec(x)", "the output of `matvec`")
-    return lambda y: x_layout.ravel(vjp_fn(b_layout.unravel(y))[0], "rmatvec(y)", "the adjoint of `matvec`")
+    products[0] += 1
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        products[0] += 1
+        return x_layout.ravel(vjp_fn(b_layout.unravel(y))[0], "rmatvec(y)", "the adjoint of `matvec`")
+
+    return adjoint
