@@ -425,3 +425,23 @@ def test_sensitivity_checks_the_solution():
         implicit_jacobian(k_fn, INIT, LAM)
     with pytest.raises(NonConvergenceError, match=r"is not a root"):
         root_vjp(k_fn, INIT, (LAM,), INIT, throw=True)
+
+
+def test_linear_solves_never_write_the_callers_cotangent():
+    """A user `solve` (or a built-in one's matvec) gets copies, never the cotangent or tangent
+    the caller passed (issue 15, defect 6, for the implicit room)."""
+    A = X.T @ X + LAM * torch.eye(P, dtype=D)
+
+    def clobbering(matvec, b):  # a careless user solve: uses b as scratch space
+        x = torch.linalg.solve(A, b)
+        b.zero_()
+        return x
+
+    z = exact(INIT, LAM, X, Y)
+    cotangent = torch.linspace(1.0, 2.0, P, dtype=D)
+    before = cotangent.clone()
+    for solve in (clobbering, "cg", "gmres", "lu"):
+        (got,) = root_vjp(F, z, (LAM, X, Y), cotangent, solve=solve)[:1]
+        assert torch.equal(cotangent, before), solve
+        want = -(torch.linalg.solve(A, cotangent) @ z)  # d/dlam of F is z: lam_bar = -u.z
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)

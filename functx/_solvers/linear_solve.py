@@ -181,8 +181,8 @@ class Operator:
         return tuple(leaf.detach().clone() if any(leaf is t for t in b) else leaf.detach() for leaf in x_leaves)
 
     def _call_solver(self, matvec: Callable[[Any], Any], b: Any, ops: Tensors) -> Any:
-        if callable(self.solve):
-            return self.solve(matvec, b)
+        if callable(self.solve):  # user code: a copy of b, never the caller's cotangents/tangents
+            return self.solve(matvec, tree_unflatten(self.spec, [t.clone() for t in tree_flatten(b)[0]]))
         if self.solve == "normal_cg":
             rmatvec = self.make_rmatvec(ops)
             tree_rmatvec = lambda u: tree_unflatten(self.spec, rmatvec(tuple(tree_flatten(u)[0])))
