@@ -744,3 +744,16 @@ def test_torch_internals_unsure_answers_are_explicit():
     torch.testing.assert_close(got.value, want.value)
     torch.testing.assert_close(batched[0], want.value)
     assert int(got.num_steps) == int(want.num_steps) == 3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_solvers_under_inference_mode(name):
+    """The in-place check reads version counters, which inference tensors lack: skipped there."""
+    a = make_matrix(KIND[name])
+    want = getattr(solvers, name)(lambda x: a @ x, torch.linspace(1.0, 2.0, N, dtype=F64))
+    with torch.inference_mode():
+        b = torch.linspace(1.0, 2.0, N, dtype=F64)
+        got = getattr(solvers, name)(lambda x: a @ x, b, throw=True)
+    outside = getattr(solvers, name)(lambda x: a @ x, b)  # an inference tensor used outside the mode
+    torch.testing.assert_close(got.value, want.value)
+    torch.testing.assert_close(outside.value, want.value)

@@ -158,14 +158,15 @@ def flat_map(
 
     ``fn`` is user code: an error that says two dtypes differ is named (the operator has
     another dtype than ``b``), and a write to its input in place (which would corrupt the
-    solver's state) raises ``ValueError`` in eager mode (read from the version counter)."""
+    solver's state) raises ``ValueError`` in eager mode (read from the version counter, which
+    inference tensors do not have: not checked under ``torch.inference_mode()``)."""
     root, what = f"{name}({arg})", f"the output of `{name}`"
     api = source.api
 
     def apply(v: torch.Tensor) -> torch.Tensor:
         if count is not None:
             count[0] += 1
-        before = None if torch.compiler.is_compiling() else version(v)
+        before = None if torch.compiler.is_compiling() or v.is_inference() else version(v)  # no counter
         try:
             out = fn(source.unravel(v))
         except RuntimeError as err:
