@@ -1,5 +1,7 @@
-"""The torch.func internals that the differentiable linear solve, the solvers' vmap early
-stop and implicit differentiation need (torch has no public API for them).
+"""The torch.func machinery that the differentiable linear solve, the solvers' vmap early
+stop and implicit differentiation need (torch has no public API for it). Every private torch
+name it uses is an entry of :mod:`functx._torch_internals` (its last section), with the
+guard and the fallback there; this module imports none.
 
 1. **Forward-over-forward through an ``autograd.Function``** (pytorch/pytorch#197867).
    torch calls a Function's ``jvp`` staticmethod with forward AD switched off globally, so
