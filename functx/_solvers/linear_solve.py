@@ -24,14 +24,12 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from .._errors import NonConvergenceError, NonConvergenceWarning, report_nonconvergence
+from .._errors import report_nonconvergence
 from .._tree import TreeSpec, flatten_like, tree_flatten, tree_norm, tree_unflatten
 from .._validate import api_name, check_bool, check_choice, describe, fail
 from ._functorch import all_true, eager_under_compile, forward_rule, plain, revive
 from .cg import normal_cg
 from .dispatch import SOLVERS
-
-__all__ = ["NonConvergenceError", "NonConvergenceWarning"]  # re-exported by functx.implicit (one class)
 
 Tensors = tuple[torch.Tensor, ...]
 MakeMatvec = Callable[[Tensors], Callable[[Tensors], Tensors]]
