@@ -91,7 +91,7 @@ def test_determinism_check_accepts_shuffle_and_refuses_other_samples_per_pass():
     H = fc.HessianOperator(model, nn.CrossEntropyLoss(), params, DataLoader(data, batch_size=16, shuffle=True))
     assert H.num_data == 50
     torch.manual_seed(1)
-    with pytest.raises(ValueError, match="`data`|pass"):
+    with pytest.raises(ValueError, match=r"`data`|pass"):
         fc.HessianOperator(
             model, nn.CrossEntropyLoss(), params, DataLoader(data, batch_size=16, shuffle=True, drop_last=True)
         )
