@@ -157,7 +157,7 @@ class InverseOperator(CurvatureOperatorBase):
                 matvec, v, rtol=self._rtol, max_iter=self._max_iter, preconditioner=precondition, ridge=self._damping
             )
             rows.append(sol.value)
-            steps = max(steps, int(sol.iterations.detach()))
+            steps = max(steps, int(sol.num_steps.detach()))
             residuals.append(float(sol.residual_norm.detach()))
             converged = converged and bool(sol.converged.detach())
         stats = {"converged": converged, "num_steps": steps, "num_matvecs": count[0], "residual_norm": max(residuals)}
