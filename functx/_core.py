@@ -504,13 +504,16 @@ class InplaceGuard:
     differentiates, in any mode.
 
     ``with InplaceGuard(call, copy=False) as leaves:`` (reverse mode) yields the caller's
-    leaves; torch refuses an in-place write to them with a ``RuntimeError``, and on one the
-    guard runs ``func`` once more on copies: if it writes one in place, functx's
-    ``ValueError`` replaces torch's error (torch's message is not read).
+    leaves; torch refuses an in-place write to them with a ``RuntimeError``.
 
     ``with InplaceGuard(call, copy=True) as leaves:`` (forward mode, where torch would let
     ``func`` write the caller's tensors) yields copies and checks their version counters on
     exit. Compiled code gets the copies without the check (they still protect the caller).
+
+    On a ``RuntimeError`` in the block (both modes: torch also refuses some writes in forward
+    mode, for example to an inference tensor) the guard runs ``func`` once more on copies:
+    if it writes one in place, functx's ``ValueError`` replaces torch's error (torch's
+    message is not read).
     """
 
     __slots__ = ("call", "copy", "leaves", "versions")
@@ -533,7 +536,7 @@ class InplaceGuard:
                 for k, (t, before) in enumerate(zip(self.leaves, self.versions)):
                     if before is not None and version(t) != before:
                         raise self.call.inplace_error(k)
-        elif not self.copy and isinstance(err, RuntimeError):
+        elif isinstance(err, RuntimeError):
             self._raise_if_inplace(err)
 
     def _raise_if_inplace(self, err: RuntimeError) -> None:

@@ -142,8 +142,11 @@ def grad_and_value_flat(
         value, aux = scalar_fn()
         return (), value, aux, outputs
     if plain_autograd(*leaves):
-        plain_grads, value, aux, _, outputs = plain_derivatives(call, leaves, outputs=outputs)
-        return plain_grads, value, aux, outputs
+        try:
+            plain_grads, value, aux, _, outputs = plain_derivatives(call, leaves, outputs=outputs)
+            return plain_grads, value, aux, outputs
+        except RuntimeError:  # e.g. a captured inference tensor: torch.func's engine decides
+            pass
     fn, outputs = call.fn("scalar" if call.has_aux else "scalar_no_aux", outputs)
     grads: tuple[torch.Tensor, ...]
     if len(leaves) == 1:

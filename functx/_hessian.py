@@ -219,10 +219,14 @@ def hvp(
         products: Tensors = ()
     else:
         run = HVP_RUNNERS[mode]
-        if run is _hvp_rev_rev and plain_autograd(*call.leaves, *flat_tangents):
-            run = _hvp_plain
         with InplaceGuard(call, copy=False):
-            grads, products, aux = run(call, flat_tangents, outputs)
+            if run is _hvp_rev_rev and plain_autograd(*call.leaves, *flat_tangents):
+                try:
+                    grads, products, aux = _hvp_plain(call, flat_tangents, outputs)
+                except RuntimeError:  # e.g. a captured inference tensor: torch.func's engine decides
+                    grads, products, aux = run(call, flat_tangents, outputs)
+            else:
+                grads, products, aux = run(call, flat_tangents, outputs)
     result = (call.unflatten_in(resolved(grads)), call.unflatten_in(resolved(products)))
     return result + (outputs.aux(aux),) if has_aux else result
 

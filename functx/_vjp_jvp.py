@@ -8,7 +8,18 @@ from typing import Any, Literal, overload
 import torch
 
 from . import _torch_internals as internals
-from ._core import Call, InplaceGuard, as_leaves, check_bool, check_callable, check_primals, pack_like, resolved, unpack
+from ._core import (
+    Call,
+    InplaceGuard,
+    as_leaves,
+    check_bool,
+    check_callable,
+    check_primals,
+    pack_like,
+    resolved,
+    tracked_copies,
+    unpack,
+)
 from ._tree import PyTree, TensorTree, flatten_like
 
 
@@ -96,7 +107,10 @@ def jvp(func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = F
     call.require_leaves("primals")
     flat_tangents = flatten_like(tangents, call.in_spec, call.leaves, name="tangents", api="jvp", ref="the primals")
     torch_fn, outputs = call.fn("torch")
-    with InplaceGuard(call, copy=True) as fresh:  # torch.func.jvp would let `func` write the caller's tensors
+    # torch.func.jvp would let `func` write the caller's tensors: it gets copies of the
+    # primals (checked) and of the tangents (a write to a dual writes its tangent too)
+    with InplaceGuard(call, copy=True) as fresh:
+        flat_tangents = tracked_copies(flat_tangents)
         out, tangents_out, aux = unpack(internals.jvp(torch_fn, tuple(fresh), tuple(flat_tangents), has_aux), has_aux)
     result = (outputs.unflatten(as_leaves(out)), outputs.unflatten(resolved(as_leaves(tangents_out))))
     return result + (outputs.aux(aux),) if has_aux else result
@@ -148,7 +162,7 @@ def linearize(func: Callable[..., Any], *primals: Any, has_aux: bool = False) ->
         flat = flatten_like(tangents, call.in_spec, call.leaves, name="tangents", api="linearize", ref="the primals")
         torch_fn, _ = call.fn("torch")
         with InplaceGuard(call, copy=True) as fresh:
-            result = internals.jvp(torch_fn, tuple(fresh), tuple(flat), has_aux)
+            result = internals.jvp(torch_fn, tuple(fresh), tuple(tracked_copies(flat)), has_aux)
         return outputs.unflatten(resolved(as_leaves(result[1])))
 
     result = (outputs.unflatten(out), jvp_fn)
