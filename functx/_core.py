@@ -459,7 +459,8 @@ def _torch_convention(call: Call, outputs: Outputs) -> Callable[..., Any]:
     has_aux = call.has_aux
 
     def torch_fn(*leaves: torch.Tensor) -> Any:
-        return torch_result(*flat_fn(*leaves), has_aux)
+        outs, aux = flat_fn(*leaves)
+        return torch_result(outs, aux, has_aux)
 
     return torch_fn
 

@@ -46,8 +46,10 @@ from ._grad import grad_and_value_flat, plain_derivatives
 from ._jacobian import Tensors, jacobian_flat
 from ._tree import PyTree, TensorTree, describe, flatten_like
 
-HESSIAN_MODES = ("auto", "rev-rev", "fwd-rev")
-HVP_MODES = ("auto", "rev-rev", "fwd-rev", "rev-fwd")
+HessianMode = Literal["auto", "rev-rev", "fwd-rev"]
+HvpMode = Literal["auto", "rev-rev", "fwd-rev", "rev-fwd"]
+HESSIAN_MODES: tuple[HessianMode, ...] = ("auto", "rev-rev", "fwd-rev")
+HVP_MODES: tuple[HvpMode, ...] = ("auto", "rev-rev", "fwd-rev", "rev-fwd")
 
 
 @overload
@@ -170,16 +172,16 @@ def _refuse_complex_inputs(call: Call) -> None:
 
 @overload
 def hvp(
-    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[False] = ..., *, mode: str = ...
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[False] = ..., *, mode: HvpMode = ...
 ) -> tuple[tuple[TensorTree, ...], tuple[TensorTree, ...]]: ...
 @overload
 def hvp(
-    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[True], *, mode: str = ...
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[True], *, mode: HvpMode = ...
 ) -> tuple[tuple[TensorTree, ...], tuple[TensorTree, ...], PyTree]: ...
 
 
 def hvp(
-    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = False, *, mode: str = "auto"
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = False, *, mode: HvpMode = "auto"
 ) -> tuple[Any, ...]:
     """Hessian-vector product of a scalar ``func`` at ``primals``, without forming the Hessian.
 

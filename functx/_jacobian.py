@@ -44,6 +44,7 @@ from ._torch_internals import jvp, vmap_leading
 from ._tree import PyTree, TensorTree, tree_flatten, tree_unflatten
 
 Tensors = tuple[torch.Tensor, ...]
+Randomness = Literal["error", "different", "same"]
 FlatFn = Callable[..., tuple[Tensors, Tensors]]
 
 
@@ -261,7 +262,7 @@ def jacfwd(
     has_aux: Literal[False] = ...,
     *,
     chunk_size: int | None = ...,
-    randomness: str = ...,
+    randomness: Randomness = ...,
     holomorphic: bool = ...,
 ) -> Callable[..., TensorTree]: ...
 @overload
@@ -271,7 +272,7 @@ def jacfwd(
     has_aux: Literal[True],
     *,
     chunk_size: int | None = ...,
-    randomness: str = ...,
+    randomness: Randomness = ...,
     holomorphic: bool = ...,
 ) -> Callable[..., tuple[TensorTree, PyTree]]: ...
 @overload
@@ -281,7 +282,7 @@ def jacfwd(
     *,
     has_aux: Literal[True],
     chunk_size: int | None = ...,
-    randomness: str = ...,
+    randomness: Randomness = ...,
     holomorphic: bool = ...,
 ) -> Callable[..., tuple[TensorTree, PyTree]]: ...
 
@@ -292,7 +293,7 @@ def jacfwd(
     has_aux: bool = False,
     *,
     chunk_size: int | None = None,
-    randomness: str = "error",
+    randomness: Randomness = "error",
     holomorphic: bool = False,
 ) -> Callable[..., Any]:
     """Jacobian of ``func`` by forward mode (one Jacobian-vector product per input element).

@@ -346,10 +346,8 @@ def _flat_jvp(
                     aux = unwrap(aux, level) if isinstance(aux, torch.Tensor) else tuple(unwrap(a, level) for a in aux)
     finally:
         et.exit_jvp_nesting()
-    if single:
-        out, slope_out = outs[0], slopes[0]
-    else:
-        out, slope_out = tuple(outs), tuple(slopes)
+    out: Any = outs[0] if single else tuple(outs)
+    slope_out: Any = slopes[0] if single else tuple(slopes)
     return (out, slope_out, aux) if has_aux else (out, slope_out)
 
 
