@@ -40,7 +40,7 @@ from ._core import (
     resolved,
     unpack,
 )
-from ._torch_internals import jvp, vmap_leading
+from ._torch_internals import jvp, vjp, vmap_leading
 from ._tree import PyTree, TensorTree, tree_flatten, tree_unflatten
 
 Tensors = tuple[torch.Tensor, ...]
@@ -84,7 +84,7 @@ def _combine(real_dir: torch.Tensor, imag_dir: torch.Tensor, x: torch.Tensor) ->
 def _jacobian_rev(
     fn: FlatFn, leaves: Tensors, has_aux: bool, chunk_size: int | None, randomness: str
 ) -> tuple[Tensors, list[list[torch.Tensor]], Tensors]:
-    out, pullback, aux = unpack(torch.func.vjp(fn, *leaves, has_aux=has_aux), has_aux)
+    out, pullback, aux = unpack(vjp(fn, leaves, has_aux), has_aux)
     outs = as_leaves(out)
     if len(outs) == 1 and outs[0].numel() == 1:  # scalar output: one pullback, nothing to cut
         grads = pullback(torch.ones_like(outs[0]))

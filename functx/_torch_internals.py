@@ -99,6 +99,15 @@ try:
 except ImportError:  # pragma: no cover
     _lazy_load_decompositions = None  # type: ignore[assignment]
 
+_SAVED_HOOKS_NAMES = (
+    "_saved_tensors_hooks_get_disabled_error_message",
+    "_saved_tensors_hooks_disable",
+    "_saved_tensors_hooks_enable",
+)
+_SAVED_HOOKS_MESSAGE = (
+    "torch.func.{grad, vjp, jacrev, hessian} don't yet support saved tensor hooks. "
+    "Please open an issue with your use case."
+)
 _FLAT_NAMES = (
     "_grad_increment_nesting",
     "_grad_decrement_nesting",
@@ -183,8 +192,12 @@ def _run_flat_probe() -> bool:
     finally:
         _functorch_module._vmap_decrement_nesting()
     out, slope = _flat_jvp(lambda t: t**3, (x,), (torch.ones(2),), False)
+    square, pullback = _flat_vjp(lambda t: t**2, (x,), False)
+    (cotangent,) = pullback(torch.ones(2))
     return bool(
-        torch.equal(g, 3 * x**2)
+        torch.equal(square, x**2)
+        and torch.equal(cotangent, 2 * x)
+        and torch.equal(g, 3 * x**2)
         and float(v) == 9.0
         and torch.equal(y, 2 * x)
         and torch.equal(out, x**3)
@@ -217,6 +230,7 @@ def _reset(enabled: bool) -> None:
         and all(callable(_attr(ft, n)) for n in _FLAT_NAMES)
         and all(callable(_attr(_eager_transforms, n)) for n in ("enter_jvp_nesting", "exit_jvp_nesting"))
         and isinstance(_attr(_eager_transforms, "JVP_NESTING"), int)
+        and all(callable(_attr(torch._C._autograd, n)) for n in _SAVED_HOOKS_NAMES)
     )
 
 
@@ -272,20 +286,113 @@ def grad_and_value(fn: Callable[..., Any], argnums: Any, has_aux: bool, args: tu
     return torch.func.grad_and_value(fn, argnums=argnums, has_aux=has_aux)(*args)
 
 
+def _hooks_off() -> Any:
+    """Refuse saved-tensor hooks while a grad level runs, as torch.func does
+    (``torch.autograd.graph.disable_saved_tensors_hooks``); returns what to restore."""
+    previous = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
+    torch._C._autograd._saved_tensors_hooks_disable(_SAVED_HOOKS_MESSAGE)
+    return previous
+
+
+def _hooks_restore(previous: Any) -> None:
+    if previous is None:
+        torch._C._autograd._saved_tensors_hooks_enable()
+    else:
+        torch._C._autograd._saved_tensors_hooks_disable(previous)
+
+
+def _wrap_differentiable(args: Sequence[torch.Tensor], level: int) -> list[torch.Tensor]:
+    """``args`` wrapped at grad ``level`` and requiring grad (torch.func's ``_create_differentiable``)."""
+    ft = _functorch_module
+    wrapped = [ft._wrap_for_grad(t, level) for t in args]
+    allowed = ft.get_inplace_requires_grad_allowed()
+    ft.set_inplace_requires_grad_allowed(True)
+    try:
+        for t in wrapped:
+            t.requires_grad_()
+    finally:
+        ft.set_inplace_requires_grad_allowed(allowed)
+    return wrapped
+
+
+def _unwrap_aux(aux: Any, level: int) -> Any:
+    unwrap = _functorch_module._unwrap_for_grad
+    return unwrap(aux, level) if isinstance(aux, torch.Tensor) else tuple(unwrap(a, level) for a in aux)
+
+
+def vjp(fn: Callable[..., Any], primals: Sequence[torch.Tensor], has_aux: bool) -> Any:
+    """``torch.func.vjp(fn, *primals, has_aux=has_aux)`` for flat tensors and a ``fn``
+    returning a tensor or a tuple of tensors (with ``has_aux``: paired with a tensor or a
+    tuple of tensors); the pullback takes cotangents packed like the output and returns a
+    tuple. Where :func:`flat_ok`, torch.func's implementation without its pytree work."""
+    if flat_ok():
+        return _flat_vjp(fn, primals, has_aux)
+    return torch.func.vjp(fn, *primals, has_aux=has_aux)
+
+
+def _flat_vjp(fn: Callable[..., Any], primals: Sequence[torch.Tensor], has_aux: bool) -> Any:
+    """``torch._functorch.eager_transforms._vjp_with_argnums`` on flat tensors."""
+    ft = _functorch_module
+    hooks = _hooks_off()
+    level = ft._grad_increment_nesting()
+    try:
+        with torch.enable_grad():
+            wrapped = _wrap_differentiable(primals, level)
+            result = fn(*wrapped)
+            aux: Any = None
+            if has_aux:
+                result, aux = result
+                aux = _unwrap_aux(aux, level)
+            single = isinstance(result, torch.Tensor)
+            outs = (result,) if single else tuple(result)
+            unwrap = ft._unwrap_for_grad
+            primals_out = [unwrap(o, level) for o in outs]
+    finally:
+        ft._grad_decrement_nesting()
+        _hooks_restore(hooks)
+
+    def pullback(cotangents: Any) -> tuple[torch.Tensor, ...]:
+        cts = (cotangents,) if single else tuple(cotangents)
+        create_graph = torch.is_grad_enabled()
+        if torch.is_inference_mode_enabled():  # as torch.func: without clobbering grad modes
+            with torch.inference_mode(False), torch.set_grad_enabled(create_graph):
+                return _autograd_grad(outs, wrapped, cts, create_graph)
+        return _autograd_grad(outs, wrapped, cts, create_graph)
+
+    out: Any = primals_out[0] if single else tuple(primals_out)
+    return (out, pullback, aux) if has_aux else (out, pullback)
+
+
+def _autograd_grad(
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    cotangents: Sequence[torch.Tensor],
+    create_graph: bool,
+) -> tuple[torch.Tensor, ...]:
+    """torch.func's ``_autograd_grad``: outputs that do not require grad are skipped, unused
+    inputs get zeros, the graph is retained."""
+    keep = [k for k, o in enumerate(outputs) if o.requires_grad]
+    if not keep:
+        return tuple(torch.zeros_like(x) for x in inputs)
+    grads = torch.autograd.grad(
+        [outputs[k] for k in keep],
+        inputs,
+        [cotangents[k] for k in keep],
+        retain_graph=True,
+        create_graph=create_graph,
+        allow_unused=True,
+    )
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
+
+
 def _flat_grad_and_value(fn: Callable[..., Any], argnums: Any, has_aux: bool, args: tuple[Any, ...]) -> Any:
     """``torch._functorch.eager_transforms.grad_and_value_impl`` on a flat tuple of tensors."""
     ft = _functorch_module
+    hooks = _hooks_off()
     level = ft._grad_increment_nesting()
     try:
         with torch.enable_grad():  # see torch.func's NOTE [grad and vjp interaction with no_grad]
-            wrapped = [ft._wrap_for_grad(t, level) for t in args]
-            allowed = ft.get_inplace_requires_grad_allowed()
-            ft.set_inplace_requires_grad_allowed(True)
-            try:
-                for t in wrapped:
-                    t.requires_grad_()
-            finally:
-                ft.set_inplace_requires_grad_allowed(allowed)
+            wrapped = _wrap_differentiable(args, level)
             output = fn(*wrapped)
             aux: Any = None
             if has_aux:
@@ -300,9 +407,10 @@ def _flat_grad_and_value(fn: Callable[..., Any], argnums: Any, has_aux: bool, ar
             flat_grads = [unwrap(g, level) for g in grads]
             output = unwrap(output, level)
             if has_aux:
-                aux = unwrap(aux, level) if isinstance(aux, torch.Tensor) else tuple(unwrap(a, level) for a in aux)
+                aux = _unwrap_aux(aux, level)
     finally:
         ft._grad_decrement_nesting()
+        _hooks_restore(hooks)
     grad_input = flat_grads[0] if isinstance(argnums, int) else tuple(flat_grads)
     return (grad_input, (output, aux)) if has_aux else (grad_input, output)
 
