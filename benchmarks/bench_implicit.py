@@ -131,7 +131,7 @@ class Ridge:
         return gradient(lambda p: self.val(self.gd(p["lam"], steps)), {"lam": self.lam}, self.data)
 
     def implicit(self, steps: int, solve: str = "cg") -> Run:
-        solver = custom_root(self.F, solve=solve, symmetric=solve in ("cg", "cholesky"), on_failure="ignore")(
+        solver = custom_root(self.F, solve=solve, symmetric=solve in ("cg", "cholesky"))(
             lambda init, lam, X, y: self.gd(lam, steps)
         )
         return gradient(lambda p: self.val(solver(None, p["lam"], self.X, self.y)), {"lam": self.lam}, self.data)
@@ -175,7 +175,7 @@ class Deq:
         return gradient(lambda p: self.loss(self.iterate(p, steps)), self.params, [self.x])
 
     def implicit(self, steps: int, solve: str = "gmres") -> Run:
-        solver = custom_fixed_point(self.T, solve=solve, on_failure="ignore")(lambda init, p, x: self.iterate(p, steps))
+        solver = custom_fixed_point(self.T, solve=solve)(lambda init, p, x: self.iterate(p, steps))
         return gradient(lambda p: self.loss(solver(None, p, self.x)), self.params, [self.x])
 
 

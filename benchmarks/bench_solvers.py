@@ -36,7 +36,7 @@ def accuracy_table(n: int = 200, cond: float = 1e3) -> list[str]:
         for label, rtol in [("rtol=1e-5 (JAX/JAXopt default)", 1e-5), ("functx default (float64: 1e-12)", None)]:
             sol = getattr(solvers, name)(lambda x: a @ x, b, rtol=rtol)
             err = (torch.linalg.vector_norm(sol.value - ref) / torch.linalg.vector_norm(ref)).item()
-            rows.append(f"| {name} | {label} | {int(sol.iterations)} | {err:.1e} | {bool(sol.converged)} |")
+            rows.append(f"| {name} | {label} | {int(sol.num_steps)} | {err:.1e} | {bool(sol.converged)} |")
     return rows
 
 
@@ -46,7 +46,7 @@ def timing_table(n: int = 1000, cond: float = 100.0, batch: int = 16) -> list[st
     b = torch.randn(n, dtype=F64, generator=gen)
     bs = torch.randn(batch, n, dtype=F64, generator=gen)
     mv = lambda x: a @ x
-    iters = int(solvers.cg(mv, b).iterations)
+    iters = int(solvers.cg(mv, b).num_steps)
     tree_b = {f"p{k}": piece for k, piece in enumerate(b.split(n // 4))}
 
     def tree_mv(x: dict) -> dict:

@@ -9,10 +9,13 @@ is always the tested script. Run from the repository root.
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Lines that name this machine's paths or timings: left out of the stored output.
+_MACHINE_SPECIFIC = re.compile(r"^(figure saved to|plot written to|done in [0-9.]+ s$)")
 
 
 def main() -> int:
@@ -32,7 +35,7 @@ def main() -> int:
             print(result.stdout + result.stderr)
             failures += 1
             continue
-        lines = [line for line in result.stdout.splitlines() if not line.startswith("figure saved to")]
+        lines = [line for line in result.stdout.splitlines() if not _MACHINE_SPECIFIC.match(line)]
         (out_dir / f"{name}.txt").write_text("\n".join(lines) + "\n")
     return failures
 

@@ -1,10 +1,10 @@
 """A deep equilibrium model (DEQ) classifier, trained through its fixed point.
 
-The hidden state of every sample is the fixed point ``z = tanh(W z + U x + b)``, found by
-plain fixed-point iteration; ``functx.implicit.custom_fixed_point`` differentiates the
-fixed point itself (one BiCGStab solve per backward pass) instead of backpropagating through
-the iterations, so training memory does not grow with the number of iterations. ``W`` is
-rescaled to spectral norm <= 0.7, which makes the map a contraction.
+The hidden state of every sample is the fixed point ``z = tanh(W z + U x + b)``, found
+by plain fixed-point iteration; ``functx.implicit.custom_fixed_point`` differentiates
+the fixed point itself (one BiCGStab solve per backward pass) instead of backpropagating
+through the iterations, so training memory does not grow with the number of iterations.
+``W`` is rescaled to spectral norm <= 0.7, which makes the map a contraction.
 
 Checks: the gradient matches backpropagation through 100 unrolled iterations to 1e-10,
 and the model learns the two-spirals problem (linearly inseparable) from scratch.
@@ -76,9 +76,14 @@ x_test, y_test = spirals(400)
 
 # The implicit gradient is the gradient of the exact fixed point.
 implicit = functx.grad(loss)(params, x_train[:64], y_train[:64])
-through_iterations = functx.grad(lambda p, x, y: loss(p, x, y, solver=unrolled))(params, x_train[:64], y_train[:64])
+through_iterations = functx.grad(lambda p, x, y: loss(p, x, y, solver=unrolled))(
+    params, x_train[:64], y_train[:64]
+)
 error = max((implicit[k] - through_iterations[k]).abs().max().item() for k in params)
-print(f"implicit gradient vs backprop through 100 iterations: max abs difference {error:.1e}")
+print(
+    "implicit gradient vs backprop through 100 iterations: max abs difference "
+    f"{error:.1e}"
+)
 assert error < 1e-10
 
 # Train with Adam; torch.autograd (loss.backward()) works as well as functx.grad.
@@ -96,4 +101,6 @@ for step in range(151):
             accuracy = (logits(leaves, x_test).argmax(1) == y_test).to(D).mean().item()
         print(f"{step:5d} {value.item():11.4f} {accuracy:14.3f}")
 
-assert accuracy > 0.9, f"the DEQ should learn the spirals, got test accuracy {accuracy:.3f}"
+assert accuracy > 0.9, (
+    f"the DEQ should learn the spirals, got test accuracy {accuracy:.3f}"
+)

@@ -1,15 +1,16 @@
 """The loss curvature of a small CNN over a whole dataset: top eigenvalues, trace, the
 diagonal of one layer and the spectral density of the Hessian, with `functx.curvature`.
 
-The data are synthetic (a random teacher network labels random images: no downloads). The
-CNN is trained briefly, then `HessianOperator` applies the Hessian of the mean loss over all
-batches matrix-free; the estimators only need its products. The script checks its own
-results (eigenpair residuals, the layer diagonal against the exact one, the density's mass).
+The data are synthetic (a random teacher network labels random images: no downloads).
+The CNN is trained briefly, then `HessianOperator` applies the Hessian of the mean loss
+over all batches matrix-free; the estimators only need its products. The script checks
+its own results (eigenpair residuals, the layer diagonal against the exact one, the
+density's mass).
 
-Run: `python examples/hessian_spectrum.py` (add `--plot PATH` to choose where the PNG goes;
-the plot needs matplotlib: `pip install functx[plot]`).
-Several processes: `torchrun --nproc_per_node=2 examples/hessian_spectrum.py` shards the
-batches over the ranks and prints the same numbers (rank 0 prints).
+Run: `python examples/hessian_spectrum.py` (add `--plot PATH` to choose where the PNG
+goes; the plot needs matplotlib: `pip install functx[plot]`). Several processes:
+`torchrun --nproc_per_node=2 examples/hessian_spectrum.py` shards the batches over the
+ranks and prints the same numbers (rank 0 prints).
 """
 
 from __future__ import annotations
@@ -26,16 +27,25 @@ import functx.curvature as fc
 
 torch.manual_seed(0)
 torch.set_default_dtype(torch.float64)  # float64: the checks below are tight
-torch.set_num_threads(1)  # a small model: one thread per process (torchrun: one process per core)
+torch.set_num_threads(
+    1
+)  # a small model: one thread per process (torchrun: one process per core)
 
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.Tanh(), nn.Conv2d(4, 6, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 3 * 3, 10)
+        nn.Conv2d(1, 4, 3),
+        nn.Tanh(),
+        nn.Conv2d(4, 6, 3, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 10),
     )
 
 
-def synthetic_batches(num: int = 4, size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def synthetic_batches(
+    num: int = 4, size: int = 64
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     teacher = cnn()
     with torch.no_grad():
         batches = []
@@ -64,7 +74,10 @@ def setup_distributed() -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--plot", default=os.path.join(tempfile.gettempdir(), "functx_hessian_spectrum.png"))
+    parser.add_argument(
+        "--plot",
+        default=os.path.join(tempfile.gettempdir(), "functx_hessian_spectrum.png"),
+    )
     args = parser.parse_args()
     rank, world = setup_distributed()
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -77,31 +90,52 @@ def main() -> None:
     model.zero_grad(set_to_none=True)
     params = dict(model.named_parameters())
     loss = nn.CrossEntropyLoss()
-    H = fc.HessianOperator(model, loss, params, batches[rank::world])  # this rank's shard
-    say(f"model: {sum(p.numel() for p in params.values())} parameters, N = {H.num_data} samples, {world} process(es)")
+    H = fc.HessianOperator(
+        model, loss, params, batches[rank::world]
+    )  # this rank's shard
+    say(
+        f"model: {sum(p.numel() for p in params.values())} parameters, N = "
+        f"{H.num_data} samples, {world} process(es)"
+    )
 
     evals, evecs = fc.eigsh(H, k=3, which="LA", tol=1e-8, seed=0)
     residual = torch.linalg.vector_norm(H @ evecs - evecs * evals, dim=0).max()
-    say(f"top-3 eigenvalues: {[round(float(e), 6) for e in evals]}  (max residual {float(residual):.1e})")
+    say(
+        f"top-3 eigenvalues: {[round(float(e), 6) for e in evals]}  (max residual "
+        f"{float(residual):.1e})"
+    )
     assert residual < 1e-5 * float(evals.abs().max())
 
     bottom, _ = fc.eigsh(H, k=1, which="SA", tol=1e-8, seed=0)
-    say(f"smallest eigenvalue: {float(bottom[0]):.6f}  (negative: the Hessian is indefinite here)")
+    say(
+        f"smallest eigenvalue: {float(bottom[0]):.6f}  (negative: the Hessian is "
+        "indefinite here)"
+    )
 
     trace = fc.trace(H, num_matvecs=200, method="hutch++", seed=0)
     say(f"trace (Hutch++, 200 products): {float(trace):.5f}")
 
     layer = {k: params[k] for k in ("0.weight", "0.bias")}
-    exact = fc.HessianOperator(model, loss, layer, batches[rank::world]).to_dense().diagonal()
+    exact = (
+        fc.HessianOperator(model, loss, layer, batches[rank::world])
+        .to_dense()
+        .diagonal()
+    )
     estimate = fc.diagonal(H, num_matvecs=200, method="xdiag", seed=0, as_tree=True)
     first = torch.cat([estimate["0.weight"].reshape(-1), estimate["0.bias"]])
     error = torch.linalg.vector_norm(first - exact) / torch.linalg.vector_norm(exact)
-    say(f"diagonal of the first conv layer (XDiag, 200 products): relative error {float(error):.3f} vs exact")
+    say(
+        "diagonal of the first conv layer (XDiag, 200 products): relative error "
+        f"{float(error):.3f} vs exact"
+    )
     assert error < 0.5
 
     grid, density = fc.spectral_density(H, num_probes=4, num_steps=40, seed=0)
     mass = float(torch.trapezoid(density, grid))
-    say(f"spectral density on [{float(grid[0]):.3f}, {float(grid[-1]):.3f}], mass {mass:.3f}")
+    say(
+        f"spectral density on [{float(grid[0]):.3f}, {float(grid[-1]):.3f}], mass "
+        f"{mass:.3f}"
+    )
     assert abs(mass - 1) < 0.05
 
     if rank == 0:
@@ -111,7 +145,9 @@ def main() -> None:
         torch.distributed.destroy_process_group()
 
 
-def plot(grid: torch.Tensor, density: torch.Tensor, evals: torch.Tensor, path: str) -> None:
+def plot(
+    grid: torch.Tensor, density: torch.Tensor, evals: torch.Tensor, path: str
+) -> None:
     try:
         import matplotlib
 
@@ -124,7 +160,12 @@ def plot(grid: torch.Tensor, density: torch.Tensor, evals: torch.Tensor, path: s
     ax.semilogy(grid.numpy(), density.clamp_min(1e-12).numpy())
     for e in evals:
         ax.axvline(float(e), color="tab:red", lw=0.8, ls="--")
-    ax.set(xlabel="eigenvalue", ylabel="density", title="Hessian spectral density (SLQ)", ylim=(1e-6, None))
+    ax.set(
+        xlabel="eigenvalue",
+        ylabel="density",
+        title="Hessian spectral density (SLQ)",
+        ylim=(1e-6, None),
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot written to {path}")

@@ -1,12 +1,12 @@
 """Tune one ridge penalty per feature by gradient descent on the validation loss.
 
-The inner problem, ridge regression with an unpenalised intercept, is solved by conjugate
-gradients (any solver would do); ``functx.implicit.custom_root`` attaches the derivatives of
-its solution with respect to the penalties, from the optimality condition "the gradient
-of the training loss is zero". The outer loop is plain gradient descent on the log
-penalties -- 20 hyperparameters, far beyond a grid search. Checks: the hypergradient
-matches the closed form, and the tuned penalties beat the best single penalty found by a
-grid search.
+The inner problem, ridge regression with an unpenalised intercept, is solved by
+conjugate gradients (any solver would do); ``functx.implicit.custom_root`` attaches the
+derivatives of its solution with respect to the penalties, from the optimality condition
+"the gradient of the training loss is zero". The outer loop is plain gradient descent on
+the log penalties -- 20 hyperparameters, far beyond a grid search. Checks: the
+hypergradient matches the closed form, and the tuned penalties beat the best single
+penalty found by a grid search.
 
 Run: `python examples/hyperparameter_optimization.py [--plot PATH]`
 """
@@ -20,7 +20,11 @@ from functx import solvers
 from functx.implicit import custom_root
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--plot", metavar="PATH", help="save a figure of the validation loss (needs matplotlib)")
+parser.add_argument(
+    "--plot",
+    metavar="PATH",
+    help="save a figure of the validation loss (needs matplotlib)",
+)
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -62,7 +66,10 @@ def val_loss(log_lam):
 def closed_form_hypergradient(log_lam):
     """dL/dlog_lam from the implicit function theorem, with dense matrices."""
     lam = log_lam.exp()
-    Xa, Xva = torch.cat([X, torch.ones(n_train, 1, dtype=D)], 1), torch.cat([X_val, torch.ones(n_val, 1, dtype=D)], 1)
+    Xa, Xva = (
+        torch.cat([X, torch.ones(n_train, 1, dtype=D)], 1),
+        torch.cat([X_val, torch.ones(n_val, 1, dtype=D)], 1),
+    )
     A = Xa.T @ Xa + torch.diag(torch.cat([lam, torch.zeros(1, dtype=D)]))
     z = torch.linalg.solve(A, Xa.T @ y)
     g = Xva.T @ (Xva @ z - y_val) / n_val
@@ -78,13 +85,17 @@ assert error < 1e-10
 
 # Baseline: the best single penalty on a grid (each point is one ridge fit).
 grid = torch.logspace(-3, 3, 61, dtype=D)
-grid_losses = functx.vmap(lambda lam: val_loss(lam.log().expand(p)))(grid)  # 61 fits, batched
+grid_losses = functx.vmap(lambda lam: val_loss(lam.log().expand(p)))(
+    grid
+)  # 61 fits, batched
 best = grid_losses.argmin()
 print(
-    f"grid search, one penalty for all features: lam = {grid[best].item():.3g}, val loss = {grid_losses[best].item():.4f}"
+    f"grid search, one penalty for all features: lam = {grid[best].item():.3g}, val "
+    f"loss = {grid_losses[best].item():.4f}"
 )
 
-# Per-feature penalties by gradient descent on log(lam), starting from the best single one.
+# Per-feature penalties by gradient descent on log(lam), starting from the best single
+# one.
 log_lam = torch.full((p,), grid[best].log().item(), dtype=D)
 value_and_grad = functx.value_and_grad(val_loss)
 print(f"{'step':>5} {'val loss':>10}  penalties on noise features (median)")
@@ -95,12 +106,20 @@ for step in range(101):
     log_lam = log_lam - 2.0 * g / g.norm().clamp(min=1.0)
 
 final = val_loss(log_lam).item()
-print(f"tuned per-feature penalties: val loss = {final:.4f} (grid search best {grid_losses[best].item():.4f})")
 print(
-    f"median penalty on signal features {log_lam[:5].exp().median().item():.3g}, on noise features {log_lam[5:].exp().median().item():.3g}"
+    f"tuned per-feature penalties: val loss = {final:.4f} (grid search best "
+    f"{grid_losses[best].item():.4f})"
 )
-assert final < grid_losses[best].item(), "per-feature tuning should beat the single best penalty"
-assert log_lam[5:].exp().median() > log_lam[:5].exp().median(), "noise features should be penalised more"
+print(
+    f"median penalty on signal features {log_lam[:5].exp().median().item():.3g}, on "
+    f"noise features {log_lam[5:].exp().median().item():.3g}"
+)
+assert final < grid_losses[best].item(), (
+    "per-feature tuning should beat the single best penalty"
+)
+assert log_lam[5:].exp().median() > log_lam[:5].exp().median(), (
+    "noise features should be penalised more"
+)
 
 if args.plot:
     try:
@@ -114,7 +133,12 @@ if args.plot:
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.semilogx(grid, grid_losses, label="one penalty for all features (grid)")
         ax.scatter([grid[best].item()], [grid_losses[best].item()], c="C0", zorder=3)
-        ax.axhline(final, color="C1", ls="--", label="20 per-feature penalties (implicit hypergradients)")
+        ax.axhline(
+            final,
+            color="C1",
+            ls="--",
+            label="20 per-feature penalties (implicit hypergradients)",
+        )
         ax.set_xlabel("ridge penalty lambda")
         ax.set_ylabel("validation loss")
         ax.legend(fontsize=8)

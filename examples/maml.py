@@ -1,11 +1,12 @@
-"""MAML on sine-wave regression with functx.nn: grad through an inner SGD step, vmapped over tasks.
+"""MAML on sine-wave regression with functx.nn: grad through an inner SGD step, vmapped
+over tasks.
 
-The model is an ordinary `nn.Sequential`; `functx.nn.make_functional` turns it into a pure
-function of a dict of parameters (the module is never modified). One meta-step:
+The model is an ordinary `nn.Sequential`; `functx.nn.make_functional` turns it into a
+pure function of a dict of parameters (the module is never modified). One meta-step:
 
-    adapted = params - alpha * grad(task_loss)(params, support)        # inner SGD step
-    meta_loss = task_loss(adapted, query)                              # after adaptation
-    meta_grads = vmap(grad(meta_loss), over tasks)(params, ...)        # grad of grad
+    adapted = params - alpha * grad(task_loss)(params, support)    # inner SGD step
+    meta_loss = task_loss(adapted, query)                          # after adaptation
+    meta_grads = vmap(grad(meta_loss), over tasks)(params, ...)    # grad of grad
 
 The meta-gradient is checked once against plain autograd (create_graph=True) on a
 closed-form copy of the network, then the meta-parameters are trained with Adam.
@@ -24,7 +25,9 @@ import functx.nn
 torch.manual_seed(0)
 ALPHA, TASKS, SHOTS, STEPS = 0.02, 8, 10, 150
 
-model = nn.Sequential(nn.Linear(1, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 1))
+model = nn.Sequential(
+    nn.Linear(1, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 1)
+)
 fmodel, params, buffers = functx.nn.make_functional(model)
 reference_state = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -50,9 +53,12 @@ def meta_loss(p, xs, ys, xq, yq):
     return task_loss(adapt(p, xs, ys), xq, yq)
 
 
-meta_value_and_grad = functx.vmap(functx.value_and_grad(meta_loss), in_dims=(None, 0, 0, 0, 0))
+meta_value_and_grad = functx.vmap(
+    functx.value_and_grad(meta_loss), in_dims=(None, 0, 0, 0, 0)
+)
 
-# 1. Check the meta-gradient of one task batch against plain autograd through the inner step.
+# 1. Check the meta-gradient of one task batch against plain autograd through the inner
+# step.
 batch = sample_tasks(TASKS)
 losses, grads = meta_value_and_grad(params, *batch)
 names = list(params)
@@ -67,9 +73,15 @@ def closed_form(p, x):
 for t in range(TASKS):
     leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
     xs, ys, xq, yq = (b[t] for b in batch)
-    inner = torch.autograd.grad(((closed_form(leaves, xs) - ys) ** 2).mean(), list(leaves.values()), create_graph=True)
+    inner = torch.autograd.grad(
+        ((closed_form(leaves, xs) - ys) ** 2).mean(),
+        list(leaves.values()),
+        create_graph=True,
+    )
     adapted = {k: leaves[k] - ALPHA * g for k, g in zip(names, inner)}
-    expected = torch.autograd.grad(((closed_form(adapted, xq) - yq) ** 2).mean(), list(leaves.values()))
+    expected = torch.autograd.grad(
+        ((closed_form(adapted, xq) - yq) ** 2).mean(), list(leaves.values())
+    )
     for k, e in zip(names, expected):
         torch.testing.assert_close(grads[k][t], e, rtol=1e-4, atol=1e-6)
 print(f"meta-gradient of {TASKS} tasks matches autograd through the inner step")
@@ -81,7 +93,9 @@ initial = evaluate(params, *evaluation).mean()
 m = {k: torch.zeros_like(v) for k, v in params.items()}
 v = {k: torch.zeros_like(p) for k, p in params.items()}
 lr, b1, b2 = 3e-3, 0.9, 0.999
-window: list[float] = []  # one batch of 8 random tasks is noisy: log the mean of the last 25 steps
+window: list[
+    float
+] = []  # one batch of 8 random tasks is noisy: log the mean of the last 25 steps
 averages = []
 for step in range(1, STEPS + 1):
     losses, grads = meta_value_and_grad(params, *sample_tasks(TASKS))
@@ -89,20 +103,28 @@ for step in range(1, STEPS + 1):
         g = grads[k].mean(0)
         m[k] = b1 * m[k] + (1 - b1) * g
         v[k] = b2 * v[k] + (1 - b2) * g * g
-        params[k] = params[k] - lr * (m[k] / (1 - b1**step)) / ((v[k] / (1 - b2**step)).sqrt() + 1e-8)
+        params[k] = params[k] - lr * (m[k] / (1 - b1**step)) / (
+            (v[k] / (1 - b2**step)).sqrt() + 1e-8
+        )
     window = [*window[-24:], losses.mean().item()]
     if step % 25 == 0:
         averages.append(sum(window) / len(window))
-        print(f"steps {step - 24:4d}-{step:<4d} meta-loss (query loss after one inner step), mean: {averages[-1]:.3f}")
+        print(
+            f"steps {step - 24:4d}-{step:<4d} meta-loss (query loss after one inner "
+            f"step), mean: {averages[-1]:.3f}"
+        )
 assert averages[-1] < averages[0], averages
 
 # 3. Evaluate on the new tasks: the learned initialisation adapts better in one step.
 final = evaluate(params, *evaluation).mean()
 print(
-    f"64 new tasks, query loss after one inner step: {initial:.3f} from the initial parameters, {final:.3f} from the meta-learned ones"
+    f"64 new tasks, query loss after one inner step: {initial:.3f} from the initial "
+    f"parameters, {final:.3f} from the meta-learned ones"
 )
 assert final < initial
 
 # The module itself was never touched.
-assert all(torch.equal(model.state_dict()[k], reference_state[k]) for k in reference_state)
+assert all(
+    torch.equal(model.state_dict()[k], reference_state[k]) for k in reference_state
+)
 print("the nn.Module is unchanged")

@@ -44,7 +44,9 @@ value, grads = functx.value_and_grad(loss)(params, x, y)
 print(f"loss = {value.item():.4f}; grad w.r.t. w1 has shape {tuple(grads.w1.shape)}")
 
 # 2. Per-sample gradients: vmap over the data, broadcast the parameters.
-per_sample = functx.vmap(functx.grad(loss), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
+per_sample = functx.vmap(functx.grad(loss), in_dims=(None, 0, 0))(
+    params, x[:, None], y[:, None]
+)
 print(f"per-sample grads of w1: {tuple(per_sample.w1.shape)}")
 assert torch.allclose(per_sample.w1.mean(0), grads.w1)
 
@@ -57,11 +59,19 @@ print(f"Hessian block d2L/dw2 dw2: {tuple(H.w2.w2.shape)}")
 v = optree.tree_map(torch.randn_like, params, namespace="functx")
 _, (Hv,) = functx.hvp(lambda p: loss(p, x, y), (params,), (v,))
 eps = 1e-6
-shifted = [optree.tree_map(lambda p, t: p + s * t, params, v, namespace="functx") for s in (eps, -eps)]
+shifted = [
+    optree.tree_map(lambda p, t: p + s * t, params, v, namespace="functx")
+    for s in (eps, -eps)
+]
 g_plus, g_minus = (functx.grad(loss)(p, x, y) for p in shifted)
 assert torch.allclose(Hv.w1, (g_plus.w1 - g_minus.w1) / (2 * eps), atol=1e-6)
-print(f"hvp matches finite differences of the gradient: |Hv.w1| = {Hv.w1.norm().item():.4f}")
+print(
+    "hvp matches finite differences of the gradient: |Hv.w1| = "
+    f"{Hv.w1.norm().item():.4f}"
+)
 
 # 5. Transforms compose: per-sample Hessians, and jvp of grad.
-per_sample_H = functx.vmap(functx.hessian(loss), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
+per_sample_H = functx.vmap(functx.hessian(loss), in_dims=(None, 0, 0))(
+    params, x[:, None], y[:, None]
+)
 print(f"per-sample Hessians of b1: {tuple(per_sample_H.b1.b1.shape)}")

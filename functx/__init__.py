@@ -22,6 +22,7 @@ conjugate of JAX's ``grad``).
 """
 
 from . import autograd_functional as autograd_functional
+from . import curvature as curvature
 from . import implicit as implicit
 from . import nn as nn
 from . import solvers as solvers
@@ -51,7 +52,7 @@ from ._vjp_jvp import linearize as linearize
 from ._vjp_jvp import vjp as vjp
 from ._vmap import vmap as vmap
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "NAMESPACE",
@@ -60,6 +61,7 @@ __all__ = [
     "PyTree",
     "TensorTree",
     "autograd_functional",
+    "curvature",
     "custom_fixed_point",
     "custom_root",
     "grad",

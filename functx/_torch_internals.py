@@ -575,3 +575,87 @@ def require(available: Any, what: str, api: str) -> None:
             f"`functx.{api}`: {what} needs torch internals that are unavailable in torch "
             f"{torch.__version__} (or switched off with FUNCTX_TORCH_INTERNALS=off)."
         )
+
+
+# --------------------------------------------------------------------------------------
+# Solvers and implicit differentiation (functx._solvers._functorch, functx._implicit).
+#
+# ========================================  ==========================  =====================================
+# private name                              entry here                  when unavailable
+# ========================================  ==========================  =====================================
+# ``torch._C._functorch`` + interpreters    :func:`rule_internals_\     False: the forward-mode rules of
+# + ``_set_fwd_grad_enabled``               available`                 linear solves / implicit functions
+#                                                                       refuse (``NotImplementedError``)
+# ``peek_interpreter_stack`` (as above)     :func:`transforms_\         ``False`` (unlike
+#                                           detected`                   :func:`transforms_active`): "no
+#                                                                       transform seen", for callers that
+#                                                                       only peel or strip what they see
+# ``retrieve_all_functorch_interpreters``,  :func:`transform_levels`    ``[]``
+# ``TransformType.Jvp``
+# ``maybe_get_level``, ``is_batchedtensor``, :func:`strip_tangent`      not called (the rules refuse first)
+# ``_unwrap_batched``, ``_add_batch_dim``,
+# ``_wrap_for_grad``, ``_unwrap_for_grad``
+# ``is_dead_tensor_wrapper``,               :func:`unwrap_dead`         the tensor as it is
+# ``unwrap_if_dead``
+# ``is_gradtrackingtensor``                 :func:`is_grad_wrapper`     ``False``
+# ========================================  ==========================  =====================================
+
+
+def rule_internals_available() -> bool:
+    """Whether every private name the forward-mode rules of linear solves and implicit
+    functions need is available (functorch, its interpreter stack, the forward-AD switch)."""
+    return (
+        functorch is not None and retrieve_all_functorch_interpreters is not None and set_fwd_grad_enabled is not None
+    )
+
+
+def transforms_detected() -> bool:
+    """Whether a functorch transform is *seen* live. Unsure (internals unavailable):
+    ``False``, the opposite of :func:`transforms_active`'s safe answer: callers use it to
+    decide whether there is a wrapper to peel or a level to strip, and without the
+    internals there is nothing they could peel."""
+    return rule_internals_available() and transforms_active()
+
+
+def transform_levels(forward_only: bool = False) -> list[int]:
+    """The levels of the live functorch transforms (only the ``jvp``/``jacfwd`` ones when
+    ``forward_only``); ``[]`` when none is detected."""
+    if not transforms_detected():
+        return []
+    interpreters = retrieve_all_functorch_interpreters()  # type: ignore[misc]
+    jvp = TransformType.Jvp
+    return [i.level() for i in interpreters if not forward_only or i.key() == jvp]
+
+
+def strip_tangent(t: torch.Tensor, level: int) -> torch.Tensor:
+    """``t`` without its tangent at functorch level ``level``; every other level is kept
+    (a batched level above it is unwrapped and rewrapped). Needs
+    :func:`rule_internals_available`."""
+    ft = functorch
+    lvl = ft.maybe_get_level(t)
+    if lvl < level:
+        return t
+    if ft.is_batchedtensor(t):  # a vmap level above the rule's (torch's generated vmap rule)
+        inner, bdim = ft._unwrap_batched(t, lvl)
+        return ft._add_batch_dim(strip_tangent(inner, level), bdim, lvl)
+    if lvl == level:
+        return ft._wrap_for_grad(ft._unwrap_for_grad(t, level), level)
+    raise NotImplementedError(  # pragma: no cover - torch never saves such a tensor
+        "functx: unexpected functorch wrapper above the running forward-mode level."
+    )
+
+
+def unwrap_dead(t: Any) -> Any:
+    """``t`` without the wrappers of functorch transforms that have exited; ``t`` itself
+    when it is not a tensor or the internals are unavailable."""
+    ft = functorch
+    if ft is None:
+        return t
+    while isinstance(t, torch.Tensor) and ft.is_dead_tensor_wrapper(t):
+        t = ft.unwrap_if_dead(t)
+    return t
+
+
+def is_grad_wrapper(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``grad``/``jvp`` wrapper (``False`` when unavailable)."""
+    return functorch is not None and bool(functorch.is_gradtrackingtensor(t))

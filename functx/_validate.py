@@ -146,3 +146,35 @@ def _range(minimum: int | None, maximum: int | None) -> str:
     if minimum is not None and maximum is not None:
         return f"in [{minimum}, {maximum}]"
     return f">= {minimum}" if minimum is not None else f"<= {maximum}"
+
+
+def check_tolerance(value: Any, name: str, api: str, default: float) -> float:
+    """``default`` for ``None``, else a non-negative finite ``float`` (a solver tolerance)."""
+    if value is None:
+        return default
+    if not is_number(value):
+        raise fail(api, f"`{name}` must be None or a non-negative float, got {describe(value)}.", TypeError)
+    return check_nonnegative(value, name, api)
+
+
+def check_keys(mapping: Any, name: str, api: str, hint: str = "") -> None:
+    """``TypeError`` unless every key of ``mapping`` is a ``str`` (names, as in ``state_dict``)."""
+    for key in mapping:
+        if not isinstance(key, str):
+            raise fail(
+                api, f"`{name}` must be keyed by str names, got the key {key!r} ({describe(key)}).{hint}", TypeError
+            )
+
+
+def check_optional_bool(value: Any, name: str, api: str) -> bool | None:
+    """``None``, ``True`` or ``False``."""
+    if value is not None and not isinstance(value, bool):
+        raise fail(api, f"`{name}` must be None or a bool, got {value!r}.", TypeError)
+    return value
+
+
+def check_instance(value: Any, types: type | tuple[type, ...], name: str, api: str, kind: str) -> Any:
+    """``value`` if it is an instance of ``types``, else ``TypeError`` ("`name` must be <kind>")."""
+    if not isinstance(value, types):
+        raise fail(api, f"`{name}` must be {kind}, got {describe(value)}.", TypeError)
+    return value

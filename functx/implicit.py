@@ -24,10 +24,14 @@ Linear solves: ``solve="auto"`` is CG when the Jacobian ``dF/dz`` is declared sy
 (``symmetric=True``: ``F`` is the gradient of an objective at a strict minimum) and GMRES
 otherwise (fixed points are never symmetric); tolerances follow :mod:`functx.solvers`
 (dtype-aware). Failures are never silent: the forward residual ``||F(z*)||`` and every
-linear solve are checked, and ``on_failure`` chooses ``"warn"``
-(:class:`NonConvergenceWarning`), ``"raise"`` (:class:`NonConvergenceError`) or
-``"ignore"``; under ``vmap`` a failure in any lane is reported (the flags are read for the
-report only, in eager mode). A Jacobian declared symmetric (``symmetric=True``, or
+linear solve are checked: ``throw=True`` raises :class:`NonConvergenceError` (the same class
+as ``functx.NonConvergenceError``, carrying ``stats``), ``throw=False`` (the default) warns
+with :class:`NonConvergenceWarning`, since the caller of a derivative has no result to
+read a flag from. Under ``vmap`` a failure in any lane is reported (the flags are read for
+the report only, in eager mode; under ``torch.compile`` nothing is reported). The former
+``on_failure="warn"|"raise"|"ignore"`` is deprecated for one release (``"raise"`` is
+``throw=True``, ``"warn"`` is ``throw=False``, ``"ignore"`` is ``throw=False`` without the
+warning: filter :class:`NonConvergenceWarning` instead). A Jacobian declared symmetric (``symmetric=True``, or
 ``solve`` in ``"cg"``, ``"minres"``, ``"cholesky"``) is checked once per call
 (``u.(A v)`` against ``v.(A u)`` for fixed pseudo-random ``u, v``, to ``sqrt(eps)``
 relative) and reported the same way: a nonsymmetric Jacobian with a direct solve would
@@ -44,14 +48,14 @@ once per call under a check that raises ``ValueError`` when it uses a captured t
 that requires grad or that an enclosing ``grad``/``jvp`` transform traces.
 """
 
+from ._errors import NonConvergenceError as NonConvergenceError
+from ._errors import NonConvergenceWarning as NonConvergenceWarning
 from ._implicit._root import custom_fixed_point as custom_fixed_point
 from ._implicit._root import custom_root as custom_root
 from ._implicit._root import root_jvp as root_jvp
 from ._implicit._root import root_vjp as root_vjp
 from ._implicit._sensitivity import implicit_hessian as implicit_hessian
 from ._implicit._sensitivity import implicit_jacobian as implicit_jacobian
-from ._solvers.linear_solve import NonConvergenceError as NonConvergenceError
-from ._solvers.linear_solve import NonConvergenceWarning as NonConvergenceWarning
 
 __all__ = [
     "NonConvergenceError",

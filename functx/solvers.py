@@ -2,8 +2,13 @@
 
 Every solver is a function ``solver(matvec, b, x0=None, *, ...) -> Solution``: ``b`` and the
 solution are pytrees of tensors with the same structure, ``matvec(x)`` returns a pytree of
-that structure, and the returned :class:`Solution` always reports ``iterations``,
+that structure, and the returned :class:`Solution` always reports ``num_steps``,
 ``residual_norm`` (recomputed from the solution) and ``converged``; failure is never silent.
+With ``throw=True`` a solve that did not converge raises :class:`functx.NonConvergenceError`
+(carrying those statistics) instead; the flag is read in eager mode and under every
+transform (any ``vmap`` lane), not under ``torch.compile`` or tracing, where ``converged`` is
+the report. User callables (``matvec``, ``preconditioner``, ``rmatvec``) never receive the
+caller's tensors, and must not write their argument in place (refused in eager mode).
 
 =================  ==============================================  ==========================
 solver             operator                                        cost per iteration

@@ -171,3 +171,44 @@ def test_errors_leave_inputs_untouched():
     with pytest.raises(TypeError, match=r"p\['lr'\]"):
         functx.grad(lambda p: p["w"].sum())(p)
     assert p["w"].requires_grad and p["w"].grad is None and p["lr"] == 0.1
+
+
+# --- the failure vocabulary of the solvers and implicit rooms (helper "vocab") ---------------------
+
+_SPD = torch.tensor([[1e4, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1e-4]], dtype=torch.float64)
+_RHS = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "api, call",
+    [
+        *[
+            (f"solvers.{m}", lambda m=m: getattr(functx.solvers, m)(lambda v: _SPD @ v, _RHS, max_iter=1, throw=True))
+            for m in ("cg", "minres", "gmres", "bicgstab", "normal_cg")
+        ],
+        ("solvers.solve", lambda: functx.solvers.solve(lambda v: _SPD @ v, _RHS, method="cg", max_iter=1, throw=True)),
+        ("solvers.lu", lambda: functx.solvers.lu(lambda v: 0 * v, _RHS, throw=True)),
+        ("solvers.cholesky", lambda: functx.solvers.cholesky(lambda v: -v, _RHS, throw=True)),
+        (
+            "implicit.custom_root",
+            lambda: functx.implicit.custom_root(lambda z, a: z - a, throw=True)(lambda init, a: a + 1)(_RHS, _RHS),
+        ),
+        (
+            "implicit.root_vjp",
+            lambda: functx.implicit.root_vjp(lambda z, a: z - a, _RHS + 1, (_RHS,), _RHS, throw=True),
+        ),
+        (
+            "implicit.implicit_jacobian",
+            lambda: functx.implicit.implicit_jacobian(lambda z, a: z - a, _RHS + 1, _RHS, throw=True),
+        ),
+    ],
+)
+def test_iterative_apis_raise_nonconvergence_error_with_throw(api, call):
+    """Every iterative public API of these rooms accepts `throw` and raises the one
+    functx.NonConvergenceError (also importable as functx.implicit.NonConvergenceError)."""
+    with pytest.raises(functx.NonConvergenceError) as info:
+        call()
+    assert isinstance(info.value, functx.implicit.NonConvergenceError)
+    assert "converged" in info.value.stats or "residual_norm" in info.value.stats
+    if api != "solvers.solve":  # `solve` reports the solver it chose
+        assert info.value.api == f"functx.{api}", info.value.api

@@ -330,7 +330,7 @@ def test_has_aux_returns_aux_and_vmaps(ridge):
     @custom_root(ridge.F, symmetric=True, has_aux=True)
     def solver(init, lam, X, y):
         sol = solvers.cg(lambda v: X.T @ (X @ v) + lam * v, X.T @ y, init)
-        return sol.value, {"iterations": sol.iterations, "method": "cg"}
+        return sol.value, {"iterations": sol.num_steps, "method": "cg"}
 
     lam = torch.tensor(LAM, dtype=D)
     init = torch.zeros(ridge.p, dtype=D)

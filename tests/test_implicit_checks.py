@@ -40,7 +40,7 @@ def test_nonsymmetric_jacobian_declared_symmetric_warns_with_lu():
 
 
 def test_nonsymmetric_jacobian_declared_symmetric_raises_on_request():
-    f = _linear_root(symmetric=True, solve="lu", on_failure="raise")
+    f = _linear_root(symmetric=True, solve="lu", throw=True)
     torch.testing.assert_close(f(A), torch.linalg.solve(M, A))  # the value needs no symmetry
     with pytest.raises(NonConvergenceError, match=r"declared symmetric"):
         functx.jacrev(f)(A)
@@ -56,7 +56,7 @@ def test_symmetric_jacobian_passes_the_check():
     S = M + M.T + 4 * torch.eye(2, dtype=F64)  # SPD: the gradient of z.Sz/2 - a.z
     for solve in ("lu", "cg", "cholesky"):
 
-        @custom_root(lambda z, a: S @ z - a, symmetric=True, solve=solve, on_failure="raise")
+        @custom_root(lambda z, a: S @ z - a, symmetric=True, solve=solve, throw=True)
         def solver(init, a):
             return torch.linalg.solve(S, a)
 

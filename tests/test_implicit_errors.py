@@ -65,11 +65,11 @@ def no_warnings():
 @pytest.mark.parametrize(
     "kwargs,exc,fragment",
     [
-        (dict(solve="qr"), ValueError, "unknown `solve='qr'`"),
+        (dict(solve="qr"), ValueError, "got 'qr'."),
         (dict(solve=3), TypeError, "`solve` must be one of"),
         (dict(symmetric="yes"), TypeError, "`symmetric` must be a bool"),
         (dict(on_failure="loud"), ValueError, "`on_failure` must be one of"),
-        (dict(residual_tol=-1.0), ValueError, "`residual_tol` must be a finite non-negative float"),
+        (dict(residual_tol=-1.0), ValueError, "`residual_tol` must be non-negative, got -1.0."),
         (dict(residual_tol="tight"), TypeError, "`residual_tol` must be None or a non-negative float"),
         (dict(has_aux=1), TypeError, "`has_aux` must be a bool"),
     ],
@@ -166,8 +166,10 @@ def test_forward_residual_warns_by_default():
 
 def test_forward_residual_raise_and_ignore(no_warnings):
     with pytest.raises(NonConvergenceError, match="not a root"):
-        custom_root(F, on_failure="raise")(_sloppy)(INIT, LAM, X, Y)
-    custom_root(F, on_failure="ignore")(_sloppy)(INIT, LAM, X, Y)
+        custom_root(F, throw=True)(_sloppy)(INIT, LAM, X, Y)
+    with pytest.warns(FutureWarning, match=r"`on_failure` is deprecated.*'ignore' is throw=False"):
+        ignoring = custom_root(F, on_failure="ignore")
+    ignoring(_sloppy)(INIT, LAM, X, Y)
     custom_root(F, residual_tol=1e6)(_sloppy)(INIT, LAM, X, Y)  # a loose tolerance accepts it
 
 
@@ -176,7 +178,7 @@ def test_forward_residual_reported_under_vmap_for_any_lane():
         z = exact(init, lam, X, y)
         return torch.where(lam > 1, z + 1.0, z)  # lanes with lam > 1 are wrong
 
-    solver = custom_root(F, on_failure="raise")(half_converged)
+    solver = custom_root(F, throw=True)(half_converged)
     ok = functx.vmap(lambda lam: solver(INIT, lam, X, Y))(torch.tensor([0.2, 0.5], dtype=D))
     assert ok.shape == (2, P)
     with pytest.raises(NonConvergenceError, match="not a root"):
@@ -197,7 +199,7 @@ def test_adjoint_solve_failure_warns():
 
 
 def test_tangent_solve_failure_raises():
-    L = loss_of(custom_root(F, solve=ONE_STEP, on_failure="raise")(exact))
+    L = loss_of(custom_root(F, solve=ONE_STEP, throw=True)(exact))
     with pytest.raises(NonConvergenceError, match="the tangent linear solve"):
         functx.jacfwd(L)(LAM)
     with pytest.raises(NonConvergenceError, match="the adjoint linear solve"):
@@ -212,7 +214,7 @@ def test_second_order_solve_failure_raises():
         calls.append(1)
         return solvers.lu(matvec, b) if len(calls) == 1 else ONE_STEP(matvec, b)
 
-    L = loss_of(custom_root(F, solve=flaky, on_failure="raise")(exact))
+    L = loss_of(custom_root(F, solve=flaky, throw=True)(exact))
     with pytest.raises(NonConvergenceError, match="linear solve"):
         functx.hessian(L)(LAM)
 
@@ -224,8 +226,29 @@ def test_user_solve_without_report_is_checked():
 
 
 def test_ignore_silences_the_linear_solves(no_warnings):
-    L = loss_of(custom_root(F, solve=ONE_STEP, on_failure="ignore")(exact))
+    with pytest.warns(FutureWarning, match="`on_failure` is deprecated"):
+        L = loss_of(custom_root(F, solve=ONE_STEP, on_failure="ignore")(exact))
     functx.grad(L)(LAM)
+
+
+def test_on_failure_is_a_deprecated_spelling_of_throw():
+    """on_failure (one release): 'raise' -> throw=True, 'warn' -> throw=False; the same
+    functx.NonConvergenceError class, with its statistics."""
+    assert NonConvergenceError is functx.NonConvergenceError and NonConvergenceWarning is functx.NonConvergenceWarning
+    with pytest.warns(FutureWarning, match=r"on_failure='raise' is throw=True"):
+        raising = custom_root(F, on_failure="raise")
+    with pytest.raises(functx.NonConvergenceError, match="not a root") as info:
+        raising(_sloppy)(INIT, LAM, X, Y)
+    assert info.value.api == "functx.implicit.custom_root" and info.value.stats["residual_norm"] > 0
+    with pytest.warns(FutureWarning, match=r"on_failure='warn' is throw=False"):
+        warning = custom_root(F, on_failure="warn")
+    with pytest.warns(NonConvergenceWarning, match=r"not a root.*\(pass throw=True to raise\)"):
+        warning(_sloppy)(INIT, LAM, X, Y)
+    with pytest.raises(ValueError, match=r"`on_failure` must be None or 'raise' with throw=True"):
+        with pytest.warns(FutureWarning):
+            custom_root(F, throw=True, on_failure="ignore")
+    with pytest.raises(TypeError, match=r"`functx.implicit.custom_root`: `throw` must be a bool, got 'yes'"):
+        custom_root(F, throw="yes")
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,4 +424,24 @@ def test_sensitivity_checks_the_solution():
     with pytest.warns(NonConvergenceWarning, match=r"\|\|k_fn\(z, \.\.\.\)\|\|"):
         implicit_jacobian(k_fn, INIT, LAM)
     with pytest.raises(NonConvergenceError, match=r"is not a root"):
-        root_vjp(k_fn, INIT, (LAM,), INIT, on_failure="raise")
+        root_vjp(k_fn, INIT, (LAM,), INIT, throw=True)
+
+
+def test_linear_solves_never_write_the_callers_cotangent():
+    """A user `solve` (or a built-in one's matvec) gets copies, never the cotangent or tangent
+    the caller passed (issue 15, defect 6, for the implicit room)."""
+    A = X.T @ X + LAM * torch.eye(P, dtype=D)
+
+    def clobbering(matvec, b):  # a careless user solve: uses b as scratch space
+        x = torch.linalg.solve(A, b)
+        b.zero_()
+        return x
+
+    z = exact(INIT, LAM, X, Y)
+    cotangent = torch.linspace(1.0, 2.0, P, dtype=D)
+    before = cotangent.clone()
+    for solve in (clobbering, "cg", "gmres", "lu"):
+        (got,) = root_vjp(F, z, (LAM, X, Y), cotangent, solve=solve)[:1]
+        assert torch.equal(cotangent, before), solve
+        want = -(torch.linalg.solve(A, cotangent) @ z)  # d/dlam of F is z: lam_bar = -u.z
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)

@@ -578,7 +578,7 @@ def test_partition_and_combine_errors():
         fnn.partition([torch.ones(1)], "*")
     with pytest.raises(ValueError, match=r"'fc1\.weight' appears in more than one"):
         fnn.combine(params, {"fc1.weight": torch.zeros(1)})
-    with pytest.raises(TypeError, match="argument 1 must be a dict"):
+    with pytest.raises(TypeError, match=r"`trees\[1\]` must be a dict"):
         fnn.combine(params, [1])
 
 
@@ -658,9 +658,9 @@ def test_call_errors():
         ValueError, match=r"params\['0.bias'\] has shape \(5,\) but the module's tensor has shape \(4,\)"
     ):
         fmodel({**params, "0.bias": torch.zeros(5, dtype=D)}, buffers, x)
-    with pytest.raises(TypeError, match="`training` must be True, False or None"):
+    with pytest.raises(TypeError, match="`training` must be None or a bool, got"):
         fmodel.with_training("eval")
-    with pytest.raises(TypeError, match="`training` must be True, False or None"):
+    with pytest.raises(TypeError, match="`training` must be None or a bool, got"):
         fnn.make_functional(model, training=1)
 
 
@@ -765,7 +765,7 @@ def test_unchanged_structure_is_accepted():
 
 
 def test_unconvertible_modules():
-    with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module, got function"):
+    with pytest.raises(TypeError, match=r"`module` must be a torch\.nn\.Module, got a value of type function"):
         fnn.make_functional(lambda x: x)
     scripted = torch.jit.script(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="TorchScript"):
@@ -821,3 +821,39 @@ def test_unsubstitutable_references_raise_or_warn():
     model.register_forward_hook(lambda m, a, out: out + model.bias)
     with pytest.warns(UserWarning, match="hook in _forward_hooks of the root module refers"):
         fnn.make_functional(model)
+
+
+# ---------------------------------------------------------------------------------------
+# Clear errors instead of internal ones (issue 15, defect 9)
+
+
+def test_params_with_a_non_string_key_is_named():
+    fmodel, params, buffers = functx.nn.make_functional(torch.nn.Linear(2, 1))
+    with pytest.raises(TypeError, match=r"`functx.nn.FunctionalModule.__call__`: `params` must be keyed by str names"):
+        fmodel({0: params["weight"], "bias": params["bias"]}, buffers, torch.ones(2))
+    with pytest.raises(TypeError, match=r"`buffers` must be keyed by str names, got the key 3"):
+        functx.nn.make_functional(torch.nn.BatchNorm1d(2))[0](
+            functx.nn.make_functional(torch.nn.BatchNorm1d(2))[1], {3: torch.zeros(2)}, torch.ones(4, 2)
+        )
+
+
+def test_params_as_model_parameters_suggests_named_parameters():
+    model = torch.nn.Linear(2, 1)
+    fmodel, _, buffers = functx.nn.make_functional(model)
+    for given in (model.parameters(), list(model.parameters())):
+        with pytest.raises(TypeError, match=r"`params` must be a dict.*pass `dict\(model.named_parameters\(\)\)`"):
+            fmodel(given, buffers, torch.ones(2))
+
+
+def test_dropout_under_vmap_names_the_layer_and_the_randomness_flag():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5))
+    fmodel, params, buffers = functx.nn.make_functional(model)
+    x = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match=r"layer\(s\) '1' run in training mode under `vmap`.*randomness='different'"):
+        functx.vmap(fmodel, in_dims=(None, None, 0))(params, buffers, x)
+    with pytest.raises(RuntimeError, match=r"randomness='different'"):
+        torch.func.vmap(fmodel, in_dims=(None, None, 0))(params, buffers, x)
+    out = functx.vmap(fmodel, in_dims=(None, None, 0), randomness="different")(params, buffers, x)
+    assert out.shape == (4, 3)
+    evaluated = functx.vmap(fmodel.with_training(False), in_dims=(None, None, 0))(params, buffers, x)
+    torch.testing.assert_close(evaluated, model[0](x))

@@ -19,6 +19,7 @@ from helpers import assert_tree_allclose, tree_catalogue, tree_leaves, tree_map
 import functx
 from functx import solvers
 from functx._solvers._common import early_exit_allowed
+from functx._torch_internals import unwrap_all
 
 F64, F32 = torch.float64, torch.float32
 N = 12  # unknowns in the pytree systems below
@@ -119,8 +120,8 @@ def test_matches_dense_solve_on_pytree(name, dtype):
         sol.residual_norm, residual(name, a, x, bv), rtol=1e-3, atol=1e-12 if dtype == F64 else 1e-5
     )
     assert sol.converged.dtype == torch.bool and bool(sol.converged)
-    assert sol.iterations.dtype == torch.int64 and sol.iterations.shape == ()
-    assert (sol.iterations > 0) if name in ITERATIVE else (sol.iterations == 0)
+    assert sol.num_steps.dtype == torch.int64 and sol.num_steps.shape == ()
+    assert (sol.num_steps > 0) if name in ITERATIVE else (sol.num_steps == 0)
 
 
 def test_default_float64_tolerance_gives_ten_digits():
@@ -142,7 +143,7 @@ def test_initial_guess(name):
     assert relative_error(warm.value, ref) < 1e-10 and bool(warm.converged) and bool(cold.converged)
     exact = run(name, a, b, x0=ref)  # already converged: no iteration, the guess comes back
     if name in ITERATIVE:
-        assert exact.iterations == 0
+        assert exact.num_steps == 0
         assert torch.equal(exact.value, ref)
 
 
@@ -175,7 +176,7 @@ def test_vmap_over_right_hand_sides(name):
     # each lane stops on its own: the iteration counts of separate eager solves (up to one
     # iteration: batched products round differently), and its own residual below its own tolerance
     eager = [run(name, a, b) for b in bs]
-    assert all(abs(int(k) - int(s.iterations)) <= 1 for k, s in zip(iterations, eager))
+    assert all(abs(int(k) - int(s.num_steps)) <= 1 for k, s in zip(iterations, eager))
     scale = torch.linalg.vector_norm(a.mT @ bs.T, dim=0) if name == "normal_cg" else torch.linalg.vector_norm(bs, dim=1)
     recomputed = torch.stack([residual(name, a, xi, bi) for xi, bi in zip(x, bs)])
     torch.testing.assert_close(residual_norm / (scale + 1), recomputed / (scale + 1), rtol=0, atol=1e-15)
@@ -206,7 +207,7 @@ def test_masked_path_under_transforms_matches_eager():
     eager = solvers.minres(lambda x: a @ x, b)
     masked = functx.vmap(lambda b: tuple(solvers.minres(lambda x: a @ x, b)))(b[None])
     torch.testing.assert_close(masked[0][0], eager.value, rtol=0, atol=1e-14)
-    assert masked[1][0] == eager.iterations
+    assert masked[1][0] == eager.num_steps
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def test_non_convergence_is_reported(name):
         torch.vmap(lambda b: solvers.Solution(*run(name, a, b, max_iter=2)))(b[None]),
     ):
         x = sol.value.reshape(N)
-        assert not bool(sol.converged.all()) and (sol.iterations == 2).all()
+        assert not bool(sol.converged.all()) and (sol.num_steps == 2).all()
         torch.testing.assert_close(sol.residual_norm.reshape(()), residual(name, a, x, b), rtol=1e-10, atol=0)
         assert residual(name, a, x, b) > 1e-12 * torch.linalg.vector_norm(b)
 
@@ -250,7 +251,7 @@ def test_breakdown_is_reported_not_nan():
         ):
             assert torch.equal(sol.value.reshape(2), torch.zeros(2, dtype=F64)), name
             assert float(sol.residual_norm.reshape(())) == 1.0 and not bool(sol.converged.reshape(()))
-            assert int(sol.iterations.reshape(())) == 5
+            assert int(sol.num_steps.reshape(())) == 5
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -259,7 +260,7 @@ def test_zero_right_hand_side_no_nan_in_values_or_gradients(name):
     sol = run(name, a, zero)
     assert torch.equal(sol.value, zero) and bool(sol.converged) and sol.residual_norm == 0
     if name in ITERATIVE:
-        assert sol.iterations == 0
+        assert sol.num_steps == 0
 
     def loss(m):  # masked path (a transform is active): every lane frozen from the start
         s = run(name, m, zero)
@@ -445,12 +446,12 @@ def test_solve_dispatch():
     for flags, a, name in cases:
         got = solvers.solve(lambda x: a @ x, b, **flags)
         want = run(name, a, b)
-        assert torch.equal(got.value, want.value) and got.iterations == want.iterations
+        assert torch.equal(got.value, want.value) and got.num_steps == want.num_steps
     for name in ALL:
         sol = solvers.solve(lambda x: gen @ x if KIND[name] == "gen" else spd @ x, b, method=name, rtol=1e-11)
         assert bool(sol.converged)
     sol = solvers.solve(lambda x: gen @ x, b, method="gmres", restart=5, max_iter=3)
-    assert sol.iterations == 3
+    assert sol.num_steps == 3
 
 
 def test_compiles_fullgraph():
@@ -499,7 +500,7 @@ ERRORS = [
         "x0 has shape (4,) but the corresponding leaf of `b` has shape (3,)",
     ),
     (lambda: solvers.cg(MV, B3, x0=torch.ones(3)), TypeError, "has dtype torch.float32"),
-    (lambda: solvers.cg(MV, B3, rtol=-1.0), ValueError, "`rtol` must be a finite non-negative float"),
+    (lambda: solvers.cg(MV, B3, rtol=-1.0), ValueError, "`functx.solvers.cg`: `rtol` must be non-negative, got -1.0."),
     (lambda: solvers.cg(MV, B3, atol="0"), TypeError, "`atol` must be None or a non-negative float"),
     (lambda: solvers.minres(MV, B3, max_iter=-1), ValueError, "`max_iter` must be an int >= 0"),
     (lambda: solvers.bicgstab(MV, B3, max_iter=2.0), TypeError, "`max_iter` must be an int"),
@@ -543,3 +544,216 @@ ERRORS = [
 def test_errors(call, exc, fragment):
     with pytest.raises(exc, match=re.escape(fragment)):
         call()
+
+
+# ---------------------------------------------------------------------------------------
+# One failure vocabulary: throw, NonConvergenceError, Solution.num_steps (issue 14)
+
+
+def _hard(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    a = make_matrix(KIND[name], cond=1e6)
+    return a, torch.linspace(1.0, 2.0, N, dtype=F64)
+
+
+@pytest.mark.parametrize("name", ITERATIVE)
+def test_throw_raises_nonconvergence_error_with_stats(name):
+    a, b = _hard(name)
+    fn = getattr(solvers, name)
+    quiet = fn(lambda x: a @ x, b, max_iter=2)  # throw=False (default): reported in `converged` only
+    assert not bool(quiet.converged) and int(quiet.num_steps) == 2
+    with pytest.raises(functx.NonConvergenceError, match=rf"`functx.solvers.{name}`: did not converge") as info:
+        fn(lambda x: a @ x, b, max_iter=2, throw=True)
+    err = info.value
+    assert err.api == f"functx.solvers.{name}" and isinstance(err, RuntimeError)
+    assert err.stats["converged"] is False and err.stats["num_steps"] == 2 and err.stats["max_iter"] == 2
+    # every product with the operator: one per step (two for bicgstab; A and A^H for normal_cg),
+    # plus the start and the final residual, plus a restart residual for gmres
+    per_step = {"cg": 1, "minres": 1, "gmres": 1, "bicgstab": 2, "normal_cg": 2}[name]
+    assert 2 * per_step <= err.stats["num_matvecs"] <= 2 * per_step + 4, err.stats
+    assert math.isclose(err.stats["residual_norm"], float(quiet.residual_norm), rel_tol=1e-9)
+    # converged: throw=True returns the same Solution
+    ok = fn(lambda x: a @ x, b, max_iter=10 * N, rtol=1e-6, throw=True)
+    assert bool(ok.converged)
+    # solve() forwards throw to the chosen solver
+    with pytest.raises(functx.NonConvergenceError):
+        solvers.solve(lambda x: a @ x, b, method=name, max_iter=2, throw=True)
+    with pytest.raises(TypeError, match=rf"`functx.solvers.{name}`: `throw` must be a bool, got 1"):
+        fn(lambda x: a @ x, b, throw=1)
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_throw_dense_singular(name):
+    singular = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=F64)
+    b = torch.ones(2, dtype=F64)
+    assert not bool(getattr(solvers, name)(lambda x: singular @ x, b).converged)
+    with pytest.raises(functx.NonConvergenceError, match=rf"`functx.solvers.{name}`: did not converge") as info:
+        getattr(solvers, name)(lambda x: singular @ x, b, throw=True)
+    assert info.value.stats["num_steps"] == 0
+    f = solvers.factorize(lambda x: singular @ x, like=b, method=name)
+    with pytest.raises(functx.NonConvergenceError, match=r"`functx.solvers.Factorization.solve`"):
+        f.solve(b, throw=True)
+
+
+def test_throw_under_vmap_reads_every_lane():
+    a = make_matrix("spd", cond=1e6)
+    bs = torch.stack([torch.zeros(N, dtype=F64), torch.linspace(1.0, 2.0, N, dtype=F64)])
+    run = lambda b: solvers.cg(lambda x: a @ x, b, max_iter=2, throw=True).value
+    with pytest.raises(functx.NonConvergenceError, match=r"did not converge"):
+        functx.vmap(run)(bs)  # lane 0 (b = 0) converges, lane 1 does not
+    functx.vmap(run)(bs[:1])  # every lane converged: no error
+
+
+def test_iterations_is_a_deprecated_alias_of_num_steps():
+    a = make_matrix("spd")
+    sol = solvers.cg(lambda x: a @ x, torch.ones(N, dtype=F64))
+    with pytest.warns(FutureWarning, match=r"Solution.iterations` is deprecated.*`Solution.num_steps`"):
+        steps = sol.iterations
+    assert steps is sol.num_steps and sol._fields == ("value", "num_steps", "residual_norm", "converged")
+
+
+# ---------------------------------------------------------------------------------------
+# User callables never receive the caller's tensors (issue 15, defect 6); dtype errors named
+
+
+def _storages(tree) -> set[int]:
+    return {leaf.untyped_storage().data_ptr() for leaf in tree_leaves(tree)}
+
+
+@pytest.mark.parametrize("name", ITERATIVE + DENSE)
+@pytest.mark.parametrize("structure", ["tensor", "tree"])
+def test_callables_never_see_caller_storage(name, structure):
+    a = make_matrix(KIND[name])
+    b = torch.linspace(1.0, 2.0, N, dtype=F64)
+    x0 = torch.zeros(N, dtype=F64)
+    if structure == "tree":
+        b, x0 = {"u": b}, {"u": x0}
+    unwrap = (lambda t: t["u"]) if structure == "tree" else (lambda t: t)
+    wrap = (lambda t: {"u": t}) if structure == "tree" else (lambda t: t)
+    caller = _storages(b) | _storages(x0)
+    seen: list[set[int]] = []
+
+    def spy(op):
+        def apply(v):
+            seen.append(_storages(unwrap_all(unwrap(v))))  # the dense solvers vmap the matvec
+            return wrap(op @ unwrap(v))
+
+        return apply
+
+    kwargs = {} if name in DENSE else {"x0": x0, "preconditioner": spy(torch.eye(N, dtype=F64))}
+    if name == "normal_cg":
+        kwargs["rmatvec"] = spy(a.T)
+    before = tree_map(torch.clone, b)
+    sol = getattr(solvers, name)(spy(a), b, **kwargs)
+    assert seen and not any(s & caller for s in seen)
+    assert_tree_allclose(b, before, rtol=0, atol=0)
+    want = (
+        torch.linalg.lstsq(a, unwrap(b)[:, None]).solution[:, 0]
+        if name == "normal_cg"
+        else torch.linalg.solve(a, unwrap(b))
+    )
+    torch.testing.assert_close(unwrap(sol.value), want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ITERATIVE)
+@pytest.mark.parametrize("where", ["matvec", "preconditioner"])
+def test_in_place_write_by_a_callable_is_refused(name, where):
+    """A callable that writes its argument (`r.mul_(0.5)`) would corrupt the iterates (cg
+    reported converged=True with a wrong x): refused, and the caller's b is untouched."""
+    a = make_matrix(KIND[name])
+    b = torch.linspace(1.0, 2.0, N, dtype=F64)
+    before = b.clone()
+
+    def writes(v):
+        out = a @ v if where == "matvec" else v.clone()
+        v.mul_(0.5)
+        return out
+
+    mv, pre = (writes, None) if where == "matvec" else ((lambda x: a @ x), writes)
+    extra = {"rmatvec": lambda y: a.T @ y} if name == "normal_cg" else {}
+    with pytest.raises(ValueError, match=rf"`functx.solvers.{name}`: `{where}` wrote its argument `\w+` in place"):
+        getattr(solvers, name)(mv, b, preconditioner=pre, **extra)
+    assert torch.equal(b, before)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_operator_dtype_mismatch_is_named(name):
+    a32 = make_matrix(KIND[name], dtype=F32)
+    b = torch.ones(N, dtype=F64)
+    with pytest.raises(
+        TypeError, match=rf"`functx.solvers.{name}`: `matvec` failed on `x`.*dtype torch.float64.*another dtype"
+    ):
+        getattr(solvers, name)(lambda x: a32 @ x, b)
+
+
+# ---------------------------------------------------------------------------------------
+# Early exit under transforms (the statement of docs/solvers.md, measured)
+
+
+@pytest.mark.parametrize("name", ITERATIVE)
+@pytest.mark.parametrize(
+    "transform",
+    ["functx.vmap", "torch.vmap", "functx.grad", "torch.func.jvp", "functx.vmap(functx.grad)"],
+)
+def test_solvers_stop_early_under_vmap_and_grad(name, transform):
+    """In eager mode the iterative solvers stop once every lane has converged, under vmap,
+    grad and jvp too: they call matvec as often as the plain eager solve, far fewer times
+    than max_iter. (The fixed trip count of max_iter is paid only under torch.compile.)"""
+    a, b = make_matrix(KIND[name]), torch.linspace(1.0, 2.0, N, dtype=F64)
+    calls = [0]
+
+    def mv(x):
+        calls[0] += 1
+        return a @ x
+
+    solve = lambda bb: getattr(solvers, name)(mv, bb, max_iter=500).value
+    solve(b)
+    eager, calls[0] = calls[0], 0
+    bs = torch.stack([b, 2 * b])
+    run = {
+        "functx.vmap": lambda: functx.vmap(solve)(bs),
+        "torch.vmap": lambda: torch.vmap(solve)(bs),
+        "functx.grad": lambda: functx.grad(lambda bb: solve(bb).sum())(b),
+        "torch.func.jvp": lambda: torch.func.jvp(solve, (b,), (b,)),
+        "functx.vmap(functx.grad)": lambda: functx.vmap(functx.grad(lambda bb: solve(bb).sum()))(bs),
+    }[transform]
+    run()
+    assert eager < 100 and calls[0] <= eager + 2  # not max_iter = 500
+
+
+def test_torch_internals_unsure_answers_are_explicit():
+    """`transforms_active` answers True when unsure (take the safe path), `transforms_detected`
+    False (nothing to peel); without the internals, throw=True is still honoured in eager mode
+    and under grad, and the fallback solvers give the same numbers."""
+    from functx import _torch_internals as ti
+
+    a = make_matrix("spd", cond=1e6)
+    b = torch.linspace(1.0, 2.0, N, dtype=F64)
+    assert not ti.transforms_active() and not ti.transforms_detected()
+    seen = []
+    torch.func.grad(lambda t: seen.append((ti.transforms_active(), ti.transforms_detected())) or t.sum())(b)
+    assert seen == [(True, True)] and ti.transform_levels() == []
+    want = solvers.cg(lambda x: a @ x, b, max_iter=3)
+    with ti.switched_off():
+        assert ti.transforms_active() and not ti.transforms_detected() and not ti.rule_internals_available()
+        got = solvers.cg(lambda x: a @ x, b, max_iter=3)
+        with pytest.raises(functx.NonConvergenceError):
+            solvers.cg(lambda x: a @ x, b, max_iter=3, throw=True)
+        with pytest.raises(functx.NonConvergenceError):
+            functx.grad(lambda bb: solvers.cg(lambda x: a @ x, bb, max_iter=3, throw=True).value.sum())(b)
+        batched = functx.vmap(lambda bb: solvers.cg(lambda x: a @ x, bb, max_iter=3).value)(b[None])
+    torch.testing.assert_close(got.value, want.value)
+    torch.testing.assert_close(batched[0], want.value)
+    assert int(got.num_steps) == int(want.num_steps) == 3
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_solvers_under_inference_mode(name):
+    """The in-place check reads version counters, which inference tensors lack: skipped there."""
+    a = make_matrix(KIND[name])
+    want = getattr(solvers, name)(lambda x: a @ x, torch.linspace(1.0, 2.0, N, dtype=F64))
+    with torch.inference_mode():
+        b = torch.linspace(1.0, 2.0, N, dtype=F64)
+        got = getattr(solvers, name)(lambda x: a @ x, b, throw=True)
+    outside = getattr(solvers, name)(lambda x: a @ x, b)  # an inference tensor used outside the mode
+    torch.testing.assert_close(got.value, want.value)
+    torch.testing.assert_close(outside.value, want.value)

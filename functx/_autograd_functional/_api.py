@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ._checks import as_tuple, check_strategy
-from ._compute import FORWARD_MODE
+from ._compute import FORWARD_MODE, Strategy
 from ._engine import call
 from ._spec import SPECS, Spec
 
@@ -76,7 +76,7 @@ def jacobian(
     create_graph: bool = False,
     strict: bool = False,
     vectorize: bool = False,
-    strategy: str = "reverse-mode",
+    strategy: Strategy = "reverse-mode",
 ) -> Any:
     """Jacobian of ``func`` at ``inputs``, vectorized whatever ``vectorize`` says.
 
@@ -119,7 +119,7 @@ def hessian(
     create_graph: bool = False,
     strict: bool = False,
     vectorize: bool = False,
-    outer_jacobian_strategy: str = "reverse-mode",
+    outer_jacobian_strategy: Strategy = "reverse-mode",
 ) -> Any:
     """Hessian of a single-element ``func`` at ``inputs``, vectorized.
 

@@ -1,4 +1,9 @@
-"""The original's checks, with its exception types and messages (user code matches them)."""
+"""The original's checks, with its exception types and messages (user code matches them).
+
+These deliberately keep `torch.autograd.functional`'s own wording instead of functx's grammar
+(:mod:`functx._validate`): the module is a drop-in replacement, and code that catches the
+original's messages must keep working. :func:`as_original` marks such an error.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ class Reroute(Exception):
     returned a complex output, whose conventions and errors are the original's)."""
 
 
-def fail(err: Exception) -> Exception:
+def as_original(err: Exception) -> Exception:
     """Mark an error of these checks so that the adapter raises it as it is (instead of
     rerunning the original)."""
     err._functx_compat = True  # type: ignore[attr-defined]
@@ -33,7 +38,7 @@ def as_tuple(value: Any, name: str, api: str) -> tuple[bool, tuple[Any, ...]]:
     for i, entry in enumerate(values):
         if not isinstance(entry, torch.Tensor):
             where = f"value at index {i}" if is_tuple else f"given {name}"
-            raise fail(
+            raise as_original(
                 TypeError(
                     f"The {name} given to {api} must be either a Tensor or a tuple of Tensors but the"
                     f" {where} has type {type(entry)}."
@@ -55,7 +60,7 @@ def parse_v(spec: Spec, v: Any, refs: Tensors, is_refs_tuple: bool) -> Tensors |
     """Validate ``v`` against the inputs ``refs`` (``jvp``, ``hvp``)."""
     if v is None:
         if len(refs) != 1 or refs[0].nelement() != 1:
-            raise fail(
+            raise as_original(
                 RuntimeError(
                     "The vector v can only be None if the input to the user-provided function "
                     "is a single Tensor with a single element."
@@ -65,12 +70,12 @@ def parse_v(spec: Spec, v: Any, refs: Tensors, is_refs_tuple: bool) -> Tensors |
     _, vs = as_tuple(v, "v", spec.name)
     if len(vs) != len(refs):
         if is_refs_tuple:
-            raise fail(RuntimeError(f"v is a tuple of invalid length: should be {len(refs)} but got {len(vs)}."))
-        raise fail(RuntimeError("The given v should contain a single Tensor."))
+            raise as_original(RuntimeError(f"v is a tuple of invalid length: should be {len(refs)} but got {len(vs)}."))
+        raise as_original(RuntimeError("The given v should contain a single Tensor."))
     for i, (t, ref) in enumerate(zip(vs, refs)):
         if t.size() != ref.size():
             entry = f"Entry {i} in " if is_refs_tuple else ""
-            raise fail(RuntimeError(f"{entry}v has invalid size: should be {ref.size()} but got {t.size()}."))
+            raise as_original(RuntimeError(f"{entry}v has invalid size: should be {ref.size()} but got {t.size()}."))
     return vs
 
 
@@ -106,9 +111,9 @@ class Outputs:
         if not self.spec.scalar_output:
             return outs
         if self.is_tuple:
-            raise fail(RuntimeError(f"The function given to {self.spec.name} should return a single Tensor"))
+            raise as_original(RuntimeError(f"The function given to {self.spec.name} should return a single Tensor"))
         if out.nelement() != 1:
-            raise fail(
+            raise as_original(
                 RuntimeError(
                     f"The Tensor returned by the function given to {self.spec.name} should contain a single element"
                 )
@@ -119,7 +124,7 @@ class Outputs:
 def _check_requires_grad(outs: Tensors) -> None:
     for i, o in enumerate(outs):
         if not o.requires_grad:
-            raise fail(
+            raise as_original(
                 RuntimeError(
                     f"Output {i} of the user-provided function does not require gradients."
                     " The outputs must be computed in a differentiable manner from the input"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -14,7 +14,8 @@ from .._vjp_jvp import jvp as core_jvp
 
 Tensors = tuple[torch.Tensor, ...]
 #: The values of ``strategy`` / ``outer_jacobian_strategy`` (the original's).
-STRATEGIES = ("forward-mode", "reverse-mode")
+Strategy = Literal["forward-mode", "reverse-mode"]
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 FORWARD_MODE = "forward-mode"
 
 

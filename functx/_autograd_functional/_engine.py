@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .._torch_internals import version
-from ._checks import Outputs, Tensors, check_inputs, fail, parse_v
+from ._checks import Outputs, Tensors, as_original, check_inputs, parse_v
 from ._compute import FORWARD_MODE
 from ._spec import Engine, Level, Spec, Strict, route
 from ._strict import strict_probe
@@ -98,7 +98,7 @@ def _check_unwritten(spec: Spec, prepared: Tensors, before: list[Any]) -> None:
     """``prepared`` share the caller's version counters: a change means the caller's tensor
     was written (once; the original must not run again and write it a second time)."""
     if any(version(p) != v for p, v in zip(prepared, before)):
-        raise fail(RuntimeError(f"`functx.autograd_functional.{spec.name}`: {IN_PLACE_ERROR}"))
+        raise as_original(RuntimeError(f"`functx.autograd_functional.{spec.name}`: {IN_PLACE_ERROR}"))
 
 
 def prepare(xs: Tensors, create_graph: bool) -> Tensors:

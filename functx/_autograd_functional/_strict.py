@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ._checks import Outputs, Tensors, fail
+from ._checks import Outputs, Tensors, as_original
 from ._spec import Spec, Strict
 
 
@@ -25,7 +25,7 @@ def strict_probe(spec: Spec, func: Callable[..., Any], xs: Tensors, create_graph
         leaves = tuple(x.detach().requires_grad_(True) for x in xs)
         outs = _strict_gradient(fn, leaves) if spec.strict is Strict.GRADIENT else fn(*leaves)
         if vectorize:
-            raise fail(
+            raise as_original(
                 RuntimeError(
                     "torch.autograd.functional.jacobian: `strict=True` and `vectorized=True` are not "
                     "supported together. Please either set `strict=False` or `vectorize=False`."
@@ -44,14 +44,14 @@ def _check_rows(outs: Tensors, leaves: Tensors, create_graph: bool) -> None:
         )
         for j, g in enumerate(grads):
             if g is None:
-                raise fail(
+                raise as_original(
                     RuntimeError(
                         f"Output {i} of the user-provided function is independent of input {j}. "
                         "This is not allowed in strict mode."
                     )
                 )
             if create_graph and not g.requires_grad:
-                raise fail(
+                raise as_original(
                     RuntimeError(  # the original names the output index here
                         f"The jacobian of the user-provided function is independent of input {i}. "
                         "This is not allowed in strict mode when create_graph=True."
@@ -66,7 +66,7 @@ def _strict_gradient(fn: Outputs, leaves: Tensors) -> Tensors:
     jac = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads))
     for i, g in enumerate(jac):
         if not g.requires_grad:
-            raise fail(
+            raise as_original(
                 RuntimeError(
                     "While computing the hessian, found that the jacobian of the user-provided"
                     f" function with respect to input {i} is independent of the input. This is not"

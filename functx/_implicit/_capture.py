@@ -9,7 +9,7 @@
   level that is not live; a captured plain tensor with ``requires_grad=True`` is the
   eager-mode equivalent.
 
-The private names come from :mod:`functx._solvers._functorch`; without them the checks
+The private names come from :mod:`functx._torch_internals` (through :mod:`functx._solvers._functorch`); without them the checks
 are skipped (a captured functorch wrapper is then not detected).
 """
 
@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from .. import _torch_internals as ti
 from .._solvers._functorch import jvp_levels, peel
 from .._tree import tree_leaves
+from .._validate import describe
 
 
 def check_no_plain_duals(tensors: Sequence[torch.Tensor], api: str) -> None:
@@ -87,13 +88,9 @@ class CaptureCheck(TorchFunctionMode):
             if id(inner) in self._known:
                 return
         if tracked:
-            self.offenders.append(f"{_short(t)} traced by an enclosing grad/jvp transform")
+            self.offenders.append(f"{describe(t)} traced by an enclosing grad/jvp transform")
         elif inner.requires_grad:
-            self.offenders.append(f"{_short(t)} with requires_grad=True")
+            self.offenders.append(f"{describe(t)} with requires_grad=True")
 
 
 _CONSTANT_MAKERS = (torch.Tensor.detach, torch.detach)
-
-
-def _short(t: torch.Tensor) -> str:
-    return f"a {t.dtype} tensor of shape {tuple(t.shape)}"

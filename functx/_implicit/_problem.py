@@ -24,9 +24,8 @@ from typing import Any
 import torch
 
 from .._core import is_differentiable
-from .._solvers._common import check_tolerance
 from .._solvers._functorch import eager_under_compile, forward_rule, plain, revive
-from .._solvers.linear_solve import Operator, Tensors, check_on_failure, check_solve, norm, report, solve
+from .._solvers.linear_solve import Operator, Tensors, check_solve, check_throw, norm, report, solve
 from .._tree import (
     PyTree,
     TreeSpec,
@@ -38,6 +37,7 @@ from .._tree import (
     tree_unflatten,
     tree_vdot,
 )
+from .._validate import check_tolerance
 from ._capture import CaptureCheck, check_no_plain_duals
 
 
@@ -49,17 +49,32 @@ class Options:
     fn_name: str  # how the optimality function is named in errors
     solve: Any
     symmetric: bool
-    on_failure: str
+    throw: bool
+    warn: bool  # with throw=False: warn (only the deprecated on_failure="ignore" silences it)
     residual_tol: float | None
     # set once a declared symmetric Jacobian has passed (or warned about) the symmetry check
     symmetry_checked: list[bool] = dataclasses.field(default_factory=list, compare=False, hash=False)
 
     @classmethod
-    def make(cls, api: str, fn_name: str, solve: Any, symmetric: Any, on_failure: Any, residual_tol: Any) -> Options:
+    def make(
+        cls,
+        api: str,
+        fn_name: str,
+        solve: Any,
+        symmetric: Any,
+        throw: Any,
+        on_failure: Any,
+        residual_tol: Any,
+    ) -> Options:
         solve, symmetric = check_solve(solve, symmetric, api)
         if residual_tol is not None:
-            residual_tol = check_tolerance(residual_tol, "residual_tol", 0.0, api)
-        return cls(api, fn_name, solve, symmetric, check_on_failure(on_failure, api), residual_tol)
+            residual_tol = check_tolerance(residual_tol, "residual_tol", api, 0.0)
+        throw, warn = check_throw(throw, on_failure, api)
+        return cls(api, fn_name, solve, symmetric, throw, warn, residual_tol)
+
+    def report(self, ok: torch.Tensor, message: Callable[[], str], stats: Callable[[], dict[str, Any]]) -> None:
+        """The failure policy for the checks of this implicit function (see :func:`report`)."""
+        report(ok, self.throw, self.warn, self.api, message, stats)
 
 
 class RootProblem:
@@ -192,7 +207,8 @@ class RootProblem:
             spec=self.z_spec,
             n_diff=self.nz + self.n_diff,
             solve=o.solve,
-            on_failure=o.on_failure,
+            throw=o.throw,
+            warn=o.warn,
             api=o.api,
             role="adjoint" if transposed else "tangent",
         )
@@ -268,7 +284,11 @@ class RootProblem:
         residual = norm(out)
         given = self.options.residual_tol
         tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (1 + norm(z)) if given is None else given
-        report(residual <= tol, self.options.on_failure, lambda: self._residual_message(residual, tol))
+        self.options.report(
+            residual <= tol,
+            lambda: self._residual_message(residual, tol),
+            lambda: {"converged": False, "residual_norm": float(plain(residual).max())},
+        )
 
     def check_symmetric(self, z: Tensors, d: Tensors, s: Tensors) -> None:
         """A declared symmetric ``A = dF/dz`` must be: ``u.(A v) = v.(A u)`` for two fixed
@@ -290,29 +310,31 @@ class RootProblem:
         uAv, vAu = tree_vdot(detached(u), detached(Av)), tree_vdot(detached(v), detached(Au))
         tol = math.sqrt(torch.finfo(z[0].dtype).eps) * (norm(Au) * norm(v) + norm(Av) * norm(u))
         asym = (uAv - vAu).abs()
-        report(asym <= tol, self.options.on_failure, lambda: self._symmetry_message(asym, tol))
-        self.options.symmetry_checked.append(True)  # not reached when on_failure="raise" fails
+        self.options.report(
+            asym <= tol,
+            lambda: self._symmetry_message(asym, tol),
+            lambda: {"symmetric": False, "asymmetry": float(plain(asym).max())},
+        )
+        self.options.symmetry_checked.append(True)  # not reached when throw=True fails
 
     def _symmetry_message(self, asym: torch.Tensor, tol: torch.Tensor) -> str:
         o = self.options
         return (
-            f"`functx.{o.api}`: the Jacobian of `{o.fn_name}` with respect to z was declared symmetric "
+            f"the Jacobian of `{o.fn_name}` with respect to z was declared symmetric "
             f"(symmetric=True, or solve={o.solve!r}) but is not: |u.(A v) - v.(A u)| = "
             f"{float(plain(asym).max()):.3g} > {float(plain(tol).max()):.3g} for random u, v, so the "
             f"implicit derivatives would be those of the transposed system. Pass symmetric=False with "
-            f"solve='gmres', 'bicgstab' or 'lu'. Pass on_failure='raise' to make this an error, or "
-            f"'ignore' to silence it."
+            f"solve='gmres', 'bicgstab' or 'lu'."
         )
 
     def _residual_message(self, residual: torch.Tensor, tol: Any) -> str:
         worst = float(plain(residual).max())
         return (
-            f"`functx.{self.options.api}`: the solver's output is not a root: ||{self.options.fn_name}(z, ...)|| "
+            f"the solver's output is not a root: ||{self.options.fn_name}(z, ...)|| "
             f"= {worst:.3g} > residual_tol = {float(plain(torch.as_tensor(tol)).max()):.3g}. Implicit "
             f"derivatives assume an exact solution and are only as accurate as the residual; run "
             f"the solver longer or with a tighter tolerance, or set `residual_tol` (default: "
-            f"sqrt(eps) * (1 + ||z||)). Pass on_failure='raise' to make this an error, or 'ignore' "
-            f"to silence it."
+            f"sqrt(eps) * (1 + ||z||))."
         )
 
     # -- rebuilding outputs --------------------------------------------------------------

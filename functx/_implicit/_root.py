@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from .._core import check_bool, check_callable, is_differentiable
-from .._solvers.linear_solve import Tensors
-from .._tree import PyTree, describe, flatten_like, tree_flatten, tree_unflatten
+from .._core import is_differentiable
+from .._solvers.linear_solve import OnFailure, SolveName, Tensors
+from .._tree import PyTree, flatten_like, tree_flatten, tree_unflatten
+from .._validate import check_bool, check_callable, describe
 from ._problem import Options, RootProblem, call_root
 
 # --------------------------------------------------------------------------------------
@@ -24,10 +25,11 @@ from ._problem import Options, RootProblem, call_root
 def custom_root(
     optimality_fn: Callable[..., Any],
     *,
-    solve: Any = "auto",
+    solve: SolveName | Callable[..., Any] = "auto",
     symmetric: bool = False,
     has_aux: bool = False,
-    on_failure: str = "warn",
+    throw: bool = False,
+    on_failure: OnFailure | None = None,
     residual_tol: float | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a solver with implicit derivatives defined by an optimality condition.
@@ -60,10 +62,14 @@ def custom_root(
             ``solve`` in ``"cg"``, ``"minres"``, ``"cholesky"``. (default: ``False``)
         has_aux: whether the solver returns ``(z, aux)``; ``aux`` is returned as is (its
             tensors without derivatives). (default: ``False``)
-        on_failure: what to do when the forward residual check or a linear solve fails:
-            ``"warn"`` (:class:`NonConvergenceWarning`), ``"raise"``
-            (:class:`NonConvergenceError`) or ``"ignore"``. Under ``vmap`` a failure in any
-            lane is reported. (default: ``"warn"``)
+        throw: when the forward residual check or a linear solve fails, raise
+            :class:`functx.NonConvergenceError` (carrying the statistics) instead of
+            warning with :class:`functx.NonConvergenceWarning`. Under ``vmap`` a failure in
+            any lane is reported; under ``torch.compile`` (where the flags cannot be read)
+            nothing is. (default: ``False``)
+        on_failure: deprecated (removed in the next release): ``"raise"`` is
+            ``throw=True``, ``"warn"`` is ``throw=False``, ``"ignore"`` is ``throw=False``
+            without the warning. (default: ``None``)
         residual_tol: the forward check ``||F(z*, ...)|| <= residual_tol``. (default:
             ``None``: ``sqrt(eps) * (1 + ||z*||)`` in the dtype of ``z*``)
 
@@ -89,17 +95,18 @@ def custom_root(
     """
     api = "implicit.custom_root"
     check_callable(optimality_fn, "optimality_fn", api)
-    options = Options.make(api, "optimality_fn", solve, symmetric, on_failure, residual_tol)
+    options = Options.make(api, "optimality_fn", solve, symmetric, throw, on_failure, residual_tol)
     return _decorator(optimality_fn, options, has_aux)
 
 
 def custom_fixed_point(
     fixed_point_fn: Callable[..., Any],
     *,
-    solve: Any = "auto",
+    solve: SolveName | Callable[..., Any] = "auto",
     symmetric: bool = False,
     has_aux: bool = False,
-    on_failure: str = "warn",
+    throw: bool = False,
+    on_failure: OnFailure | None = None,
     residual_tol: float | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a solver with implicit derivatives of a fixed point ``z = T(z, *args, **kwargs)``.
@@ -113,7 +120,9 @@ def custom_fixed_point(
         symmetric: declare ``dT/dz`` symmetric (e.g. ``T`` a gradient step on an
             objective). (default: ``False``)
         has_aux: whether the solver returns ``(z, aux)``. (default: ``False``)
-        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``; see :func:`custom_root`.
+        throw: raise :class:`functx.NonConvergenceError` instead of warning; see
+            :func:`custom_root`. (default: ``False``)
+        on_failure: deprecated; see :func:`custom_root`. (default: ``None``)
             (default: ``"warn"``)
         residual_tol: the forward check ``||T(z*) - z*|| <= residual_tol``. (default:
             ``None``: ``sqrt(eps) * (1 + ||z*||)``)
@@ -140,7 +149,7 @@ def custom_fixed_point(
     """
     api = "implicit.custom_fixed_point"
     check_callable(fixed_point_fn, "fixed_point_fn", api)
-    options = Options.make(api, "fixed_point_fn", solve, symmetric, on_failure, residual_tol)
+    options = Options.make(api, "fixed_point_fn", solve, symmetric, throw, on_failure, residual_tol)
     return _decorator(fixed_point_residual(fixed_point_fn, api), options, has_aux)
 
 
@@ -192,9 +201,10 @@ def root_vjp(
     args: tuple[Any, ...],
     cotangent: PyTree,
     *,
-    solve: Any = "auto",
+    solve: SolveName | Callable[..., Any] = "auto",
     symmetric: bool = False,
-    on_failure: str = "warn",
+    throw: bool = False,
+    on_failure: OnFailure | None = None,
     residual_tol: float | None = None,
 ) -> tuple[Any, ...]:
     """Vector-Jacobian product of the root ``z*(args)`` of ``F(z, *args) = 0``.
@@ -210,7 +220,9 @@ def root_vjp(
         cotangent: a pytree shaped like ``solution``.
         solve: the linear solver; see :func:`custom_root`. (default: ``"auto"``)
         symmetric: declare ``dF/dz`` symmetric; see :func:`custom_root`. (default: ``False``)
-        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``. (default: ``"warn"``)
+        throw: raise :class:`functx.NonConvergenceError` instead of warning; see
+            :func:`custom_root`. (default: ``False``)
+        on_failure: deprecated; see :func:`custom_root`. (default: ``None``)
         residual_tol: the check ``||F(solution, *args)|| <= residual_tol``. (default:
             ``None``: ``sqrt(eps) * (1 + ||z||)``)
 
@@ -228,7 +240,7 @@ def root_vjp(
     """
     api = "implicit.root_vjp"
     problem, z, d, s = _primitive_problem(
-        api, optimality_fn, solution, args, solve, symmetric, on_failure, residual_tol
+        api, optimality_fn, solution, args, solve, symmetric, throw, on_failure, residual_tol
     )
     z_bar = flatten_like(cotangent, problem.z_spec, z, name="cotangent", api=api, ref="the solution")
     d_bar = iter(problem.vjp(z, d, s, z_bar))
@@ -242,9 +254,10 @@ def root_jvp(
     args: tuple[Any, ...],
     tangents: tuple[Any, ...],
     *,
-    solve: Any = "auto",
+    solve: SolveName | Callable[..., Any] = "auto",
     symmetric: bool = False,
-    on_failure: str = "warn",
+    throw: bool = False,
+    on_failure: OnFailure | None = None,
     residual_tol: float | None = None,
 ) -> PyTree:
     """Jacobian-vector product of the root ``z*(args)`` of ``F(z, *args) = 0``.
@@ -261,7 +274,9 @@ def root_jvp(
             ``None`` for a zero tangent.
         solve: the linear solver; see :func:`custom_root`. (default: ``"auto"``)
         symmetric: declare ``dF/dz`` symmetric. (default: ``False``)
-        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``. (default: ``"warn"``)
+        throw: raise :class:`functx.NonConvergenceError` instead of warning; see
+            :func:`custom_root`. (default: ``False``)
+        on_failure: deprecated; see :func:`custom_root`. (default: ``None``)
         residual_tol: the check ``||F(solution, *args)|| <= residual_tol``. (default:
             ``None``: ``sqrt(eps) * (1 + ||z||)``)
 
@@ -278,7 +293,7 @@ def root_jvp(
     """
     api = "implicit.root_jvp"
     problem, z, d, s = _primitive_problem(
-        api, optimality_fn, solution, args, solve, symmetric, on_failure, residual_tol
+        api, optimality_fn, solution, args, solve, symmetric, throw, on_failure, residual_tol
     )
     if not isinstance(tangents, tuple) or len(tangents) != len(args):
         raise TypeError(
@@ -296,11 +311,12 @@ def _primitive_problem(
     args: Any,
     solve: Any,
     symmetric: Any,
+    throw: Any,
     on_failure: Any,
     residual_tol: Any,
 ) -> tuple[RootProblem, Tensors, Tensors, Tensors]:
     check_callable(optimality_fn, "optimality_fn", api)
-    options = Options.make(api, "optimality_fn", solve, symmetric, on_failure, residual_tol)
+    options = Options.make(api, "optimality_fn", solve, symmetric, throw, on_failure, residual_tol)
     if not isinstance(args, tuple):
         raise TypeError(
             f"`functx.{api}`: `args` must be a tuple of the arguments of `optimality_fn` after z, got {describe(args)}."

@@ -16,11 +16,10 @@ from typing import Any
 import torch
 
 from .. import _grad, _hessian, _jacobian, _vjp_jvp
-from .._core import check_callable
 from .._solvers._functorch import forward_over_forward_ok
+from .._solvers.linear_solve import OnFailure, SolveName
 from .._tree import (
     PyTree,
-    describe,
     flatten_float,
     flatten_like,
     tree_flatten,
@@ -28,6 +27,7 @@ from .._tree import (
     tree_unflatten,
     tree_vdot,
 )
+from .._validate import check_callable, describe
 from ._problem import Options, RootProblem, call_root
 
 
@@ -46,9 +46,10 @@ def implicit_jacobian(
     *params: Any,
     Dg: PyTree = None,
     jvp_vec: Any = None,
-    solve: Any = "auto",
+    solve: SolveName | Callable[..., Any] = "auto",
     symmetric: bool = False,
-    on_failure: str = "warn",
+    throw: bool = False,
+    on_failure: OnFailure | None = None,
     residual_tol: float | None = None,
 ) -> Any:
     """Derivatives of the solution ``z*(params)`` of ``k_fn(z, *params) = 0`` (sensitivity_torch).
@@ -76,8 +77,10 @@ def implicit_jacobian(
             :func:`custom_root`. (default: ``"auto"``)
         symmetric: declare ``dk/dz`` symmetric (``k_fn`` is a gradient): CG by default.
             (default: ``False``)
-        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``: what to do when ``z`` is not
-            a root or a linear solve does not converge. (default: ``"warn"``)
+        throw: when ``z`` is not a root or a linear solve does not converge, raise
+            :class:`functx.NonConvergenceError` instead of warning with
+            :class:`functx.NonConvergenceWarning`. (default: ``False``)
+        on_failure: deprecated; see :func:`functx.implicit.custom_root`. (default: ``None``)
         residual_tol: the check ``||k_fn(z, *params)|| <= residual_tol``. (default:
             ``None``: ``sqrt(eps) * (1 + ||z||)``)
 
@@ -94,7 +97,7 @@ def implicit_jacobian(
                 [0.0000, 0.1667]], dtype=torch.float64)
     """
     api = "implicit.implicit_jacobian"
-    _, zfun = _setup(api, k_fn, z, params, solve, symmetric, on_failure, residual_tol)
+    _, zfun = _setup(api, k_fn, z, params, solve, symmetric, throw, on_failure, residual_tol)
     if Dg is not None and jvp_vec is not None:
         raise ValueError(f"`functx.{api}`: pass at most one of `Dg` (for a VJP) and `jvp_vec` (for JVPs).")
     if Dg is not None:
@@ -115,9 +118,10 @@ def implicit_hessian(
     Dg: PyTree = None,
     Hg: Any = None,
     jvp_vec: Any = None,
-    solve: Any = "auto",
+    solve: SolveName | Callable[..., Any] = "auto",
     symmetric: bool = False,
-    on_failure: str = "warn",
+    throw: bool = False,
+    on_failure: OnFailure | None = None,
     residual_tol: float | None = None,
 ) -> tuple[Any, Any]:
     """Second derivatives through the solution ``z*(params)`` of ``k_fn(z, *params) = 0``.
@@ -154,7 +158,9 @@ def implicit_hessian(
             (default: ``None``)
         solve: the linear solver; see :func:`custom_root`. (default: ``"auto"``)
         symmetric: declare ``dk/dz`` symmetric. (default: ``False``)
-        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``. (default: ``"warn"``)
+        throw: raise :class:`functx.NonConvergenceError` instead of warning.
+            (default: ``False``)
+        on_failure: deprecated; see :func:`functx.implicit.custom_root`. (default: ``None``)
         residual_tol: the check ``||k_fn(z, *params)|| <= residual_tol``. (default:
             ``None``: ``sqrt(eps) * (1 + ||z||)``)
 
@@ -167,11 +173,12 @@ def implicit_hessian(
         >>> from functx.implicit import implicit_hessian
         >>> k = lambda z, a: z ** 2 - a  # z* = sqrt(a): dz/da = a^(-1/2) / 2, d2z/da2 = -a^(-3/2) / 4
         >>> a = torch.tensor(4.0, dtype=torch.float64)
-        >>> implicit_hessian(k, torch.sqrt(a), a)
-        (tensor(0.2500, dtype=torch.float64), tensor(-0.0312, dtype=torch.float64))
+        >>> first, second = implicit_hessian(k, torch.sqrt(a), a)
+        >>> round(first.item(), 6), round(second.item(), 6)
+        (0.25, -0.03125)
     """
     api = "implicit.implicit_hessian"
-    _, zfun = _setup(api, k_fn, z, params, solve, symmetric, on_failure, residual_tol)
+    _, zfun = _setup(api, k_fn, z, params, solve, symmetric, throw, on_failure, residual_tol)
     if Dg is None:
         if Hg is not None or jvp_vec is not None:
             raise ValueError(f"`functx.{api}`: `Hg` and `jvp_vec` need `Dg` (the outer objective's gradient).")
@@ -205,6 +212,7 @@ def _setup(
     params: tuple[Any, ...],
     solve: Any,
     symmetric: Any,
+    throw: Any,
     on_failure: Any,
     residual_tol: Any,
 ) -> tuple[Options, Callable[..., PyTree]]:
@@ -214,7 +222,7 @@ def _setup(
     _check_float_tree(z, "z", api)
     for i, p in enumerate(params):
         _check_float_tree(p, f"params[{i}]", api)
-    options = Options.make(api, "k_fn", solve, symmetric, on_failure, residual_tol)
+    options = Options.make(api, "k_fn", solve, symmetric, throw, on_failure, residual_tol)
     return options, lambda *ps: implicit_solution(k_fn, z, ps, options)
 
 

@@ -19,14 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validate import check_instance
+
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _SKIP_SCAN = frozenset(nn.Module().__dict__)  # torch's own bookkeeping: dicts, hooks, flags
 _SCAN_DEPTH = 4
 
 
 def check_convertible(root: nn.Module, api: str) -> None:
-    if not isinstance(root, nn.Module):
-        raise TypeError(f"`functx.nn.{api}`: expected a torch.nn.Module, got {type(root).__name__}.")
+    check_instance(root, nn.Module, "module", f"nn.{api}", "a torch.nn.Module")
     for path, module in root.named_modules():
         where = f"submodule {path!r}" if path else "the module"
         if isinstance(module, torch.jit.ScriptModule):

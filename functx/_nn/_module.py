@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validate import check_optional_bool
 from ._copy import build, check_no_parametrize_cache
 from ._plan import Plan, TensorDict, check_fresh
 from ._state import buffers_after, clones, state_before
@@ -128,6 +129,7 @@ class FunctionalModule:
             out = copies[0](*args, **kwargs)
         except RuntimeError as err:
             raise_batchnorm_hint(plan, self._training, err, api)
+            raise_randomness_hint(plan, self._training, err, api)
             raise
         if not cloned:
             return out, cloned, set()
@@ -181,9 +183,7 @@ class FunctionalModule:
 
 
 def check_training(training: Any, api: str) -> bool | None:
-    if training is not None and not isinstance(training, bool):
-        raise TypeError(f"`functx.nn.{api}`: `training` must be True, False or None, got {training!r}.")
-    return training
+    return check_optional_bool(training, "training", f"nn.{api}")
 
 
 def make_functional(
@@ -253,3 +253,31 @@ def raise_batchnorm_hint(plan: Plan, training: bool | None, err: RuntimeError, a
         f"normalized by its own statistics. For an ensemble, `functx.nn.stack` gives each member its "
         f"own stacked buffers: map over them with `in_dims=(0, 0, None)` and call `fmodel.stateful`.)"
     ) from err
+
+
+#: What torch's error says when a random operation (Dropout in training mode) runs under
+#: ``vmap(..., randomness="error")``. Only used to choose a better message.
+_RANDOMNESS_VMAP_ERROR = "randomness error mode"
+
+
+def raise_randomness_hint(plan: Plan, training: bool | None, err: RuntimeError, api: str) -> None:
+    """Raise functx's error for torch's error on a random operation under ``vmap`` (Dropout
+    in training mode), naming the layers and the ``randomness`` flag; return if ``err`` is
+    something else."""
+    if _RANDOMNESS_VMAP_ERROR not in str(err):
+        return
+    random = [
+        node.path or "<root>"
+        for node in plan.nodes
+        if isinstance(node.module, _RANDOM_MODULES) and (node.module.training if training is None else training)
+    ]
+    layers = f"layer(s) {', '.join(repr(n) for n in random)}" if random else "a random operation"
+    raise RuntimeError(
+        f"`functx.nn.{api}`: {layers} run in training mode under `vmap`, whose default randomness='error' "
+        f"refuses random operations. Pass `randomness='different'` to `functx.vmap` (independent "
+        f"masks per batch entry: per-sample Dropout) or `randomness='same'` (one mask for the batch), "
+        f"or evaluate without Dropout: `fmodel.with_training(False)`. (torch: {err})"
+    ) from err
+
+
+_RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU)

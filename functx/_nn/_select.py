@@ -10,6 +10,8 @@ from typing import Any, Union
 
 import torch
 
+from .._validate import check_instance, describe, fail
+
 Filter = Union[str, "re.Pattern[str]", Iterable[str], Callable[[str, torch.Tensor], bool]]
 
 
@@ -39,8 +41,7 @@ def partition(tree: Mapping[str, Any], filter: Filter, /) -> tuple[dict[str, Any
         >>> sorted(weights)
         ['fc1.weight', 'fc2.weight']
     """
-    if not isinstance(tree, Mapping):
-        raise TypeError(f"`functx.nn.partition`: `tree` must be a dict keyed by names, got {type(tree).__name__}.")
+    check_instance(tree, Mapping, "tree", "nn.partition", "a dict keyed by names")
     keep = _predicate(filter, list(tree))
     selected: dict[str, Any] = {}
     rest: dict[str, Any] = {}
@@ -66,10 +67,7 @@ def combine(*trees: Mapping[str, Any]) -> dict[str, Any]:
     """
     merged: dict[str, Any] = {}
     for i, tree in enumerate(trees):
-        if not isinstance(tree, Mapping):
-            raise TypeError(
-                f"`functx.nn.combine`: argument {i} must be a dict keyed by names, got {type(tree).__name__}."
-            )
+        check_instance(tree, Mapping, f"trees[{i}]", "nn.combine", "a dict keyed by names")
         for name, value in tree.items():
             if name in merged:
                 raise ValueError(
@@ -95,9 +93,11 @@ def _predicate(filter: Any, names: list[str]) -> Callable[[str, Any], bool]:
             exact = frozenset(patterns)
             globs = [p for p in patterns if any(c in p for c in "*?[")]
             return lambda name, _: name in exact or any(fnmatch.fnmatchcase(name, g) for g in globs)
-    raise TypeError(
-        "`functx.nn.partition`: `filter` must be a glob string, a compiled regular expression, an "
-        f"iterable of strings or a callable (name, tensor) -> bool, got {type(filter).__name__}."
+    raise fail(
+        "nn.partition",
+        "`filter` must be a glob string, a compiled regular expression, an iterable of strings or a callable "
+        f"(name, tensor) -> bool, got {describe(filter)}.",
+        TypeError,
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validate import check_instance, fail
 from ._module import FunctionalModule, check_training
 from ._plan import Plan, TensorDict
 
@@ -38,18 +39,14 @@ def stack(
         torch.Size([4, 2, 3])
         >>> x = torch.randn(5, 3)
         >>> out = functx.vmap(fmodel, in_dims=(0, 0, None))(params, buffers, x)
-        >>> out.shape, torch.allclose(out[2], members[2](x))
+        >>> out.shape, torch.allclose(out[2], members[2](x), atol=1e-6)
         (torch.Size([4, 5, 2]), True)
     """
-    if not isinstance(modules, (list, tuple, nn.ModuleList)):
-        raise TypeError(
-            f"`functx.nn.stack`: `modules` must be a list or tuple of modules, got {type(modules).__name__}."
-        )
+    check_instance(modules, (list, tuple, nn.ModuleList), "modules", "nn.stack", "a list or tuple of modules")
     modules = list(modules)
     if not modules:
-        raise ValueError("`functx.nn.stack`: `modules` is empty; pass at least one module.")
-    if not isinstance(modules[0], nn.Module):
-        raise TypeError(f"`functx.nn.stack`: modules[0] is a {type(modules[0]).__name__}, not a torch.nn.Module.")
+        raise fail("nn.stack", "`modules` must not be empty, got []; pass at least one module.")
+    check_instance(modules[0], nn.Module, "modules[0]", "nn.stack", "a torch.nn.Module")
     training = check_training(training, "stack")
     same_structure(modules, training is None, "stack")
     fmodel = FunctionalModule(Plan(modules[0], "stack"), training)
@@ -65,8 +62,7 @@ def same_structure(modules: Sequence[nn.Module], flags: bool, api: str) -> None:
     flags, if ``flags``)."""
     sig = _signature(modules[0], flags)
     for i, m in enumerate(modules[1:], 1):
-        if not isinstance(m, nn.Module):
-            raise TypeError(f"`functx.nn.{api}`: modules[{i}] is a {type(m).__name__}, not a torch.nn.Module.")
+        check_instance(m, nn.Module, f"modules[{i}]", f"nn.{api}", "a torch.nn.Module")
         other = _signature(m, flags)
         for what, a, b in zip(("submodules (path, class[, training])", "parameters", "buffers"), sig, other):
             if a != b:

@@ -7,12 +7,12 @@ are resolved through the aliases of tied tensors, and every mistake gets its mes
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from .._tree import describe
+from .._validate import check_keys, describe, fail
 from ._plan import Group, Plan, raise_if_changed
 
 
@@ -21,9 +21,17 @@ def resolve(group: Group, given: Any, plan: Plan, api: str) -> list[torch.Tensor
     if not isinstance(given, Mapping):
         if given is None and not group.names:
             return []
-        raise TypeError(
-            f"`functx.nn.{api}`: `{group.kind}` must be a dict of tensors keyed by names as in "
-            f"`named_{group.noun}s()`, got {type(given).__name__}."
+        hint = ""
+        if isinstance(given, Iterable) and not isinstance(given, (str, bytes, torch.Tensor)):
+            hint = (
+                f" A {group.kind} sequence such as `model.{group.noun}s()` carries no names: pass "
+                f"`dict(model.named_{group.noun}s())`."
+            )
+        raise fail(
+            f"nn.{api}",
+            f"`{group.kind}` must be a dict of tensors keyed by names as in `named_{group.noun}s()`, got "
+            f"{describe(given)}.{hint}",
+            TypeError,
         )
     if given.keys() == group.keyset:  # the common case: exactly the canonical names
         values = [given[k] for k in group.names]
@@ -36,6 +44,7 @@ def resolve(group: Group, given: Any, plan: Plan, api: str) -> list[torch.Tensor
 
 
 def _resolve_aliases(group: Group, given: Mapping[str, Any], plan: Plan, api: str) -> list[Any]:
+    check_keys(given, group.kind, f"nn.{api}", f" Use the names of `named_{group.noun}s()`.")
     values: list[Any] = [None] * len(group.names)
     seen: list[str | None] = [None] * len(group.names)
     for key, value in given.items():

@@ -1,6 +1,7 @@
 """The protocol and the machinery every solver shares.
 
-* :class:`Solution` is what every solver returns.
+* :class:`Solution` is what every solver returns; :func:`conclude` applies the failure
+  policy (``throw``, see :mod:`functx._errors`).
 * :class:`Layout` maps a pytree of tensors to one flat vector and back, checking the
   structure, shapes and dtypes of everything that comes back from user callables. The
   kernels work on flat 1-D tensors: one tensor op per vector update, whatever the tree.
@@ -14,14 +15,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
-from .._core import check_callable, plain_eager
-from .._tree import FlatLayout, PyTree, describe, flatten_float, flatten_like
-from ._functorch import all_true
+from .._core import plain_eager
+from .._errors import report_nonconvergence
+from .._torch_internals import version
+from .._tree import FlatLayout, PyTree, flatten_float, flatten_like
+from .._validate import check_bool, check_callable, check_int, check_tolerance, describe, fail, is_number
+from ._functorch import all_true, plain
 
 MAX_ITER_FACTOR = 10
 MAX_ITER_CAP = 1000
@@ -38,13 +42,16 @@ DEFAULT_RTOL = {
 
 
 class Solution(NamedTuple):
-    """The result of a linear solve.
+    """The result of a linear solve: ``(value, num_steps, residual_norm, converged)``.
+
+    The statistics carry the names of every iterative routine of functx
+    (:mod:`functx._errors`); ``iterations`` is a deprecated alias of ``num_steps``.
 
     Attributes:
         value: the solution ``x``, a pytree with the structure, shapes and dtypes of ``b``
             (of ``x0`` for :func:`~functx.solvers.normal_cg`).
-        iterations: number of iterations run, an int64 0-d tensor (``0`` for the dense
-            solvers).
+        num_steps: number of iterations run (what ``max_iter`` bounds), an int64 0-d
+            tensor (``0`` for the dense solvers).
         residual_norm: the final residual norm ``||b - (A + ridge I) x||``, recomputed
             from ``x`` (not a recursive estimate), a real 0-d tensor. For
             :func:`~functx.solvers.normal_cg` it is the residual of the normal equations.
@@ -54,35 +61,24 @@ class Solution(NamedTuple):
     """
 
     value: PyTree
-    iterations: torch.Tensor
+    num_steps: torch.Tensor
     residual_norm: torch.Tensor
     converged: torch.Tensor
+
+    @property
+    def iterations(self) -> torch.Tensor:
+        """Deprecated alias of :attr:`num_steps` (removed in the next release)."""
+        warnings.warn(
+            "`functx.solvers.Solution.iterations` is deprecated and will be removed in the next release; "
+            "use `Solution.num_steps` (the name every functx iterative routine uses).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.num_steps
 
 
 # --------------------------------------------------------------------------------------
 # Option validation.
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_tolerance(value: Any, name: str, default: float, api: str) -> float:
-    if value is None:
-        return default
-    if not _is_number(value):
-        raise TypeError(f"`functx.{api}`: `{name}` must be None or a non-negative float, got {describe(value)}.")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"`functx.{api}`: `{name}` must be a finite non-negative float, got {value!r}.")
-    return float(value)
-
-
-def check_int(value: Any, name: str, minimum: int, api: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"`functx.{api}`: `{name}` must be an int, got {describe(value)}.")
-    if value < minimum:
-        raise ValueError(f"`functx.{api}`: `{name}` must be an int >= {minimum}, got {value}.")
-    return value
 
 
 def default_rtol(dtype: torch.dtype) -> float:
@@ -98,18 +94,27 @@ def check_ridge(ridge: Any, api: str) -> float | torch.Tensor | None:
     """``None``, a finite real number, or a real floating-point 0-d tensor (differentiable)."""
     if ridge is None:
         return None
-    if _is_number(ridge):
+    if is_number(ridge):
         if not math.isfinite(ridge):
-            raise ValueError(f"`functx.{api}`: `ridge` must be finite, got {ridge!r}.")
+            raise fail(api, f"`ridge` must be finite, got {ridge!r}.")
         return None if ridge == 0 else float(ridge)
     if isinstance(ridge, torch.Tensor) and ridge.is_floating_point():
         if ridge.dim() != 0:
-            raise ValueError(
-                f"`functx.{api}`: `ridge` must be a number or a 0-d tensor, got a tensor of shape "
-                f"{tuple(ridge.shape)}. Use `functx.vmap` to solve for several ridges."
+            raise fail(
+                api,
+                f"`ridge` must be a number or a 0-d tensor, got {describe(ridge)}. Use `functx.vmap` to "
+                f"solve for several ridges.",
             )
         return ridge
-    raise TypeError(f"`functx.{api}`: `ridge` must be None, a float or a real 0-d tensor, got {describe(ridge)}.")
+    raise fail(api, f"`ridge` must be None, a float or a real 0-d tensor, got {describe(ridge)}.", TypeError)
+
+
+def check_options(api: str, dtype: torch.dtype, size: int, rtol: Any, atol: Any, max_iter: Any, throw: Any) -> Any:
+    """``(rtol, atol, max_iter, throw)`` validated, with the dtype/size-dependent defaults."""
+    rtol = check_tolerance(rtol, "rtol", api, default_rtol(dtype))
+    atol = check_tolerance(atol, "atol", api, 0.0)
+    max_iter = default_max_iter(size) if max_iter is None else check_int(max_iter, "max_iter", api, minimum=0)
+    return rtol, atol, max_iter, check_bool(throw, "throw", api)
 
 
 # --------------------------------------------------------------------------------------
@@ -139,15 +144,64 @@ class Layout(FlatLayout):
 Flat = Callable[[torch.Tensor], torch.Tensor]
 
 
-def flat_map(fn: Callable[[PyTree], PyTree], source: Layout, target: Layout, name: str, arg: str) -> Flat:
+def flat_map(
+    fn: Callable[[PyTree], PyTree],
+    source: Layout,
+    target: Layout,
+    name: str,
+    arg: str,
+    count: list[int] | None = None,
+) -> Flat:
     """``fn`` (pytree of ``source`` layout -> pytree of ``target`` layout) on flat vectors,
-    checking every output. ``name(arg)`` is how outputs are named in errors."""
+    checking every output. ``name(arg)`` is how outputs are named in errors; ``count[0]``
+    (if given) counts the calls (operator products, for failure reports).
+
+    ``fn`` is user code: an error that says two dtypes differ is named (the operator has
+    another dtype than ``b``), and a write to its input in place (which would corrupt the
+    solver's state) raises ``ValueError`` in eager mode (read from the version counter, which
+    inference tensors do not have: not checked under ``torch.inference_mode()``)."""
     root, what = f"{name}({arg})", f"the output of `{name}`"
+    api = source.api
 
     def apply(v: torch.Tensor) -> torch.Tensor:
-        return target.ravel(fn(source.unravel(v)), root, what)
+        if count is not None:
+            count[0] += 1
+        before = None if torch.compiler.is_compiling() or v.is_inference() else version(v)  # no counter
+        try:
+            out = fn(source.unravel(v))
+        except RuntimeError as err:
+            raise_dtype_hint(err, api, name, arg, source)
+            raise
+        if before is not None and version(v) != before:
+            raise fail(
+                api,
+                f"`{name}` wrote its argument `{arg}` in place (for example `{arg}.mul_(0.5)` or "
+                f"`{arg}.zero_()`), which would corrupt the solver's iterates. Return a new tensor instead.",
+            )
+        return target.ravel(out, root, what)
 
     return apply
+
+
+def raise_dtype_hint(err: RuntimeError, api: str, name: str, arg: str, layout: Layout) -> None:
+    """A ``TypeError`` naming the dtypes for torch's dtype-mismatch errors inside user code
+    (``addmv``, ``mm``...); returns for any other error."""
+    text = str(err)
+    if "dtype" not in text and "scalar type" not in text:
+        return
+    raise fail(
+        api,
+        f"`{name}` failed on `{arg}`, shaped like `{layout.name}` with dtype {layout.dtype}: its operator "
+        f"most likely has another dtype than `{layout.name}`. Cast the operator (or `{layout.name}`) so that "
+        f"their dtypes agree. The error was: {text}",
+        TypeError,
+    ) from err
+
+
+def owned(flat: torch.Tensor, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``flat`` as a vector that shares no storage with the caller's ``leaves``: a solver
+    hands its vectors to user callables, which must never receive the caller's tensors."""
+    return flat.clone() if len(leaves) == 1 else flat  # several leaves: `torch.cat` copied them
 
 
 def shifted(op: Flat, ridge: float | torch.Tensor | None) -> Flat:
@@ -171,13 +225,15 @@ class LinearProblem(NamedTuple):
     """``(A + ridge I) x = b`` on flat vectors; ``A`` already includes the ridge."""
 
     layout: Layout  # of the solution x
-    b: torch.Tensor
-    x0: torch.Tensor | None  # None: start from zero (saves a matvec)
+    b: torch.Tensor  # never the caller's storage (see `owned`)
+    x0: torch.Tensor | None  # None: start from zero (saves a matvec); never the caller's storage
     A: Flat
     M: Flat | None  # preconditioner, an approximation of A^{-1}
     tol: torch.Tensor  # real 0-d: max(atol, rtol * ||b||), the convergence verdict
     max_iter: int
     early_exit: bool
+    throw: bool = False
+    products: list[int] | None = None  # products with A so far (a Python count, for reports)
 
     @property
     def target(self) -> torch.Tensor:
@@ -210,18 +266,18 @@ def setup(
     max_iter: Any,
     preconditioner: Any,
     ridge: Any,
+    throw: Any,
 ) -> LinearProblem:
     """Validate the arguments of a square solve and build its :class:`LinearProblem`."""
     check_callable(matvec, "matvec", api)
     check_callable(preconditioner, "preconditioner", api, optional=True)
     layout = Layout(b, "b", api)
-    rtol = check_tolerance(rtol, "rtol", default_rtol(layout.dtype), api)
-    atol = check_tolerance(atol, "atol", 0.0, api)
-    max_iter = default_max_iter(layout.size) if max_iter is None else check_int(max_iter, "max_iter", 0, api)
+    rtol, atol, max_iter, throw = check_options(api, layout.dtype, layout.size, rtol, atol, max_iter, throw)
     ridge = check_ridge(ridge, api)
-    flat_b = layout.ravel(b, "b", "`b`")
-    flat_x0 = None if x0 is None else layout.ravel(x0, "x0", "`x0`")
-    A = shifted(flat_map(matvec, layout, layout, "matvec", "x"), cast_ridge(ridge, layout))
+    flat_b = owned(layout.ravel(b, "b", "`b`"), layout.like)
+    flat_x0 = None if x0 is None else owned(layout.ravel(x0, "x0", "`x0`"), layout.like)
+    products = [0]
+    A = shifted(flat_map(matvec, layout, layout, "matvec", "x", products), cast_ridge(ridge, layout))
     M = None if preconditioner is None else flat_map(preconditioner, layout, layout, "preconditioner", "r")
     return LinearProblem(
         layout,
@@ -232,6 +288,8 @@ def setup(
         threshold(flat_b, rtol, atol),
         max_iter,
         early_exit_allowed(flat_b, flat_x0),
+        throw,
+        products,
     )
 
 
@@ -342,4 +400,46 @@ def finish(
     if residual is None:
         residual = problem.b - problem.A(x)
     residual_norm = torch.linalg.vector_norm(residual)
-    return Solution(problem.layout.unravel(x), iterations, residual_norm, residual_norm <= problem.tol)
+    solution = Solution(problem.layout.unravel(x), iterations, residual_norm, residual_norm <= problem.tol)
+    products = None if problem.products is None else problem.products[0]
+    return conclude(problem.layout.api, solution, problem.throw, problem.tol, problem.max_iter, num_matvecs=products)
+
+
+ITERATIVE_HINT = (
+    "Raise `max_iter`, loosen `rtol`/`atol`, add a `preconditioner` or a `ridge`, or choose a solver suited to "
+    "the operator."
+)
+
+
+def conclude(
+    api: str,
+    solution: Solution,
+    throw: bool,
+    tol: torch.Tensor | float,
+    max_iter: int | None = None,
+    hint: str = ITERATIVE_HINT,
+    num_matvecs: int | None = None,
+) -> Solution:
+    """The failure policy: with ``throw``, raise :class:`functx.NonConvergenceError` when
+    ``converged`` is False in any ``vmap`` lane. The flag is read where it can be (eager
+    mode, under every functx/``torch.func`` transform); where no value can be read
+    (``torch.compile``, tracing, fake tensors) nothing is raised and ``converged`` is the
+    report (documented in :mod:`functx.solvers`)."""
+    if not throw or all_true(solution.converged) is not False:
+        return solution
+    steps = int(plain(solution.num_steps).max())
+    residual = float(plain(solution.residual_norm.detach()).max())
+    bound = float(plain(torch.as_tensor(tol).detach()).max())
+    stats = {"converged": False, "num_steps": steps, "residual_norm": residual, "tolerance": bound}
+    budget = "" if max_iter is None else f" after {steps} of max_iter={max_iter} iterations"
+    if max_iter is not None:
+        stats["max_iter"] = max_iter
+    if num_matvecs is not None:  # all products with the operator (A and A^H for normal_cg)
+        stats["num_matvecs"] = num_matvecs
+    report_nonconvergence(
+        api,
+        f"did not converge: residual norm {residual:.3g} > tolerance {bound:.3g}{budget}. {hint}",
+        stats,
+        throw=True,
+    )
+    return solution  # pragma: no cover - report_nonconvergence raised

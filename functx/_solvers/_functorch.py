@@ -1,5 +1,7 @@
-"""The torch.func internals that the differentiable linear solve, the solvers' vmap early
-stop and implicit differentiation need (torch has no public API for them).
+"""The torch.func machinery that the differentiable linear solve, the solvers' vmap early
+stop and implicit differentiation need (torch has no public API for it). Every private torch
+name it uses is an entry of :mod:`functx._torch_internals` (its last section), with the
+guard and the fallback there; this module imports none.
 
 1. **Forward-over-forward through an ``autograd.Function``** (pytorch/pytorch#197867).
    torch calls a Function's ``jvp`` staticmethod with forward AD switched off globally, so
@@ -36,51 +38,18 @@ T = TypeVar("T")
 
 def _have_internals() -> bool:
     """Whether every private name the rules need is available (see
-    :mod:`functx._torch_internals`); where not, the rules refuse with a clear error."""
-    return (
-        ti.functorch is not None
-        and ti.retrieve_all_functorch_interpreters is not None
-        and ti.set_fwd_grad_enabled is not None
-    )
-
-
-def transforms_active() -> bool:
-    """Whether a functorch transform is live (``False`` when the internals are missing:
-    the callers then have nothing they could peel or strip)."""
-    return _have_internals() and ti.transforms_active()
+    :func:`functx._torch_internals.rule_internals_available`); where not, the rules refuse
+    with a clear error."""
+    return ti.rule_internals_available()
 
 
 def jvp_levels() -> list[int]:
     """The levels of the live forward-mode (``jvp``/``jacfwd``) transforms."""
-    return _levels(forward_only=True)
-
-
-def _levels(forward_only: bool = False) -> list[int]:
-    """The levels of the live functorch transforms (only the forward-mode ones if asked)."""
-    if not transforms_active():
-        return []
-    interpreters = ti.retrieve_all_functorch_interpreters()  # type: ignore[misc]
-    return [i.level() for i in interpreters if not forward_only or i.key() == ti.TransformType.Jvp]
+    return ti.transform_levels(forward_only=True)
 
 
 # --------------------------------------------------------------------------------------
 # 1. Forward-mode rules.
-
-
-def _strip_level(t: torch.Tensor, level: int) -> torch.Tensor:
-    """``t`` without its tangent at functorch level ``level``; every other level is kept."""
-    ft = ti.functorch
-    lvl = ft.maybe_get_level(t)
-    if lvl < level:
-        return t
-    if ft.is_batchedtensor(t):  # a vmap level above the rule's (torch's generated vmap rule)
-        inner, bdim = ft._unwrap_batched(t, lvl)
-        return ft._add_batch_dim(_strip_level(inner, level), bdim, lvl)
-    if lvl == level:
-        return ft._wrap_for_grad(ft._unwrap_for_grad(t, level), level)
-    raise NotImplementedError(  # pragma: no cover - torch never saves such a tensor
-        "functx: unexpected functorch wrapper above the running forward-mode level."
-    )
 
 
 @contextlib.contextmanager
@@ -94,7 +63,7 @@ def forward_rule(saved: Sequence[torch.Tensor], api: str, *, check: bool = True)
     """
     if not _have_internals():
         ti.require(None, "forward-mode differentiation of an implicit function or linear solve", api)
-    jvp_levels = _levels(forward_only=True)
+    jvp_levels = ti.transform_levels(forward_only=True)
     if not jvp_levels:  # pragma: no cover - plain dual numbers are refused at call time
         yield [fwAD.unpack_dual(t).primal for t in saved]
         return
@@ -108,7 +77,7 @@ def forward_rule(saved: Sequence[torch.Tensor], api: str, *, check: bool = True)
         )
     level = max(jvp_levels)
     with ti.set_fwd_grad_enabled(True):  # type: ignore[misc]
-        yield [_strip_level(t, level) for t in saved]
+        yield [ti.strip_tangent(t, level) for t in saved]
 
 
 class _Probe(torch.autograd.Function):
@@ -160,15 +129,7 @@ def revive(tensors: Sequence[Any]) -> list[Any]:
     """Unwrap dead functorch wrappers (of transforms that have exited), as torch's own
     operators do implicitly: a ``vjp_fn`` called after its ``vjp`` returned runs backward
     rules on such tensors, and nested ``torch.func`` calls cannot take them as inputs."""
-    ft = ti.functorch
-    if ft is None:
-        return list(tensors)
-    out = []
-    for t in tensors:
-        while isinstance(t, torch.Tensor) and ft.is_dead_tensor_wrapper(t):
-            t = ft.unwrap_if_dead(t)
-        out.append(t)
-    return out
+    return [ti.unwrap_dead(t) for t in tensors]
 
 
 # --------------------------------------------------------------------------------------
@@ -181,7 +142,14 @@ def all_true(flag: torch.Tensor) -> bool | None:
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return None
     if not ti.CAN_UNWRAP and ti.transforms_active():
-        return None  # a wrapped flag that cannot be read in every lane
+        # Unsure whether a transform runs (internals unavailable): read the flag as it is; a
+        # vmap-batched flag refuses (data-dependent control flow) and is then unreadable.
+        if type(flag) not in (torch.Tensor, torch.nn.Parameter) or flag.device.type == "meta":
+            return None
+        try:
+            return bool(flag.all())
+        except RuntimeError:
+            return None
     t = ti.unwrap_all(flag)
     if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type == "meta":
         return None
@@ -222,6 +190,6 @@ def peel(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """One functorch wrapper off ``t``: ``(inner, whether it was a grad/jvp wrapper)``, or
     ``None`` when ``t`` is not wrapped (or the internals are missing)."""
     chain = ti.wrapper_chain(t)
-    if len(chain) == 1 or ti.functorch is None:
+    if len(chain) == 1:
         return None
-    return chain[1], bool(ti.functorch.is_gradtrackingtensor(t))
+    return chain[1], ti.is_grad_wrapper(t)

@@ -59,6 +59,7 @@ def bicgstab(
     max_iter: int | None = None,
     preconditioner: Callable[[PyTree], PyTree] | None = None,
     ridge: float | torch.Tensor | None = None,
+    throw: bool = False,
 ) -> Solution:
     """Solve ``(A + ridge I) x = b`` by BiCGStab, for general (nonsymmetric) square ``A``.
 
@@ -79,9 +80,12 @@ def bicgstab(
             the right (the residual tested is the true, unpreconditioned one).
             (default: ``None``)
         ridge: shift added to ``A``: a float or a real 0-d tensor. (default: ``None``)
+        throw: raise :class:`functx.NonConvergenceError` (carrying the statistics) when
+            the solve did not converge; otherwise ``converged`` reports it. Read in eager
+            mode and under every transform, not under ``torch.compile``. (default: ``False``)
 
     Returns:
-        A :class:`Solution` ``(value, iterations, residual_norm, converged)``.
+        A :class:`Solution` ``(value, num_steps, residual_norm, converged)``.
 
     Example:
         >>> import torch
@@ -101,5 +105,6 @@ def bicgstab(
         max_iter=max_iter,
         preconditioner=preconditioner,
         ridge=ridge,
+        throw=throw,
     )
     return run_bicgstab(problem)

@@ -7,8 +7,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._core import check_callable
 from .._tree import PyTree
+from .._validate import check_callable
 from .._vjp_jvp import vjp
 from ._common import (
     Flat,
@@ -16,17 +16,16 @@ from ._common import (
     LinearProblem,
     Solution,
     cast_ridge,
-    check_int,
+    check_options,
     check_ridge,
-    check_tolerance,
-    default_max_iter,
-    default_rtol,
     div,
     early_exit_allowed,
     finish,
     flat_map,
     iterate,
     norm,
+    owned,
+    raise_dtype_hint,
     setup,
     shifted,
     threshold,
@@ -72,6 +71,7 @@ def cg(
     max_iter: int | None = None,
     preconditioner: Callable[[PyTree], PyTree] | None = None,
     ridge: float | torch.Tensor | None = None,
+    throw: bool = False,
 ) -> Solution:
     """Solve ``(A + ridge I) x = b`` by (preconditioned) conjugate gradients.
 
@@ -93,9 +93,12 @@ def cg(
             approximation of ``A^{-1}``. (default: ``None``)
         ridge: Tikhonov shift added to ``A``: a float or a real 0-d tensor (differentiable).
             (default: ``None``)
+        throw: raise :class:`functx.NonConvergenceError` (carrying the statistics) when
+            the solve did not converge; otherwise ``converged`` reports it. Read in eager
+            mode and under every transform, not under ``torch.compile``. (default: ``False``)
 
     Returns:
-        A :class:`Solution` ``(value, iterations, residual_norm, converged)``.
+        A :class:`Solution` ``(value, num_steps, residual_norm, converged)``.
 
     Example:
         >>> import torch
@@ -104,7 +107,7 @@ def cg(
         >>> sol = solvers.cg(lambda x: A @ x, torch.tensor([1.0, 2.0], dtype=torch.float64))
         >>> sol.value
         tensor([0.0909, 0.6364], dtype=torch.float64)
-        >>> sol.iterations, bool(sol.converged)
+        >>> sol.num_steps, bool(sol.converged)
         (tensor(2), True)
     """
     problem = setup(
@@ -117,6 +120,7 @@ def cg(
         max_iter=max_iter,
         preconditioner=preconditioner,
         ridge=ridge,
+        throw=throw,
     )
     return run_cg(problem)
 
@@ -132,6 +136,7 @@ def normal_cg(
     max_iter: int | None = None,
     preconditioner: Callable[[PyTree], PyTree] | None = None,
     ridge: float | torch.Tensor | None = None,
+    throw: bool = False,
 ) -> Solution:
     """Solve the least-squares problem ``min ||A x - b||^2 + ridge ||x||^2`` by CG on the
     normal equations ``(A^H A + ridge I) x = A^H b``.
@@ -160,6 +165,9 @@ def normal_cg(
             space. (default: ``None``)
         ridge: Tikhonov regularisation ``ridge`` (a float or a real 0-d tensor).
             (default: ``None``)
+        throw: raise :class:`functx.NonConvergenceError` (carrying the statistics) when
+            the solve did not converge; otherwise ``converged`` reports it. Read in eager
+            mode and under every transform, not under ``torch.compile``. (default: ``False``)
 
     Returns:
         A :class:`Solution`; ``value`` lives in the solution space and ``residual_norm``
@@ -180,17 +188,16 @@ def normal_cg(
     check_callable(rmatvec, "rmatvec", api, optional=True)
     check_callable(preconditioner, "preconditioner", api, optional=True)
     b_layout = Layout(b, "b", api)
-    flat_b = b_layout.ravel(b, "b", "`b`")
-    x_layout, rhs = _solution_space(matvec, rmatvec, b, x0, b_layout, api)
-    rtol = check_tolerance(rtol, "rtol", default_rtol(x_layout.dtype), api)
-    atol = check_tolerance(atol, "atol", 0.0, api)
-    max_iter = default_max_iter(x_layout.size) if max_iter is None else check_int(max_iter, "max_iter", 0, api)
+    flat_b = owned(b_layout.ravel(b, "b", "`b`"), b_layout.like)
+    products = [0]
+    x_layout, rhs = _solution_space(matvec, rmatvec, flat_b, x0, b_layout, api, products)
+    rtol, atol, max_iter, throw = check_options(api, x_layout.dtype, x_layout.size, rtol, atol, max_iter, throw)
     ridge = cast_ridge(check_ridge(ridge, api), x_layout)
-    A = flat_map(matvec, x_layout, b_layout, "matvec", "x")
-    AT = _adjoint(matvec, rmatvec, x_layout, b_layout)
+    A = flat_map(matvec, x_layout, b_layout, "matvec", "x", products)
+    AT = _adjoint(matvec, rmatvec, x_layout, b_layout, products)
     if rhs is None:
         rhs = AT(flat_b)
-    flat_x0 = None if x0 is None else x_layout.ravel(x0, "x0", "`x0`")
+    flat_x0 = None if x0 is None else owned(x_layout.ravel(x0, "x0", "`x0`"), x_layout.like)
     M = None if preconditioner is None else flat_map(preconditioner, x_layout, x_layout, "preconditioner", "r")
     problem = LinearProblem(
         x_layout,
@@ -201,36 +208,47 @@ def normal_cg(
         threshold(rhs, rtol, atol),
         max_iter,
         early_exit_allowed(flat_b, flat_x0),
+        throw,
+        products,
     )
     return run_cg(problem)
 
 
 def _solution_space(
-    matvec: Any, rmatvec: Any, b: PyTree, x0: PyTree, b_layout: Layout, api: str
+    matvec: Any, rmatvec: Any, flat_b: torch.Tensor, x0: PyTree, b_layout: Layout, api: str, products: list[int]
 ) -> tuple[Layout, torch.Tensor | None]:
-    """The layout of ``x`` and, when ``rmatvec(b)`` had to be evaluated for it, ``A^H b``."""
+    """The layout of ``x`` and, when ``rmatvec(b)`` had to be evaluated for it, ``A^H b``
+    (``rmatvec`` gets a copy of ``b``, never the caller's tensors)."""
     if x0 is not None:
         return Layout(x0, "x0", api), None
     if rmatvec is not None:
-        rhs_tree = rmatvec(b)
+        rhs_tree = rmatvec(b_layout.unravel(flat_b))
+        products[0] += 1
         layout = Layout(rhs_tree, "rmatvec(b)", api)
         return layout, layout.ravel(rhs_tree, "rmatvec(b)", "the output of `rmatvec`")
     return b_layout, None
 
 
-def _adjoint(matvec: Any, rmatvec: Any, x_layout: Layout, b_layout: Layout) -> Flat:
+def _adjoint(matvec: Any, rmatvec: Any, x_layout: Layout, b_layout: Layout, products: list[int]) -> Flat:
     """``y -> A^H y`` on flat vectors: ``rmatvec`` if given, else a VJP of ``matvec`` (linear,
     so the VJP at zero is the adjoint everywhere)."""
     if rmatvec is not None:
-        return flat_map(rmatvec, b_layout, x_layout, "rmatvec", "y")
+        return flat_map(rmatvec, b_layout, x_layout, "rmatvec", "y", products)
     zero = x_layout.unravel(x_layout.zeros())
     try:
         out, vjp_fn = vjp(matvec, zero)
     except RuntimeError as e:  # most often a rectangular A applied to a vector shaped like b
+        raise_dtype_hint(e, "solvers.normal_cg", "matvec", "x", x_layout)
         raise ValueError(
             "`functx.solvers.normal_cg`: `matvec` failed on a vector shaped like `b` (the solution "
             "space when neither `x0` nor `rmatvec` is given, i.e. a square A). For a rectangular A, "
             f"pass `x0` (a pytree in the solution space) or `rmatvec`. The error was: {e}"
         ) from e
     b_layout.check(out, "matvec(x)", "the output of `matvec`")
-    return lambda y: x_layout.ravel(vjp_fn(b_layout.unravel(y))[0], "rmatvec(y)", "the adjoint of `matvec`")
+    products[0] += 1
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        products[0] += 1
+        return x_layout.ravel(vjp_fn(b_layout.unravel(y))[0], "rmatvec(y)", "the adjoint of `matvec`")
+
+    return adjoint

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import optree
 import torch
 
-from .._core import check_bool, check_callable
 from .._tree import NAMESPACE, PyTree
+from .._validate import check_bool, check_callable, check_choice, check_tolerance
 from ._common import (
     Layout,
     Solution,
     cast_ridge,
     check_ridge,
-    check_tolerance,
+    conclude,
     default_rtol,
     flat_map,
     shifted,
 )
 
-METHODS = ("lu", "cholesky")
+DenseMethod = Literal["lu", "cholesky"]
+METHODS: tuple[DenseMethod, ...] = ("lu", "cholesky")
+DENSE_HINT = (
+    "The matrix is singular (LU), not positive definite (Cholesky), or too ill-conditioned for the dtype: "
+    "add a `ridge`, use float64, or use method 'lu' for an indefinite matrix."
+)
 
 
 def _static(**kwargs: Any) -> Any:
@@ -50,12 +55,12 @@ class Factorization:
     factors: torch.Tensor
     pivots: torch.Tensor | None
     info: torch.Tensor
-    method: str = _static()
+    method: DenseMethod = _static()
     layout: Layout = _static(repr=False)
     rtol: float = _static()
     atol: float = _static()
 
-    def solve(self, b: PyTree, *, adjoint: bool = False) -> Solution:
+    def solve(self, b: PyTree, *, adjoint: bool = False, throw: bool = False) -> Solution:
         """Solve ``A x = b`` (or ``A^H x = b`` with ``adjoint=True``) with the stored factors.
 
         Args:
@@ -63,9 +68,12 @@ class Factorization:
                 given to :func:`factorize`.
             adjoint: solve with the conjugate transpose (the transpose for real
                 dtypes), as needed for vector-Jacobian products. (default: ``False``)
+            throw: raise :class:`functx.NonConvergenceError` (carrying the statistics) when
+                the solve did not converge; otherwise ``converged`` reports it. Read in eager
+                mode and under every transform, not under ``torch.compile``. (default: ``False``)
 
         Returns:
-            A :class:`Solution`: ``iterations`` is 0, ``residual_norm`` is
+            A :class:`Solution`: ``num_steps`` is 0, ``residual_norm`` is
             ``||b - A x||`` computed with the dense matrix, and ``converged`` is True when
             the factorisation succeeded and the normwise backward error is small:
             ``residual_norm <= max(atol, rtol (||A||_F ||x|| + ||b||))``.
@@ -80,7 +88,9 @@ class Factorization:
             >>> f.solve(torch.tensor([2.0, 5.0], dtype=torch.float64), adjoint=True).value
             tensor([1., 1.], dtype=torch.float64)
         """
-        check_bool(adjoint, "adjoint", "solvers.Factorization.solve")
+        api = "solvers.Factorization.solve"
+        check_bool(adjoint, "adjoint", api)
+        check_bool(throw, "throw", api)
         flat = self.layout.ravel(b, "b", "`b`")
         if self.method == "lu":
             x = torch.linalg.lu_solve(self.factors, self.pivots, flat[:, None], adjoint=adjoint)[:, 0]
@@ -94,8 +104,9 @@ class Factorization:
         scale = torch.linalg.matrix_norm(self.matrix.detach()) * torch.linalg.vector_norm(x.detach())
         bound = torch.clamp(self.rtol * (scale + torch.linalg.vector_norm(flat.detach())), min=self.atol)
         converged = (self.info == 0) & torch.isfinite(residual_norm) & (residual_norm <= bound)
-        iterations = torch.zeros_like(self.info, dtype=torch.int64)
-        return Solution(self.layout.unravel(x), iterations, residual_norm, converged)
+        num_steps = torch.zeros_like(self.info, dtype=torch.int64)
+        solution = Solution(self.layout.unravel(x), num_steps, residual_norm, converged)
+        return conclude(self.layout.api, solution, throw, bound, hint=DENSE_HINT)
 
 
 def materialize(op: Callable[[torch.Tensor], torch.Tensor], layout: Layout) -> torch.Tensor:
@@ -109,7 +120,7 @@ def factorize(
     matvec: Callable[[PyTree], PyTree],
     like: PyTree,
     *,
-    method: str = "lu",
+    method: DenseMethod = "lu",
     ridge: float | torch.Tensor | None = None,
     rtol: float | None = None,
     atol: float | None = None,
@@ -151,17 +162,16 @@ def factorize(
     """
     api = "solvers.factorize"
     check_callable(matvec, "matvec", api)
-    if method not in METHODS:
-        raise ValueError(f"`functx.{api}`: `method` must be one of {list(METHODS)}, got {method!r}.")
+    method = check_choice(method, "method", METHODS, api)
     return _factorize(matvec, like, method, ridge, rtol, atol, api, "like")
 
 
 def _factorize(
-    matvec: Any, like: PyTree, method: str, ridge: Any, rtol: Any, atol: Any, api: str, name: str
+    matvec: Any, like: PyTree, method: DenseMethod, ridge: Any, rtol: Any, atol: Any, api: str, name: str
 ) -> Factorization:
     layout = Layout(like, name, api)
-    rtol = check_tolerance(rtol, "rtol", default_rtol(layout.dtype), api)
-    atol = check_tolerance(atol, "atol", 0.0, api)
+    rtol = check_tolerance(rtol, "rtol", api, default_rtol(layout.dtype))
+    atol = check_tolerance(atol, "atol", api, 0.0)
     ridge = cast_ridge(check_ridge(ridge, api), layout)
     matrix = materialize(shifted(flat_map(matvec, layout, layout, "matvec", "x"), ridge), layout)
     if method == "lu":
@@ -169,16 +179,20 @@ def _factorize(
     else:
         factors, info = torch.linalg.cholesky_ex(matrix)
         pivots = None
-    layout.api = "solvers.Factorization.solve"  # later right-hand sides are checked against `like`
+    if name == "like":  # later right-hand sides are checked against `like`, for `Factorization.solve`
+        layout.api = "solvers.Factorization.solve"
     return Factorization(matrix, factors, pivots, info, method, layout, rtol, atol)
 
 
-def _direct(matvec: Any, b: PyTree, x0: PyTree, method: str, ridge: Any, rtol: Any, atol: Any) -> Solution:
+def _direct(
+    matvec: Any, b: PyTree, x0: PyTree, method: DenseMethod, ridge: Any, rtol: Any, atol: Any, throw: Any
+) -> Solution:
     api = f"solvers.{method}"
     check_callable(matvec, "matvec", api)
+    check_bool(throw, "throw", api)
     if x0 is not None:  # accepted for protocol compatibility; checked, then unused
         Layout(b, "b", api).check(x0, "x0", "`x0`")
-    return _factorize(matvec, b, method, ridge, rtol, atol, api, "b").solve(b)
+    return _factorize(matvec, b, method, ridge, rtol, atol, api, "b").solve(b, throw=throw)
 
 
 def lu(
@@ -189,6 +203,7 @@ def lu(
     ridge: float | torch.Tensor | None = None,
     rtol: float | None = None,
     atol: float | None = None,
+    throw: bool = False,
 ) -> Solution:
     """Solve ``(A + ridge I) x = b`` densely: materialise ``A``, LU-factor it, solve.
 
@@ -206,9 +221,12 @@ def lu(
             ``||b - A x|| / (||A||_F ||x|| + ||b||)``.
             (default: ``None``, by dtype: 1e-12 for float64, 1e-5 for float32)
         atol: absolute tolerance of that check. (default: ``None``, 0)
+        throw: raise :class:`functx.NonConvergenceError` (carrying the statistics) when
+            the solve did not converge; otherwise ``converged`` reports it. Read in eager
+            mode and under every transform, not under ``torch.compile``. (default: ``False``)
 
     Returns:
-        A :class:`Solution` with ``iterations`` 0; ``converged`` is False if ``A`` is
+        A :class:`Solution` with ``num_steps`` 0; ``converged`` is False if ``A`` is
         exactly singular or the backward error exceeds ``rtol``.
 
     Example:
@@ -219,7 +237,7 @@ def lu(
         >>> sol.value, bool(sol.converged)
         (tensor([2., 1.], dtype=torch.float64), True)
     """
-    return _direct(matvec, b, x0, "lu", ridge, rtol, atol)
+    return _direct(matvec, b, x0, "lu", ridge, rtol, atol, throw)
 
 
 def cholesky(
@@ -230,6 +248,7 @@ def cholesky(
     ridge: float | torch.Tensor | None = None,
     rtol: float | None = None,
     atol: float | None = None,
+    throw: bool = False,
 ) -> Solution:
     """Solve ``(A + ridge I) x = b`` densely for Hermitian positive definite ``A``:
     materialise ``A``, Cholesky-factor it, solve.
@@ -249,9 +268,12 @@ def cholesky(
             ``||b - A x|| / (||A||_F ||x|| + ||b||)``.
             (default: ``None``, by dtype: 1e-12 for float64, 1e-5 for float32)
         atol: absolute tolerance of that check. (default: ``None``, 0)
+        throw: raise :class:`functx.NonConvergenceError` (carrying the statistics) when
+            the solve did not converge; otherwise ``converged`` reports it. Read in eager
+            mode and under every transform, not under ``torch.compile``. (default: ``False``)
 
     Returns:
-        A :class:`Solution` with ``iterations`` 0.
+        A :class:`Solution` with ``num_steps`` 0.
 
     Example:
         >>> import torch
@@ -262,4 +284,4 @@ def cholesky(
         >>> sol.value["x"].round(decimals=8)
         tensor([1., 1.], dtype=torch.float64)
     """
-    return _direct(matvec, b, x0, "cholesky", ridge, rtol, atol)
+    return _direct(matvec, b, x0, "cholesky", ridge, rtol, atol, throw)

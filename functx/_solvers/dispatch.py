@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
-from .._core import check_bool, check_callable
 from .._tree import PyTree
+from .._validate import check_bool, check_callable, check_choice, fail
 from ._common import Solution
 from .bicgstab import bicgstab
 from .cg import cg, normal_cg
@@ -24,7 +24,9 @@ SOLVERS: dict[str, Callable[..., Solution]] = {
     "lu": lu,
     "cholesky": cholesky,
 }
-METHODS = ("auto",) + tuple(SOLVERS)
+Method = Literal["auto", "cg", "minres", "gmres", "bicgstab", "normal_cg", "lu", "cholesky"]
+METHODS: tuple[Method, ...] = get_args(Method)
+assert METHODS == ("auto", *SOLVERS)
 OPTIONS = {
     name: [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
     for name, fn in SOLVERS.items()
@@ -43,7 +45,7 @@ def solve(
     b: PyTree,
     x0: PyTree = None,
     *,
-    method: str = "auto",
+    method: Method = "auto",
     symmetric: bool = False,
     positive_definite: bool = False,
     **options: Any,
@@ -65,7 +67,8 @@ def solve(
         positive_definite: whether ``A`` is Hermitian positive definite (implies
             ``symmetric``); used by ``"auto"`` only. (default: ``False``)
         **options: keyword options of the chosen solver (``rtol``, ``atol``,
-            ``max_iter``, ``preconditioner``, ``ridge``, ``restart``, ``rmatvec``...).
+            ``max_iter``, ``preconditioner``, ``ridge``, ``restart``, ``rmatvec``,
+            ``throw``...).
 
     Returns:
         The chosen solver's :class:`Solution`.
@@ -84,13 +87,12 @@ def solve(
     check_callable(matvec, "matvec", api)
     check_bool(symmetric, "symmetric", api)
     check_bool(positive_definite, "positive_definite", api)
-    if method not in METHODS:
-        raise ValueError(f"`functx.{api}`: `method` must be one of {list(METHODS)}, got {method!r}.")
-    if method == "auto":
-        method = auto_method(symmetric, positive_definite)
-    unknown = sorted(set(options) - set(OPTIONS[method]))
+    chosen: str = check_choice(method, "method", METHODS, api)
+    if chosen == "auto":
+        chosen = auto_method(symmetric, positive_definite)
+    unknown = sorted(set(options) - set(OPTIONS[chosen]))
     if unknown:
-        raise TypeError(
-            f"`functx.{api}`: method {method!r} does not accept option(s) {unknown}; it accepts {OPTIONS[method]}."
+        raise fail(
+            api, f"method {chosen!r} does not accept option(s) {unknown}; it accepts {OPTIONS[chosen]}.", TypeError
         )
-    return SOLVERS[method](matvec, b, x0, **options)
+    return SOLVERS[chosen](matvec, b, x0, **options)

@@ -18,10 +18,10 @@ from collections.abc import Callable
 import torch
 
 from .._tree import PyTree
+from .._validate import check_int
 from ._common import (
     LinearProblem,
     Solution,
-    check_int,
     div,
     finish,
     norm,
@@ -114,6 +114,7 @@ def gmres(
     preconditioner: Callable[[PyTree], PyTree] | None = None,
     ridge: float | torch.Tensor | None = None,
     restart: int = 20,
+    throw: bool = False,
 ) -> Solution:
     """Solve ``(A + ridge I) x = b`` by restarted GMRES, for general square ``A``.
 
@@ -136,20 +137,23 @@ def gmres(
             (default: ``None``)
         ridge: shift added to ``A``: a float or a real 0-d tensor. (default: ``None``)
         restart: Krylov dimension of one cycle. (default: ``20``)
+        throw: raise :class:`functx.NonConvergenceError` (carrying the statistics) when
+            the solve did not converge; otherwise ``converged`` reports it. Read in eager
+            mode and under every transform, not under ``torch.compile``. (default: ``False``)
 
     Returns:
-        A :class:`Solution` ``(value, iterations, residual_norm, converged)``;
-        ``iterations`` counts Arnoldi steps.
+        A :class:`Solution` ``(value, num_steps, residual_norm, converged)``;
+        ``num_steps`` counts Arnoldi steps.
 
     Example:
         >>> import torch
         >>> from functx import solvers
         >>> A = torch.tensor([[3.0, 1.0], [-1.0, 2.0]], dtype=torch.float64)
         >>> sol = solvers.gmres(lambda x: {"u": A @ x["u"]}, {"u": torch.tensor([4.0, 1.0], dtype=torch.float64)})
-        >>> sol.value["u"].round(decimals=8), sol.iterations
+        >>> sol.value["u"].round(decimals=8), sol.num_steps
         (tensor([1., 1.], dtype=torch.float64), tensor(2))
     """
-    restart = check_int(restart, "restart", 1, "solvers.gmres")
+    restart = check_int(restart, "restart", "solvers.gmres", minimum=1)
     problem = setup(
         "solvers.gmres",
         matvec,
@@ -160,5 +164,6 @@ def gmres(
         max_iter=max_iter,
         preconditioner=preconditioner,
         ridge=ridge,
+        throw=throw,
     )
     return run_gmres(problem, restart)

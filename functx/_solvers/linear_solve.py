@@ -19,14 +19,14 @@ import dataclasses
 import functools
 import math
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import torch
 
-from .._core import check_bool
-from .._errors import NonConvergenceError, NonConvergenceWarning
-from .._tree import TreeSpec, describe, flatten_like, tree_flatten, tree_norm, tree_unflatten
+from .._errors import report_nonconvergence
+from .._tree import TreeSpec, flatten_like, tree_flatten, tree_norm, tree_unflatten
+from .._validate import api_name, check_bool, check_choice, describe, fail
 from ._functorch import all_true, eager_under_compile, forward_rule, plain, revive
 from .cg import normal_cg
 from .dispatch import SOLVERS
@@ -34,8 +34,10 @@ from .dispatch import SOLVERS
 Tensors = tuple[torch.Tensor, ...]
 MakeMatvec = Callable[[Tensors], Callable[[Tensors], Tensors]]
 
-ON_FAILURE = ("warn", "raise", "ignore")
-SOLVES = ("auto", "cg", "gmres", "bicgstab", "minres", "normal_cg", "lu", "cholesky")
+OnFailure = Literal["warn", "raise", "ignore"]
+ON_FAILURE: tuple[OnFailure, ...] = get_args(OnFailure)
+SolveName = Literal["auto", "cg", "gmres", "bicgstab", "minres", "normal_cg", "lu", "cholesky"]
+SOLVES: tuple[SolveName, ...] = get_args(SolveName)
 SYMMETRIC_SOLVES = ("cg", "minres", "cholesky")
 
 
@@ -53,33 +55,61 @@ def check_solve(solve: Any, symmetric: Any, api: str) -> tuple[Any, bool]:
     if callable(solve):
         return solve, symmetric
     if not isinstance(solve, str):
-        raise TypeError(
-            f"`functx.{api}`: `solve` must be one of {list(SOLVES)} or a callable "
-            f"`solve(matvec, b)`, got {describe(solve)}."
+        raise fail(
+            api,
+            f"`solve` must be one of {list(SOLVES)} or a callable `solve(matvec, b)`, got {describe(solve)}.",
+            TypeError,
         )
     if solve not in SOLVES:
-        raise ValueError(
-            f"`functx.{api}`: unknown `solve={solve!r}`; expected one of {list(SOLVES)} or a callable "
-            f"`solve(matvec, b)` (for example `functools.partial(functx.solvers.gmres, rtol=1e-10)`)."
+        raise fail(
+            api,
+            f"`solve` must be one of {list(SOLVES)} or a callable `solve(matvec, b)` (for example "
+            f"`functools.partial(functx.solvers.gmres, rtol=1e-10)`), got {solve!r}.",
         )
     if solve == "auto":
         solve = "cg" if symmetric else "gmres"
     return solve, symmetric or solve in SYMMETRIC_SOLVES
 
 
-def check_on_failure(on_failure: Any, api: str) -> str:
-    if on_failure not in ON_FAILURE:
-        raise ValueError(f"`functx.{api}`: `on_failure` must be one of {list(ON_FAILURE)}, got {on_failure!r}.")
-    return on_failure
+def check_throw(throw: Any, on_failure: Any, api: str) -> tuple[bool, bool]:
+    """``(throw, warn)`` from ``throw`` and the deprecated ``on_failure``.
+
+    ``throw=True`` raises :class:`functx.NonConvergenceError`; ``throw=False`` warns with
+    :class:`functx.NonConvergenceWarning` (an implicit function's caller has no result to
+    read a flag from). ``on_failure`` (deprecated, one release) maps ``"raise"`` to
+    ``throw=True``, ``"warn"`` to ``throw=False`` and ``"ignore"`` to ``throw=False`` without
+    the warning (the one behaviour ``throw`` has no spelling for: filter
+    ``functx.NonConvergenceWarning`` instead).
+    """
+    check_bool(throw, "throw", api)
+    if on_failure is None:
+        return throw, True
+    choice = check_choice(on_failure, "on_failure", ON_FAILURE, api)
+    spelled = {"raise": "throw=True", "warn": "throw=False", "ignore": "throw=False and a warnings filter"}[choice]
+    warnings.warn(
+        f"{api_name(api)}: `on_failure` is deprecated and will be removed in the next release; "
+        f"on_failure={choice!r} is {spelled} (functx.NonConvergenceError / NonConvergenceWarning).",
+        FutureWarning,
+        stacklevel=4,
+    )
+    if throw and choice != "raise":
+        raise fail(api, f"`on_failure` must be None or 'raise' with throw=True, got {choice!r}.")
+    return throw or choice == "raise", choice != "ignore"
 
 
-def report(ok: torch.Tensor, on_failure: str, message: Callable[[], str]) -> None:
-    """Warn or raise when ``ok`` is False in any lane (see :func:`all_true`)."""
-    if on_failure == "ignore" or all_true(ok) in (None, True):
+def report(
+    ok: torch.Tensor,
+    throw: bool,
+    warn: bool,
+    api: str,
+    message: Callable[[], str],
+    stats: Callable[[], Mapping[str, Any]] | None = None,
+) -> None:
+    """Raise (``throw``) or warn (``warn``) when ``ok`` is False in any lane (see
+    :func:`all_true`; nothing is reported where the flag cannot be read)."""
+    if not (throw or warn) or all_true(ok) in (None, True):
         return
-    if on_failure == "raise":
-        raise NonConvergenceError(message())
-    warnings.warn(message(), NonConvergenceWarning, stacklevel=3)
+    report_nonconvergence(api, message(), {} if stats is None else stats(), throw, warn, stacklevel=4)
 
 
 def _worst(t: torch.Tensor) -> str:
@@ -107,7 +137,8 @@ class Operator:
     spec: TreeSpec
     n_diff: int
     solve: Any
-    on_failure: str
+    throw: bool
+    warn: bool
     api: str
     role: str
 
@@ -131,18 +162,25 @@ class Operator:
         result = self._call_solver(tree_matvec, b_tree, ops)
         if _is_solution(result):
             x, ok, residual = result.value, result.converged, result.residual_norm
-            iterations = result.iterations
+            iterations = _num_steps(result)
         else:
             x, ok, residual, iterations = result, None, None, None
         x_leaves = self._check_x(x, b)
         if ok is None:  # a user solve without a convergence report: check the residual
             ok, residual = _residual_ok(matvec, x_leaves, b)
-        report(ok, self.on_failure, lambda: self._failure_message(residual, iterations))
+        report(
+            ok,
+            self.throw,
+            self.warn,
+            self.api,
+            lambda: self._failure_message(residual, iterations),
+            lambda: _stats(residual, iterations),
+        )
         return tuple(leaf.detach().clone() if any(leaf is t for t in b) else leaf.detach() for leaf in x_leaves)
 
     def _call_solver(self, matvec: Callable[[Any], Any], b: Any, ops: Tensors) -> Any:
-        if callable(self.solve):
-            return self.solve(matvec, b)
+        if callable(self.solve):  # user code: a copy of b, never the caller's cotangents/tangents
+            return self.solve(matvec, tree_unflatten(self.spec, [t.clone() for t in tree_flatten(b)[0]]))
         if self.solve == "normal_cg":
             rmatvec = self.make_rmatvec(ops)
             tree_rmatvec = lambda u: tree_unflatten(self.spec, rmatvec(tuple(tree_flatten(u)[0])))
@@ -167,12 +205,11 @@ class Operator:
             details += f" after {int(plain(iterations).max())} iterations"
         details += ")" if details else ""
         return (
-            f"`functx.{self.api}`: the {self.role} linear solve (solve={_solve_name(self.solve)}) did not "
+            f"the {self.role} linear solve (solve={_solve_name(self.solve)}) did not "
             f"converge{details}, so the implicit derivatives are inaccurate. Try a different `solve` "
             f"(e.g. 'gmres' for a nonsymmetric Jacobian, 'lu' for small problems), more iterations "
             f"(`functools.partial(functx.solvers.gmres, max_iter=...)`), or check that the Jacobian of "
-            f"the optimality function is invertible at the solution. Pass on_failure='raise' to make this "
-            f"an error, or 'ignore' to silence it."
+            f"the optimality function is invertible at the solution."
         )
 
     # -- derivative pieces --------------------------------------------------------------
@@ -198,7 +235,27 @@ class Operator:
 
 
 def _is_solution(result: Any) -> bool:
-    return all(hasattr(result, name) for name in ("value", "converged", "residual_norm", "iterations"))
+    """A :class:`functx.solvers.Solution`, or any object with its statistics (``num_steps``,
+    or the deprecated ``iterations``)."""
+    if isinstance(result, torch.Tensor):
+        return False
+    fields = ("value", "converged", "residual_norm")
+    return all(hasattr(result, name) for name in fields) and (
+        hasattr(result, "num_steps") or hasattr(result, "iterations")
+    )
+
+
+def _num_steps(result: Any) -> torch.Tensor:
+    return result.num_steps if hasattr(result, "num_steps") else result.iterations
+
+
+def _stats(residual: torch.Tensor | None, steps: torch.Tensor | None) -> dict[str, Any]:
+    stats: dict[str, Any] = {"converged": False}
+    if residual is not None:
+        stats["residual_norm"] = float(plain(residual.detach()).max())
+    if steps is not None:
+        stats["num_steps"] = int(plain(steps).max())
+    return stats
 
 
 def _residual_ok(

@@ -86,6 +86,7 @@ def minres(
     max_iter: int | None = None,
     preconditioner: Callable[[PyTree], PyTree] | None = None,
     ridge: float | torch.Tensor | None = None,
+    throw: bool = False,
 ) -> Solution:
     """Solve ``(A + ridge I) x = b`` by MINRES, for symmetric (Hermitian) ``A``.
 
@@ -107,9 +108,12 @@ def minres(
             the ``M^{-1}`` norm; ``converged`` is always decided on the true residual.
             (default: ``None``)
         ridge: shift added to ``A``: a float or a real 0-d tensor. (default: ``None``)
+        throw: raise :class:`functx.NonConvergenceError` (carrying the statistics) when
+            the solve did not converge; otherwise ``converged`` reports it. Read in eager
+            mode and under every transform, not under ``torch.compile``. (default: ``False``)
 
     Returns:
-        A :class:`Solution` ``(value, iterations, residual_norm, converged)``.
+        A :class:`Solution` ``(value, num_steps, residual_norm, converged)``.
 
     Example:
         >>> import torch
@@ -129,5 +133,6 @@ def minres(
         max_iter=max_iter,
         preconditioner=preconditioner,
         ridge=ridge,
+        throw=throw,
     )
     return run_minres(problem)
