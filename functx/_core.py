@@ -4,22 +4,27 @@ A transform call goes through the same few steps:
 
 1. validate the transform's options once, when the transform is created
    (:func:`check_callable`, :func:`check_argnums`, :func:`check_bool`, :func:`check_chunk_size`);
-2. at call time build a :class:`Call`: resolve ``argnums``, select the differentiated
-   arguments, flatten them to tensor leaves with optree and validate those leaves;
-3. hand ``Call.flat_fn`` (a function of flat tensors returning flat tensors) to a
-   ``torch.func`` primitive;
-4. rebuild pytrees with the ``Call``'s stored structures.
+2. at call time build a :class:`Call`: look up the :class:`Selection` of ``argnums`` for
+   this number of arguments (resolved and validated once per structure, then cached),
+   flatten the differentiated arguments to tensor leaves with optree and check them;
+3. hand ``func`` in one of the calling conventions (:meth:`Call.fn`: a function of flat
+   tensors returning flat tensors) to a ``torch.func`` primitive, inside the one
+   :class:`InplaceGuard`;
+4. rebuild pytrees with the input structure of the ``Call`` and the :class:`Outputs`
+   record the convention returned.
 
-``Call.flat_fn`` records the output structure and any non-tensor ``aux`` values on the
-``Call`` itself while it runs (a side channel that also traces under ``torch.compile``),
-so ``aux`` may hold arbitrary Python objects and only tensors cross into ``torch.func``.
+The convention records the output structure and any non-tensor ``aux`` values in its
+:class:`Outputs` while ``func`` runs (JAX's ``flatten_fun`` thunk; it also traces under
+``torch.compile``), so ``aux`` may hold arbitrary Python objects and only tensors cross
+into ``torch.func``. The ``Call`` itself is never changed after construction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -192,33 +197,108 @@ def _zeros(x: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# One call of a transform.
+# The pieces of one call of a transform: a Selection (cached per structure), a Call
+# (immutable), an Outputs record (returned by the calling convention that fills it) and
+# the InplaceGuard.
 
 
-class Call:
-    """Bookkeeping for one call of a transform.
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which positional arguments a transform differentiates, resolved for calls with
+    ``nargs`` positional arguments. Built and validated once per ``(argnums, nargs)``
+    (:func:`select`), then shared by every call with that structure.
 
     ``argnums=None`` means "all positional arguments, as a tuple" (``vjp``/``jvp`` style);
     an int selects one argument (its pytree is the differentiated structure); a tuple
     selects several (a tuple of their pytrees).
     """
 
-    __slots__ = (
-        "_versions",
-        "api",
-        "argnums",
-        "args",
-        "aux_spec",
-        "aux_static",
-        "func",
-        "has_aux",
-        "holomorphic",
-        "in_spec",
-        "kwargs",
-        "leaves",
-        "out_spec",
-        "roots",
-    )
+    argnums: int | tuple[int, ...] | None
+    """Resolved (non-negative) ``argnums``, or ``None``."""
+    chosen: tuple[int, ...]
+    """The positions of the differentiated arguments."""
+    others: tuple[int, ...]
+    """The positions of the other arguments (they belong to ``func``)."""
+
+    def pick(self, args: tuple[Any, ...]) -> Any:
+        """The differentiated part of ``args``: one pytree, or a tuple of them."""
+        argnums = self.argnums
+        if argnums is None:
+            return args
+        return args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+
+    def place(self, args: list[Any], selected: Any) -> list[Any]:
+        """``args`` with the differentiated part replaced by ``selected`` (in place)."""
+        argnums = self.argnums
+        if isinstance(argnums, int):
+            args[argnums] = selected
+        else:
+            for i, sub in zip(self.chosen, selected):
+                args[i] = sub
+        return args
+
+
+_SELECTIONS: dict[tuple[Any, int], Selection] = {}
+
+
+def select(argnums: int | tuple[int, ...] | None, nargs: int, api: str) -> Selection:
+    """The :class:`Selection` of ``argnums`` for ``nargs`` arguments (validated on first use)."""
+    key = (argnums, nargs)
+    found = _SELECTIONS.get(key)
+    if found is not None:
+        return found
+    if argnums is None:
+        chosen = all_argnums(nargs)
+        resolved: int | tuple[int, ...] | None = None
+    else:
+        resolved = resolve_argnums(argnums, nargs, api)
+        chosen = (resolved,) if isinstance(resolved, int) else resolved
+    found = Selection(resolved, chosen, tuple(i for i in range(nargs) if i not in chosen))
+    # bounded (argnums and nargs are small ints in practice); not stored while compiling
+    if len(_SELECTIONS) < 1024 and not torch.compiler.is_compiling():
+        _SELECTIONS[key] = found
+    return found
+
+
+class Outputs:
+    """What ``func`` returned, recorded by a calling convention while ``func`` runs (JAX's
+    ``flatten_fun`` thunk): the output structure and the aux structure and its non-tensor
+    leaves. A convention returns its record with the function (:meth:`Call.fn`)."""
+
+    __slots__ = ("aux_spec", "aux_static", "has_aux", "spec")
+
+    def __init__(self, has_aux: bool) -> None:
+        self.has_aux = has_aux
+        self.spec: TreeSpec = _UNSET
+        self.aux_spec: TreeSpec = _UNSET
+        self.aux_static: list[Any] = []
+
+    def unflatten(self, leaves: Sequence[Any]) -> PyTree:
+        """A pytree with the output's structure."""
+        return tree_unflatten(self.spec, leaves)
+
+    def aux(self, aux_tensors: Sequence[torch.Tensor]) -> PyTree:
+        """The aux pytree, its tensors taken from ``aux_tensors``."""
+        tensors = iter(aux_tensors)
+        return tree_unflatten(self.aux_spec, [next(tensors) if a is None else a for a in self.aux_static])
+
+    def with_aux(self, result: Any, aux_tensors: Sequence[torch.Tensor]) -> Any:
+        """``result`` or ``(result, aux)`` depending on ``has_aux``."""
+        return (result, self.aux(aux_tensors)) if self.has_aux else result
+
+
+Convention = Literal["flat", "torch", "scalar", "scalar_no_aux"]
+
+
+class Call:
+    """One call of a transform: ``func``, its arguments, the :class:`Selection` and the
+    differentiated leaves with their structure. Set once in ``__init__``, never changed.
+
+    The functions handed to ``torch.func`` come from :meth:`fn` (the calling conventions);
+    what they learn while ``func`` runs goes to the :class:`Outputs` record returned with them.
+    """
+
+    __slots__ = ("api", "args", "func", "has_aux", "holomorphic", "in_spec", "kwargs", "leaves", "roots", "sel")
 
     def __init__(
         self,
@@ -229,30 +309,31 @@ class Call:
         argnums: int | tuple[int, ...] | None,
         has_aux: bool,
         roots: Sequence[str] | None = None,
+        holomorphic: bool | None = None,
     ) -> None:
         self.api, self.func, self.args, self.kwargs, self.has_aux = api, func, args, kwargs, has_aux
         self.roots = roots
-        if argnums is None:
-            selected: Any = args
-        else:
-            argnums = resolve_argnums(argnums, len(args), api)
-            selected = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
-        self.argnums = argnums
-        self.leaves, self.in_spec = tree_flatten(selected)
+        self.sel = select(argnums, len(args), api)
+        self.leaves, self.in_spec = tree_flatten(self.sel.pick(args))
         if not all(map(is_differentiable, self.leaves)):
             check_float_leaves(self.leaves, self.input_paths, api=api, what="differentiated input ")
-        self._versions: list[tuple[int, ...] | None] = []
-        self.holomorphic: bool | None = None  # None: complex outputs are not checked (vjp, jvp)
-        self.out_spec: TreeSpec = _UNSET  # recorded by `flat_fn` while `func` runs
-        self.aux_spec: TreeSpec = _UNSET
-        self.aux_static: list[Any] = []
+        # None: complex outputs are not checked (vjp, jvp). Otherwise JAX's rule for
+        # jacrev/jacfwd/hessian: with holomorphic every differentiated input and every
+        # output must be complex; without, outputs must be real (see the _jacobian doc).
+        self.holomorphic = holomorphic
+        if holomorphic:
+            check_complex(self.leaves, self.input_paths, True, "input", api)
+
+    def with_args(self, args: tuple[Any, ...]) -> Call:
+        """The same call with other positional arguments of the same structure (the lifted
+        arguments of an inner level); the leaves are kept."""
+        new = object.__new__(Call)
+        for name in Call.__slots__:
+            object.__setattr__(new, name, getattr(self, name))
+        new.args = args
+        return new
 
     # -- naming, for errors -----------------------------------------------------------
-    def _selected_indices(self) -> tuple[int, ...]:
-        if self.argnums is None:
-            return all_argnums(len(self.args))
-        return (self.argnums,) if isinstance(self.argnums, int) else self.argnums
-
     def _root(self, i: int) -> str:
         if self.roots is not None:
             return f"{self.roots[0]}[{i}]"
@@ -260,7 +341,7 @@ class Call:
 
     def input_paths(self) -> list[str]:
         """Key paths of the differentiated leaves, e.g. ``["params['w']", "x"]``."""
-        return [p for i in self._selected_indices() for p in leaf_paths(self.args[i], self._root(i))]
+        return [p for i in self.sel.chosen for p in leaf_paths(self.args[i], self._root(i))]
 
     def require_leaves(self, name: str) -> None:
         """``ValueError`` when there is nothing to differentiate (forward mode needs a tangent)."""
@@ -270,87 +351,7 @@ class Call:
                 f"tensor to differentiate with respect to, got {self.args!r}."
             )
 
-    def set_holomorphic(self, holomorphic: bool) -> None:
-        """Apply the complex-number rule of ``jacrev``/``jacfwd``/``hessian`` (JAX's): with
-        ``holomorphic`` every differentiated input and every output must be complex; without,
-        outputs must be real (complex inputs are fine: see the ``_jacobian`` module doc)."""
-        self.holomorphic = holomorphic
-        if holomorphic:
-            check_complex(self.leaves, self.input_paths, True, "input", self.api)
-
-    # -- the function torch.func sees -------------------------------------------------
-    def call_func(self, leaves: Sequence[torch.Tensor]) -> Any:
-        selected = tree_unflatten(self.in_spec, leaves)
-        argnums = self.argnums
-        if argnums is None:
-            return self.func(*selected, **self.kwargs)
-        lifted = len(self.args) > 1 and not torch.compiler.is_compiling() and transforms_active()
-        args = self.lifted_args() if lifted else list(self.args)
-        if isinstance(argnums, int):
-            args[argnums] = selected
-        else:
-            for i, sub in zip(argnums, selected):
-                args[i] = sub
-        return self.func(*args, **self.kwargs)
-
-    # -- the two kinds of argument ----------------------------------------------------
-    # A differentiated input is never changed: an in-place write to it raises, in every
-    # mode. A non-differentiated positional argument belongs to `func`, which may write it
-    # in place as under torch.func (it is wrapped at the running transform's level).
-
-    def lifted_args(self) -> list[Any]:
-        """The positional arguments with the tensors of the non-differentiated ones wrapped at
-        the level of the innermost running transform (see ``_torch_internals.lift``)."""
-        args = list(self.args)
-        chosen = self._selected_indices()
-        for i, arg in enumerate(args):
-            if i not in chosen:
-                leaves, spec = tree_flatten(arg)
-                if any(isinstance(t, torch.Tensor) for t in leaves):
-                    args[i] = tree_unflatten(spec, lift(leaves))
-        return args
-
-    def static_tensors(self) -> list[torch.Tensor]:
-        """The tensors in the non-differentiated positional arguments."""
-        if self.argnums is None or len(self.args) == 1:
-            return []
-        chosen = self._selected_indices()
-        leaves = [leaf for i, arg in enumerate(self.args) if i not in chosen for leaf in tree_flatten(arg)[0]]
-        return [t for t in leaves if isinstance(t, torch.Tensor)]
-
-    def fresh_leaves(self) -> list[torch.Tensor]:
-        """Copies of the differentiated leaves for the forward-mode paths, where torch would
-        let `func` write the caller's tensors; :meth:`check_unwritten` checks them after."""
-        fresh = [t.clone() for t in self.leaves]
-        if not torch.compiler.is_compiling():  # compiled: the copies still protect the caller
-            self._versions = [version(t) for t in fresh]
-        return fresh
-
-    def check_unwritten(self, fresh: Sequence[torch.Tensor]) -> None:
-        if torch.compiler.is_compiling():  # the copies still protect the caller's tensors
-            return
-        for k, (t, before) in enumerate(zip(fresh, self._versions)):
-            if before is not None and version(t) != before:
-                raise self._inplace_error(k)
-
-    def raise_if_inplace(self, err: RuntimeError) -> None:
-        """After a ``RuntimeError`` in a reverse-mode path (torch refuses in-place writes to
-        the inputs it differentiates): run `func` once more on copies of the inputs, and if
-        it writes one in place, raise functx's error instead. torch's message is not read."""
-        if not _torch_internals.HAVE_VERSION or torch.compiler.is_compiling():
-            return
-        copies = [t.detach().clone() for t in self.leaves]
-        before = [version(t) for t in copies]
-        try:
-            with torch.no_grad():
-                self.call_func(copies)
-        except Exception:  # not an in-place write we can identify: torch's error stands
-            return
-        for k, (t, v) in enumerate(zip(copies, before)):
-            if version(t) != v:
-                raise self._inplace_error(k) from err
-
-    def _inplace_error(self, k: int) -> ValueError:
+    def inplace_error(self, k: int) -> ValueError:
         return ValueError(
             f"`functx.{self.api}`: `func` writes in place to its differentiated input {self.input_paths()[k]} "
             f"(for example `x.mul_(2)`, `x += 1` or `x[0] = 0`). functx never changes the tensors it "
@@ -358,54 +359,67 @@ class Call:
             f"in an argument not listed in `argnums` (those belong to `func`, which may write them)."
         )
 
-    # Four calling conventions of `func` for torch.func, kept because each pays for itself
-    # (measured side by side on one Call, benchmarks/bench_core.py rows in brackets):
-    # * flat_fn   ((outputs,), (aux,)): the one that records structures; used where several
-    #             outputs and aux must be kept apart (linearize, the empty-input paths);
-    # * torch_fn  bare tensor, aux only with has_aux: ~13% faster than flat_fn with has_aux=True
-    #             on the Jacobian engine [jacrev/jacfwd R^256, hessian R^256, per-sample Hessians];
-    # * scalar_fn (scalar, aux): the plain-autograd gradient and hvp [grad overhead, hvp MLP];
-    # * scalar_fn_no_aux: ~7% faster than scalar_fn with has_aux=True, and ~45% faster than
-    #             torch_fn (no optree flatten of the output) on torch.func's gradient, the
-    #             nested path [per-sample gradients].
-    def flat_fn(self, *leaves: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """``func`` as a function of flat tensors: returns ``(output_leaves, aux_tensors)``."""
-        out, aux_tensors = self._split_aux(self.call_func(leaves))
-        out_leaves, self.out_spec = tree_flatten(out)
+    # -- the two kinds of argument ----------------------------------------------------
+    # A differentiated input is never changed: an in-place write to it raises, in every
+    # mode (InplaceGuard). A non-differentiated positional argument belongs to `func`,
+    # which may write it in place as under torch.func (it is wrapped at the running
+    # transform's level).
+
+    def call_func(self, leaves: Sequence[torch.Tensor]) -> Any:
+        """``func`` at ``leaves`` (the differentiated inputs), other arguments as given."""
+        sel = self.sel
+        selected = tree_unflatten(self.in_spec, leaves)
+        if sel.argnums is None:
+            return self.func(*selected, **self.kwargs)
+        lifted = sel.others and not torch.compiler.is_compiling() and transforms_active()
+        args = self.lifted_args() if lifted else list(self.args)
+        return self.func(*sel.place(args, selected), **self.kwargs)
+
+    def lifted_args(self) -> list[Any]:
+        """The positional arguments with the tensors of the non-differentiated ones wrapped at
+        the level of the innermost running transform (see ``_torch_internals.lift``)."""
+        args = list(self.args)
+        for i in self.sel.others:
+            arg = args[i]
+            if isinstance(arg, torch.Tensor):
+                args[i] = lift((arg,))[0]
+                continue
+            leaves, spec = tree_flatten(arg)
+            if any(isinstance(t, torch.Tensor) for t in leaves):
+                args[i] = tree_unflatten(spec, lift(leaves))
+        return args
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """The tensors in the non-differentiated positional arguments."""
+        if self.sel.argnums is None:
+            return []
+        leaves = [leaf for i in self.sel.others for leaf in tree_flatten(self.args[i])[0]]
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+    # -- the calling conventions ------------------------------------------------------
+    def fn(self, convention: Convention, outputs: Outputs | None = None) -> tuple[Callable[..., Any], Outputs]:
+        """``func`` as a function of flat tensors in one of the calling conventions of
+        :data:`CONVENTIONS`, and the :class:`Outputs` record it fills while it runs (a new
+        one unless ``outputs`` is given)."""
+        outputs = Outputs(self.has_aux) if outputs is None else outputs
+        return CONVENTIONS[convention](self, outputs), outputs
+
+    def check_outputs(self, out: Any, out_leaves: Sequence[Any]) -> None:
+        """The output checks of :data:`CONVENTIONS` ``"flat"``/``"torch"``."""
         if not out_leaves:
             raise ValueError(f"`functx.{self.api}`: `func` returned no tensors to differentiate (got {out!r}).")
         if self.holomorphic is not None:
             check_complex(out_leaves, lambda: leaf_paths(out, "output"), self.holomorphic, "output", self.api)
         if not all(map(is_differentiable, out_leaves)):
             check_float_leaves(out_leaves, lambda: leaf_paths(out, "output"), api=self.api, hint=self._aux_hint(out))
-        return tuple(out_leaves), aux_tensors
-
-    def torch_fn(self, *leaves: torch.Tensor) -> Any:
-        """``func`` in torch.func's own convention: flat tensors in; one tensor (or a tuple for
-        several outputs) out, paired with the aux tensors only when ``has_aux``.
-
-        Bare tensors and no aux spare torch.func's Python pytree work on every call.
-        """
-        return torch_result(*self.flat_fn(*leaves), self.has_aux)
-
-    def scalar_fn(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Like :meth:`flat_fn` for a function that must return a real scalar tensor."""
-        out, aux_tensors = self._split_aux(self.call_func(leaves))
-        check_scalar(out, self.api, self.has_aux)
-        return out, aux_tensors
-
-    def scalar_fn_no_aux(self, *leaves: torch.Tensor) -> torch.Tensor:
-        """:meth:`scalar_fn` for ``has_aux=False``: returns the scalar alone."""
-        out = self.call_func(leaves)
-        check_scalar(out, self.api, self.has_aux)
-        return out
 
     def _aux_hint(self, out: Any) -> str:
         if not self.has_aux and _is_pair(out):
             return "`func` returned a pair: did you forget has_aux=True?"
         return "Every output of `func` is differentiated; return other values as `aux` (has_aux=True)."
 
-    def _split_aux(self, result: Any) -> tuple[Any, tuple[torch.Tensor, ...]]:
+    def split_aux(self, result: Any, outputs: Outputs) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        """``(output, aux_tensors)`` of ``func``'s result; records the aux structure."""
         if not self.has_aux:
             return result, ()
         if not isinstance(result, (tuple, list)):
@@ -419,30 +433,149 @@ class Call:
                 f"got a {type(result).__name__} of length {len(result)}."
             )
         out, aux = result
-        aux_leaves, self.aux_spec = tree_flatten(aux)
-        self.aux_static = [None if isinstance(a, torch.Tensor) else a for a in aux_leaves]
+        aux_leaves, outputs.aux_spec = tree_flatten(aux)
+        outputs.aux_static = [None if isinstance(a, torch.Tensor) else a for a in aux_leaves]
         return out, tuple(a for a in aux_leaves if isinstance(a, torch.Tensor))
 
-    # -- rebuilding -------------------------------------------------------------------
     def unflatten_in(self, leaves: Sequence[Any]) -> PyTree:
+        """A pytree with the structure of the differentiated inputs."""
         return tree_unflatten(self.in_spec, leaves)
 
-    def unflatten_out(self, leaves: Sequence[Any]) -> PyTree:
-        return tree_unflatten(self.out_spec, leaves)
 
-    def aux(self, aux_tensors: Sequence[torch.Tensor]) -> PyTree:
-        tensors = iter(aux_tensors)
-        return tree_unflatten(self.aux_spec, [next(tensors) if a is None else a for a in self.aux_static])
+# The calling conventions of `func` for torch.func, as data: name -> builder(call, outputs).
+# Each pays for itself (measured side by side, benchmarks/bench_core.py rows in brackets):
+# * flat    ((outputs,), (aux,)): records the output structure; used where several outputs
+#           and aux must be kept apart (linearize, the empty-input paths);
+# * torch   bare tensor, aux only with has_aux: ~13% faster than flat with has_aux=True on
+#           the Jacobian engine [jacrev/jacfwd R^256, hessian R^256, per-sample Hessians];
+# * scalar  (scalar, aux): the plain-autograd gradient and hvp [grad overhead, hvp MLP];
+# * scalar_no_aux: the scalar alone; ~7% faster than scalar with has_aux=True, and ~45%
+#           faster than torch (no optree flatten of the output) on the gradient of the
+#           nested path [per-sample gradients].
 
-    def with_aux(self, result: Any, aux_tensors: Sequence[torch.Tensor]) -> Any:
-        """``result`` or ``(result, aux)`` depending on ``has_aux``."""
-        return (result, self.aux(aux_tensors)) if self.has_aux else result
+
+def _flat_convention(call: Call, outputs: Outputs) -> Callable[..., Any]:
+    def flat_fn(*leaves: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        out, aux_tensors = call.split_aux(call.call_func(leaves), outputs)
+        out_leaves, outputs.spec = tree_flatten(out)
+        call.check_outputs(out, out_leaves)
+        return tuple(out_leaves), aux_tensors
+
+    return flat_fn
+
+
+def _torch_convention(call: Call, outputs: Outputs) -> Callable[..., Any]:
+    flat_fn = _flat_convention(call, outputs)
+    has_aux = call.has_aux
+
+    def torch_fn(*leaves: torch.Tensor) -> Any:
+        outs, aux = flat_fn(*leaves)
+        return torch_result(outs, aux, has_aux)
+
+    return torch_fn
+
+
+def _scalar_convention(call: Call, outputs: Outputs) -> Callable[..., Any]:
+    def scalar_fn(*leaves: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        out, aux_tensors = call.split_aux(call.call_func(leaves), outputs)
+        check_scalar(out, call.api, call.has_aux)
+        return out, aux_tensors
+
+    return scalar_fn
+
+
+def _scalar_no_aux_convention(call: Call, outputs: Outputs) -> Callable[..., Any]:
+    def scalar_fn_no_aux(*leaves: torch.Tensor) -> torch.Tensor:
+        out = call.call_func(leaves)
+        check_scalar(out, call.api, False)
+        return out  # type: ignore[no-any-return]
+
+    return scalar_fn_no_aux
+
+
+CONVENTIONS: dict[str, Callable[[Call, Outputs], Callable[..., Any]]] = {
+    "flat": _flat_convention,
+    "torch": _torch_convention,
+    "scalar": _scalar_convention,
+    "scalar_no_aux": _scalar_no_aux_convention,
+}
+
+
+def tracked_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Clones of ``tensors`` that are normal tensors (with a version counter, usable by
+    autograd) even inside ``torch.inference_mode()`` or when ``tensors`` are inference tensors."""
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return [t.clone() for t in tensors]
+    return [t.clone() for t in tensors]
+
+
+class InplaceGuard:
+    """The one in-place guard of every transform: ``func`` never changes the tensors it
+    differentiates, in any mode.
+
+    ``with InplaceGuard(call, copy=False) as leaves:`` (reverse mode) yields the caller's
+    leaves; torch refuses an in-place write to them with a ``RuntimeError``.
+
+    ``with InplaceGuard(call, copy=True) as leaves:`` (forward mode, where torch would let
+    ``func`` write the caller's tensors) yields copies and checks their version counters on
+    exit. Compiled code gets the copies without the check (they still protect the caller).
+
+    On a ``RuntimeError`` in the block (both modes: torch also refuses some writes in forward
+    mode, for example to an inference tensor) the guard runs ``func`` once more on copies:
+    if it writes one in place, functx's ``ValueError`` replaces torch's error (torch's
+    message is not read).
+    """
+
+    __slots__ = ("call", "copy", "leaves", "versions")
+
+    def __init__(self, call: Call, *, copy: bool) -> None:
+        self.call, self.copy = call, copy
+        self.versions: list[tuple[int, ...] | None] = []
+        self.leaves: list[torch.Tensor] = call.leaves
+
+    def __enter__(self) -> list[torch.Tensor]:
+        if self.copy:
+            self.leaves = tracked_copies(self.call.leaves)
+            if not torch.compiler.is_compiling():
+                self.versions = [version(t) for t in self.leaves]
+        return self.leaves
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> None:
+        if err is None:
+            if self.versions:
+                for k, (t, before) in enumerate(zip(self.leaves, self.versions)):
+                    if before is not None and version(t) != before:
+                        raise self.call.inplace_error(k)
+        elif isinstance(err, RuntimeError):
+            self._raise_if_inplace(err)
+
+    def _raise_if_inplace(self, err: RuntimeError) -> None:
+        call = self.call
+        if not _torch_internals.HAVE_VERSION or torch.compiler.is_compiling():
+            return
+        copies = tracked_copies([t.detach() for t in call.leaves])
+        before = [version(t) for t in copies]
+        try:
+            with torch.no_grad():
+                call.call_func(copies)
+        except Exception:  # not an in-place write we can identify: torch's error stands
+            return
+        for k, (t, v) in enumerate(zip(copies, before)):
+            if version(t) != v:
+                raise call.inplace_error(k) from err
 
 
 def torch_result(outs: Sequence[torch.Tensor], aux: Any, has_aux: bool) -> Any:
-    """Pack flat outputs in torch.func's convention (see :meth:`Call.torch_fn`)."""
+    """Pack flat outputs in torch.func's convention (the ``"torch"`` calling convention)."""
     out = outs[0] if len(outs) == 1 else tuple(outs)
     return (out, aux) if has_aux else out
+
+
+def resolved(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``tensors`` with their lazy conjugate/negative bits materialized, so that every result
+    of a transform can be used anywhere (``.numpy()`` refuses a tensor with the conj bit)."""
+    return tuple(t.resolve_conj().resolve_neg() if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
 def as_leaves(out: Any) -> tuple[torch.Tensor, ...]:

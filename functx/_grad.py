@@ -10,6 +10,8 @@ import torch
 
 from ._core import (
     Call,
+    InplaceGuard,
+    Outputs,
     all_argnums,
     autograd_grad,
     check_argnums,
@@ -17,6 +19,7 @@ from ._core import (
     check_callable,
     plain_autograd,
     reaches_other_leaves,
+    tracked_copies,
 )
 from ._torch_internals import grad_and_value
 from ._tree import PyTree, TensorTree
@@ -105,79 +108,88 @@ def grad(func: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: 
         tensor(12.)
     """
     check_callable(func, "func", "grad")
-    value_and_grad_fn = _value_and_grad(func, check_argnums(argnums, "grad"), has_aux, "grad")
-
-    @functools.wraps(func)
-    def grad_fn(*args: Any, **kwargs: Any) -> Any:
-        value, grads = value_and_grad_fn(*args, **kwargs)
-        return (grads, value[1]) if has_aux else grads
-
-    return grad_fn
+    return _value_and_grad(func, check_argnums(argnums, "grad"), has_aux, "grad", value=False)
 
 
 def _value_and_grad(
-    func: Callable[..., Any], argnums: int | tuple[int, ...], has_aux: bool, api: str
+    func: Callable[..., Any], argnums: int | tuple[int, ...], has_aux: bool, api: str, value: bool = True
 ) -> Callable[..., Any]:
     check_bool(has_aux, "has_aux", api)
 
-    @functools.wraps(func)
     def value_and_grad_fn(*args: Any, **kwargs: Any) -> Any:
         call = Call(api, func, args, kwargs, argnums, has_aux)
-        try:
-            grads, value, aux = grad_and_value_flat(call, call.leaves)
-        except RuntimeError as err:
-            call.raise_if_inplace(err)
-            raise
-        return call.with_aux(value, aux), call.unflatten_in(grads)
+        with InplaceGuard(call, copy=False) as leaves:
+            grads, out, aux, outputs = grad_and_value_flat(call, leaves)
+        if value:
+            return outputs.with_aux(out, aux), call.unflatten_in(grads)
+        return (call.unflatten_in(grads), outputs.aux(aux)) if has_aux else call.unflatten_in(grads)
 
-    return value_and_grad_fn
+    return functools.update_wrapper(value_and_grad_fn, func)
 
 
 def grad_and_value_flat(
-    call: Call, leaves: Sequence[torch.Tensor]
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, Any]:
-    """``(grads, value, aux_tensors)`` of ``call.scalar_fn`` at ``leaves``.
+    call: Call, leaves: Sequence[torch.Tensor], outputs: Outputs | None = None
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, Any, Outputs]:
+    """``(grads, value, aux_tensors, outputs)`` of ``call``'s scalar function at ``leaves``
+    (``outputs``: the record to fill, a new one by default).
 
     This is the hot path of every gradient, so it uses the cheapest calling convention of
     ``torch.func.grad_and_value``: an int ``argnums`` for a single leaf and ``has_aux`` only
     when asked for (each costs torch.func a few microseconds of pytree work otherwise).
     """
     if not leaves:  # nothing to differentiate: an empty structure of gradients
-        value, aux = call.scalar_fn()
-        return (), value, aux
+        scalar_fn, outputs = call.fn("scalar", outputs)
+        value, aux = scalar_fn()
+        return (), value, aux, outputs
     if plain_autograd(*leaves):
-        plain_grads, value, aux, _ = plain_derivatives(call, leaves)
-        return plain_grads, value, aux
-    fn = call.scalar_fn if call.has_aux else call.scalar_fn_no_aux
+        try:
+            plain_grads, value, aux, _, outputs = plain_derivatives(call, leaves, outputs=outputs)
+            return plain_grads, value, aux, outputs
+        except RuntimeError:  # e.g. a captured inference tensor: torch.func's engine decides
+            pass
+    fn, outputs = call.fn("scalar" if call.has_aux else "scalar_no_aux", outputs)
     grads: tuple[torch.Tensor, ...]
     if len(leaves) == 1:
         grad, result = grad_and_value(fn, 0, call.has_aux, (leaves[0],))
         grads = (grad,)
     else:
         grads, result = grad_and_value(fn, all_argnums(len(leaves)), call.has_aux, tuple(leaves))
-    return (grads, *result) if call.has_aux else (grads, result, ())
+    return (grads, *result, outputs) if call.has_aux else (grads, result, (), outputs)
 
 
 def plain_derivatives(
-    call: Call, leaves: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor] | None = None
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, Any, tuple[torch.Tensor, ...] | None]:
-    """``(grads, value, aux_tensors, hvp)`` of ``call.scalar_fn`` with plain autograd, for
-    top-level eager calls (see ``plain_autograd``): the same numbers as the torch.func
-    engine without its per-operation dispatch (the "grad overhead" rows of docs/benchmarks.md).
-    ``hvp`` is the Hessian applied to ``tangents`` (reverse over reverse), or None.
+    call: Call,
+    leaves: Sequence[torch.Tensor],
+    tangents: Sequence[torch.Tensor] | None = None,
+    outputs: Outputs | None = None,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, Any, tuple[torch.Tensor, ...] | None, Outputs]:
+    """``(grads, value, aux_tensors, hvp, outputs)`` of ``call``'s scalar function with plain
+    autograd, for top-level eager calls (see ``plain_autograd``): the same numbers as the
+    torch.func engine without its per-operation dispatch (the "grad overhead" rows of
+    docs/benchmarks.md). ``hvp`` is the Hessian applied to ``tangents`` (reverse over
+    reverse), or None.
     """
-    inputs = [leaf.detach().requires_grad_() for leaf in leaves]  # new tensors: the user's are untouched
+    inputs = [_fresh_leaf(leaf) for leaf in leaves]  # new tensors: the user's are untouched
     static = call.static_tensors()
     marks = [t.grad_fn for t in static]
+    scalar_fn, outputs = call.fn("scalar", outputs)
     with torch.enable_grad():  # a transform ignores an enclosing no_grad, as torch.func does
-        value, aux = call.scalar_fn(*inputs)
+        value, aux = scalar_fn(*inputs)
         outer = reaches_other_leaves([value, *aux], inputs)
         grads = autograd_grad([value], inputs, create_graph=outer or tangents is not None)
         products = None if tangents is None else autograd_grad(grads, inputs, tangents, create_graph=outer)
     _cut_written(static, marks)
     if outer:  # differentiable w.r.t. captured tensors, as torch.func's results would be
-        return grads, value, aux, products
-    return tuple(g.detach() for g in grads), value.detach(), tuple(a.detach() for a in aux), products
+        return grads, value, aux, products, outputs
+    return tuple(g.detach() for g in grads), value.detach(), tuple(a.detach() for a in aux), products, outputs
+
+
+def _fresh_leaf(leaf: torch.Tensor) -> torch.Tensor:
+    """A new leaf requiring grad with the values of ``leaf`` (an inference tensor, which
+    cannot require grad, is copied into a normal one)."""
+    if leaf.is_inference():
+        return tracked_copies([leaf])[0].requires_grad_()
+    return leaf.detach().requires_grad_()
 
 
 def _cut_written(static: Sequence[torch.Tensor], marks: Sequence[Any]) -> None:

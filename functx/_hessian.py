@@ -27,6 +27,8 @@ import torch
 
 from ._core import (
     Call,
+    InplaceGuard,
+    Outputs,
     as_leaves,
     check_argnums,
     check_bool,
@@ -36,6 +38,7 @@ from ._core import (
     check_primals,
     pack_like,
     plain_autograd,
+    resolved,
     torch_result,
     unpack,
 )
@@ -43,8 +46,10 @@ from ._grad import grad_and_value_flat, plain_derivatives
 from ._jacobian import Tensors, jacobian_flat
 from ._tree import PyTree, TensorTree, describe, flatten_like
 
-HESSIAN_MODES = ("auto", "rev-rev", "fwd-rev")
-HVP_MODES = ("auto", "rev-rev", "fwd-rev", "rev-fwd")
+HessianMode = Literal["auto", "rev-rev", "fwd-rev"]
+HvpMode = Literal["auto", "rev-rev", "fwd-rev", "rev-fwd"]
+HESSIAN_MODES: tuple[HessianMode, ...] = ("auto", "rev-rev", "fwd-rev")
+HVP_MODES: tuple[HvpMode, ...] = ("auto", "rev-rev", "fwd-rev", "rev-fwd")
 
 
 @overload
@@ -123,42 +128,36 @@ def hessian(
     check_choice(mode, "mode", HESSIAN_MODES, "hessian")
     check_bool(holomorphic, "holomorphic", "hessian")
 
-    @functools.wraps(func)
+    options: dict[str, Any] = {"has_aux": has_aux, "chunk_size": chunk_size, "holomorphic": holomorphic}
+
     def hessian_fn(*args: Any, **kwargs: Any) -> Any:
-        call = Call("hessian", func, args, kwargs, argnums, has_aux)
-        call.set_holomorphic(holomorphic)
+        call = Call("hessian", func, args, kwargs, argnums, has_aux, holomorphic=holomorphic)
         if not holomorphic:
             _refuse_complex_inputs(call)
-        options: dict[str, Any] = {"has_aux": has_aux, "chunk_size": chunk_size, "holomorphic": holomorphic}
+        outputs = Outputs(has_aux)
 
         def jac(*leaves: torch.Tensor) -> Any:
-            args = call.args
-            call.args = tuple(call.lifted_args())  # func's own arguments, at this level too
-            try:
-                _, blocks, aux = jacobian_flat(call.torch_fn, leaves, rev=True, **options)
-            finally:
-                call.args = args
+            inner = call.with_args(tuple(call.lifted_args()))  # func's own arguments, at this level too
+            _, blocks, aux = jacobian_flat(inner.fn("torch", outputs)[0], leaves, rev=True, **options)
             return torch_result([b for row in blocks for b in row], aux, has_aux)
 
         outer = lambda rev: jacobian_flat(jac, call.leaves, rev=rev, **options)
         if call.leaves:
-            try:
+            with InplaceGuard(call, copy=False):
                 _, blocks, aux = _with_mode(
                     mode, call.leaves, rev_rev=lambda: outer(True), fwd_rev=lambda: outer(False)
                 )
-            except RuntimeError as err:
-                call.raise_if_inplace(err)
-                raise
         else:  # nothing to differentiate: empty Hessian blocks
-            (_, aux), blocks = call.flat_fn(), []  # evaluated for the output structure and aux
+            flat_fn, outputs = call.fn("flat")
+            (_, aux), blocks = flat_fn(), []  # evaluated for the output structure and aux
         n = len(call.leaves)
         rows = [
-            call.unflatten_in([call.unflatten_in(blocks[o * n + i]) for i in range(n)])
-            for o in range(call.out_spec.num_leaves)
+            call.unflatten_in([call.unflatten_in(resolved(blocks[o * n + i])) for i in range(n)])
+            for o in range(outputs.spec.num_leaves)
         ]
-        return call.with_aux(call.unflatten_out(rows), aux)
+        return outputs.with_aux(outputs.unflatten(rows), aux)
 
-    return hessian_fn
+    return functools.update_wrapper(hessian_fn, func)
 
 
 def _refuse_complex_inputs(call: Call) -> None:
@@ -173,16 +172,16 @@ def _refuse_complex_inputs(call: Call) -> None:
 
 @overload
 def hvp(
-    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[False] = ..., *, mode: str = ...
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[False] = ..., *, mode: HvpMode = ...
 ) -> tuple[tuple[TensorTree, ...], tuple[TensorTree, ...]]: ...
 @overload
 def hvp(
-    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[True], *, mode: str = ...
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: Literal[True], *, mode: HvpMode = ...
 ) -> tuple[tuple[TensorTree, ...], tuple[TensorTree, ...], PyTree]: ...
 
 
 def hvp(
-    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = False, *, mode: str = "auto"
+    func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = False, *, mode: HvpMode = "auto"
 ) -> tuple[Any, ...]:
     """Hessian-vector product of a scalar ``func`` at ``primals``, without forming the Hessian.
 
@@ -215,21 +214,23 @@ def hvp(
     flat_tangents = tuple(
         flatten_like(tangents, call.in_spec, call.leaves, name="tangents", api="hvp", ref="the primals")
     )
+    outputs = Outputs(has_aux)
     if not call.leaves:
-        _, aux = call.scalar_fn()
+        _, aux = call.fn("scalar", outputs)[0]()
         grads: Tensors = ()
         products: Tensors = ()
     else:
-        run = {"auto": _hvp_rev_rev, "rev-rev": _hvp_rev_rev, "fwd-rev": _hvp_fwd_rev, "rev-fwd": _hvp_rev_fwd}[mode]
-        if run is _hvp_rev_rev and plain_autograd(*call.leaves, *flat_tangents):
-            run = _hvp_plain
-        try:
-            grads, products, aux = run(call, flat_tangents)
-        except RuntimeError as err:
-            call.raise_if_inplace(err)
-            raise
-    result = (call.unflatten_in(grads), call.unflatten_in(products))
-    return result + (call.aux(aux),) if has_aux else result
+        run = HVP_RUNNERS[mode]
+        with InplaceGuard(call, copy=False):
+            if run is _hvp_rev_rev and plain_autograd(*call.leaves, *flat_tangents):
+                try:
+                    grads, products, aux = _hvp_plain(call, flat_tangents, outputs)
+                except RuntimeError:  # e.g. a captured inference tensor: torch.func's engine decides
+                    grads, products, aux = run(call, flat_tangents, outputs)
+            else:
+                grads, products, aux = run(call, flat_tangents, outputs)
+    result = (call.unflatten_in(resolved(grads)), call.unflatten_in(resolved(products)))
+    return result + (outputs.aux(aux),) if has_aux else result
 
 
 def _with_mode(
@@ -257,39 +258,50 @@ def _prefers_rev_rev(leaves: Sequence[torch.Tensor]) -> bool:
     return not leaves or leaves[0].device.type == "cpu"
 
 
-def _grad_fn(call: Call) -> Callable[..., Any]:
-    """The gradient of ``call.scalar_fn`` as a flat function in torch.func's convention."""
+def _grad_fn(call: Call, outputs: Outputs) -> Callable[..., Any]:
+    """The gradient of ``call``'s scalar function as a flat function in torch.func's convention."""
 
     def grad_fn(*leaves: torch.Tensor) -> Any:
-        grads, _, aux = grad_and_value_flat(call, leaves)
+        grads, _, aux, _ = grad_and_value_flat(call, leaves, outputs)
         return torch_result(grads, aux, call.has_aux)
 
     return grad_fn
 
 
-def _hvp_rev_rev(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
-    grads, pullback, aux = unpack(torch.func.vjp(_grad_fn(call), *call.leaves, has_aux=call.has_aux), call.has_aux)
+def _hvp_rev_rev(call: Call, tangents: Tensors, outputs: Outputs) -> tuple[Tensors, Tensors, Tensors]:
+    result = torch.func.vjp(_grad_fn(call, outputs), *call.leaves, has_aux=call.has_aux)
+    grads, pullback, aux = unpack(result, call.has_aux)
     return as_leaves(grads), pullback(pack_like(tangents, grads)), aux
 
 
-def _hvp_plain(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
+def _hvp_plain(call: Call, tangents: Tensors, outputs: Outputs) -> tuple[Tensors, Tensors, Tensors]:
     """:func:`_hvp_rev_rev` with plain autograd, for top-level eager calls."""
-    grads, _, aux, products = plain_derivatives(call, call.leaves, tangents)
+    grads, _, aux, products, _ = plain_derivatives(call, call.leaves, tangents, outputs)
     assert products is not None  # asked for with `tangents`
     return grads, products, aux
 
 
-def _hvp_fwd_rev(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
-    result = torch.func.jvp(_grad_fn(call), tuple(call.leaves), tangents, has_aux=call.has_aux)
+def _hvp_fwd_rev(call: Call, tangents: Tensors, outputs: Outputs) -> tuple[Tensors, Tensors, Tensors]:
+    result = torch.func.jvp(_grad_fn(call, outputs), tuple(call.leaves), tangents, has_aux=call.has_aux)
     grads, products, aux = unpack(result, call.has_aux)
     return as_leaves(grads), as_leaves(products), aux
 
 
-def _hvp_rev_fwd(call: Call, tangents: Tensors) -> tuple[Tensors, Tensors, Tensors]:
+def _hvp_rev_fwd(call: Call, tangents: Tensors, outputs: Outputs) -> tuple[Tensors, Tensors, Tensors]:
+    scalar_fn, _ = call.fn("scalar", outputs)
+
     def value_and_slope(*leaves: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], Tensors]:
-        value, slope, aux = unpack(torch.func.jvp(call.scalar_fn, leaves, tangents, has_aux=True), True)
+        value, slope, aux = unpack(torch.func.jvp(scalar_fn, leaves, tangents, has_aux=True), True)
         return (value, slope), aux
 
     (value, slope), pullback, aux = unpack(torch.func.vjp(value_and_slope, *call.leaves, has_aux=True), True)
     one, zero = torch.ones_like(value), torch.zeros_like(slope)
     return pullback((one, zero)), pullback((zero, one)), aux
+
+
+HVP_RUNNERS: dict[str, Callable[[Call, Tensors, Outputs], tuple[Tensors, Tensors, Tensors]]] = {
+    "auto": _hvp_rev_rev,
+    "rev-rev": _hvp_rev_rev,
+    "fwd-rev": _hvp_fwd_rev,
+    "rev-fwd": _hvp_rev_fwd,
+}

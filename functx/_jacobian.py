@@ -29,6 +29,7 @@ import torch
 
 from ._core import (
     Call,
+    InplaceGuard,
     as_leaves,
     check_argnums,
     check_bool,
@@ -36,11 +37,14 @@ from ._core import (
     check_choice,
     check_chunk_size,
     pack_like,
+    resolved,
     unpack,
 )
+from ._torch_internals import jvp, vjp, vmap_leading
 from ._tree import PyTree, TensorTree, tree_flatten, tree_unflatten
 
 Tensors = tuple[torch.Tensor, ...]
+Randomness = Literal["error", "different", "same"]
 FlatFn = Callable[..., tuple[Tensors, Tensors]]
 
 
@@ -62,8 +66,8 @@ def jacobian_flat(
     leaves = tuple(leaves)
     if rev:
         outs, jac, aux = _jacobian_rev(fn, leaves, has_aux, chunk_size, randomness)
-        if holomorphic:  # a vector-Jacobian product gives conj(df/dz)
-            jac = [[block.conj() for block in row] for row in jac]
+        if holomorphic:  # a vector-Jacobian product gives conj(df/dz); resolved: no lazy conj bit
+            jac = [[block.conj().resolve_conj() for block in row] for row in jac]
         return outs, jac, aux
     outs, jac, aux = _jacobian_fwd(fn, leaves, has_aux, chunk_size, randomness, 1)
     if not holomorphic and any(x.is_complex() for x in leaves):  # the i-directions too
@@ -80,7 +84,7 @@ def _combine(real_dir: torch.Tensor, imag_dir: torch.Tensor, x: torch.Tensor) ->
 def _jacobian_rev(
     fn: FlatFn, leaves: Tensors, has_aux: bool, chunk_size: int | None, randomness: str
 ) -> tuple[Tensors, list[list[torch.Tensor]], Tensors]:
-    out, pullback, aux = unpack(torch.func.vjp(fn, *leaves, has_aux=has_aux), has_aux)
+    out, pullback, aux = unpack(vjp(fn, leaves, has_aux), has_aux)
     outs = as_leaves(out)
     if len(outs) == 1 and outs[0].numel() == 1:  # scalar output: one pullback, nothing to cut
         grads = pullback(torch.ones_like(outs[0]))
@@ -93,7 +97,7 @@ def _jacobian_fwd(
     fn: FlatFn, leaves: Tensors, has_aux: bool, chunk_size: int | None, randomness: str, unit: complex
 ) -> tuple[Tensors, list[list[torch.Tensor]], Tensors]:
     def push(tangents: Tensors) -> tuple[Tensors, tuple[Tensors, Tensors]]:
-        out, tangents_out, aux = unpack(torch.func.jvp(fn, leaves, tangents, has_aux=has_aux), has_aux)
+        out, tangents_out, aux = unpack(jvp(fn, leaves, tangents, has_aux), has_aux)
         return as_leaves(tangents_out), (as_leaves(out), aux)
 
     cols, (outs, aux) = _apply_basis(push, leaves, chunk_size, randomness, unit)
@@ -132,8 +136,10 @@ def _apply_basis(
         layout[:] = [len(linear), extra_spec]
         return (*linear, *extra_leaves)
 
-    batched = torch.func.vmap(flat, randomness=randomness)
-    chunks = [batched(*_basis(refs, sizes, start, min(start + step, total), unit)) for start in range(0, total, step)]
+    chunks = [
+        vmap_leading(flat, _basis(refs, sizes, start, min(start + step, total), unit), randomness)
+        for start in range(0, total, step)
+    ]
     n, extra_spec = layout
     linear = chunks[0][:n] if len(chunks) == 1 else tuple(torch.cat(parts) for parts in zip(*(c[:n] for c in chunks)))
     # `extra` comes out batched (an expanded view) and we keep row 0: torch.vmap refuses
@@ -256,7 +262,7 @@ def jacfwd(
     has_aux: Literal[False] = ...,
     *,
     chunk_size: int | None = ...,
-    randomness: str = ...,
+    randomness: Randomness = ...,
     holomorphic: bool = ...,
 ) -> Callable[..., TensorTree]: ...
 @overload
@@ -266,7 +272,7 @@ def jacfwd(
     has_aux: Literal[True],
     *,
     chunk_size: int | None = ...,
-    randomness: str = ...,
+    randomness: Randomness = ...,
     holomorphic: bool = ...,
 ) -> Callable[..., tuple[TensorTree, PyTree]]: ...
 @overload
@@ -276,7 +282,7 @@ def jacfwd(
     *,
     has_aux: Literal[True],
     chunk_size: int | None = ...,
-    randomness: str = ...,
+    randomness: Randomness = ...,
     holomorphic: bool = ...,
 ) -> Callable[..., tuple[TensorTree, PyTree]]: ...
 
@@ -287,7 +293,7 @@ def jacfwd(
     has_aux: bool = False,
     *,
     chunk_size: int | None = None,
-    randomness: str = "error",
+    randomness: Randomness = "error",
     holomorphic: bool = False,
 ) -> Callable[..., Any]:
     """Jacobian of ``func`` by forward mode (one Jacobian-vector product per input element).
@@ -337,22 +343,15 @@ def _jacobian(
     check_bool(has_aux, "has_aux", api)
     chunk_size = check_chunk_size(chunk_size, api)
 
-    @functools.wraps(func)
-    def jacobian_fn(*args: Any, **kwargs: Any) -> Any:
-        call = Call(api, func, args, kwargs, argnums, has_aux)
-        call.set_holomorphic(holomorphic)
-        rev_here = rev or not call.leaves  # nothing to differentiate: an empty Jacobian in both modes
-        options = {"has_aux": has_aux, "chunk_size": chunk_size, "randomness": randomness, "holomorphic": holomorphic}
-        if rev_here:
-            try:
-                _, jac, aux = jacobian_flat(call.torch_fn, call.leaves, rev=True, **options)
-            except RuntimeError as err:
-                call.raise_if_inplace(err)
-                raise
-        else:  # torch.func.jvp would let `func` write the caller's tensors: give it copies
-            fresh = call.fresh_leaves()
-            _, jac, aux = jacobian_flat(call.torch_fn, fresh, rev=False, **options)
-            call.check_unwritten(fresh)
-        return call.with_aux(call.unflatten_out([call.unflatten_in(row) for row in jac]), aux)
+    options = {"has_aux": has_aux, "chunk_size": chunk_size, "randomness": randomness, "holomorphic": holomorphic}
 
-    return jacobian_fn
+    def jacobian_fn(*args: Any, **kwargs: Any) -> Any:
+        call = Call(api, func, args, kwargs, argnums, has_aux, holomorphic=holomorphic)
+        rev_here = rev or not call.leaves  # nothing to differentiate: an empty Jacobian in both modes
+        torch_fn, outputs = call.fn("torch")
+        # forward mode: torch.func.jvp would let `func` write the caller's tensors, so it gets copies
+        with InplaceGuard(call, copy=not rev_here) as leaves:
+            _, jac, aux = jacobian_flat(torch_fn, leaves, rev=rev_here, **options)
+        return outputs.with_aux(outputs.unflatten([call.unflatten_in(resolved(row)) for row in jac]), aux)
+
+    return functools.update_wrapper(jacobian_fn, func)

@@ -35,9 +35,21 @@ private name                              entry here                  when unava
                                                                       differentiated inputs in forward mode
                                                                       land on functx's private copy and are
                                                                       not reported
+``torch._C._functorch``                   :func:`grad_and_value`,     the public ``torch.func`` transforms
+``._grad_increment_nesting``,             :func:`vmap_enter`, ...     (same numbers; torch's Python pytree
+``._vmap_increment_nesting``,             (:data:`CAN_FLAT`)          work on every call is the difference)
+``._wrap_for_grad``, ``._unwrap_for_grad``,
+``._add_batch_dim``, ``._remove_batch_dim``,
+``.is_batchedtensor``,
+``.set_inplace_requires_grad_allowed``
 ``torch.compiler.is_exporting`` (public,  :func:`is_exporting`        ``False``
 recent torch only)
 ========================================  ==========================  =====================================
+
+The flat fast paths (:func:`grad_and_value`, :func:`vmap_enter`/:func:`vmap_exit`) do what
+``torch.func.grad_and_value``/``torch.vmap`` do underneath, on flat lists of tensors, and
+run only in eager mode (:func:`flat_ok`: not compiling, exporting or tracing, no compiled
+autograd); everywhere else the public transforms run.
 
 ``torch.utils._pytree`` is not used anywhere in functx: pytrees are optree's.
 """
@@ -46,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -76,6 +89,39 @@ try:
 except ImportError:  # pragma: no cover
     _set_fwd = None  # type: ignore[assignment,misc]
 
+try:
+    from torch._functorch import eager_transforms as _eager_transforms
+except ImportError:  # pragma: no cover
+    _eager_transforms = None  # type: ignore[assignment]
+
+try:
+    from torch._functorch.predispatch import lazy_load_decompositions as _lazy_load_decompositions
+except ImportError:  # pragma: no cover
+    _lazy_load_decompositions = None  # type: ignore[assignment]
+
+_SAVED_HOOKS_NAMES = (
+    "_saved_tensors_hooks_get_disabled_error_message",
+    "_saved_tensors_hooks_disable",
+    "_saved_tensors_hooks_enable",
+)
+_SAVED_HOOKS_MESSAGE = (
+    "torch.func.{grad, vjp, jacrev, hessian} don't yet support saved tensor hooks. "
+    "Please open an issue with your use case."
+)
+_FLAT_NAMES = (
+    "_grad_increment_nesting",
+    "_grad_decrement_nesting",
+    "_wrap_for_grad",
+    "_unwrap_for_grad",
+    "get_inplace_requires_grad_allowed",
+    "set_inplace_requires_grad_allowed",
+    "_vmap_increment_nesting",
+    "_vmap_decrement_nesting",
+    "_add_batch_dim",
+    "_remove_batch_dim",
+    "is_batchedtensor",
+)
+
 
 def _attr(obj: Any, name: str) -> Any:
     return getattr(obj, name, None) if obj is not None else None
@@ -91,6 +137,10 @@ CAN_UNWRAP = False
 """Whether :func:`wrapper_chain`/:func:`unwrap_all` can see through functorch wrappers."""
 CAN_LIFT = False
 HAVE_VERSION = False
+CAN_FLAT = False
+"""Whether the flat fast paths of :func:`grad_and_value` and :func:`vmap_enter` are available
+(probed at the first call of :func:`flat_ok`)."""
+_flat_names_ok: bool | None = None  # None: probed; True: names present, probe pending
 
 _peek: Callable[[], Any] | None = None
 _impl: Callable[..., Any] | None = None
@@ -120,10 +170,45 @@ def _probe_version() -> bool:
     return isinstance(v, int) and getattr(t, "_version", None) == v + 1
 
 
+def _probe_flat() -> bool:
+    """The flat paths must give torch.func's numbers on a small problem (else: unavailable)."""
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            return _run_flat_probe()
+    except Exception:  # pragma: no cover - depends on the torch version
+        return False
+
+
+def _run_flat_probe() -> bool:
+    global _decompositions_loaded
+    if _lazy_load_decompositions is not None:
+        _lazy_load_decompositions()
+    _decompositions_loaded = True
+    x = torch.tensor([1.0, 2.0])
+    g, v = _flat_grad_and_value(lambda t: (t**3).sum(), 0, False, (x,))
+    level = _vmap_enter(2, "error")
+    try:
+        y = _functorch_module._remove_batch_dim(_functorch_module._add_batch_dim(x, 0, level) * 2, level, 2, 0)
+    finally:
+        _functorch_module._vmap_decrement_nesting()
+    out, slope = _flat_jvp(lambda t: t**3, (x,), (torch.ones(2),), False)
+    square, pullback = _flat_vjp(lambda t: t**2, (x,), False)
+    (cotangent,) = pullback(torch.ones(2))
+    return bool(
+        torch.equal(square, x**2)
+        and torch.equal(cotangent, 2 * x)
+        and torch.equal(g, 3 * x**2)
+        and float(v) == 9.0
+        and torch.equal(y, 2 * x)
+        and torch.equal(out, x**3)
+        and torch.equal(slope, 3 * x**2)
+    )
+
+
 def _reset(enabled: bool) -> None:
     """Bind every entry to the private name (probed) or to its fallback."""
     global functorch, TransformType, retrieve_all_functorch_interpreters, set_fwd_grad_enabled
-    global CAN_UNWRAP, CAN_LIFT, HAVE_VERSION, _peek, _impl, _is_wrapped, _unwrap, _wrap_for_grad
+    global CAN_UNWRAP, CAN_LIFT, HAVE_VERSION, CAN_FLAT, _peek, _impl, _is_wrapped, _unwrap, _wrap_for_grad
     ft = _functorch_module if enabled else None
     functorch = ft
     TransformType = _attr(ft, "TransformType")
@@ -136,6 +221,17 @@ def _reset(enabled: bool) -> None:
     _wrap_for_grad = _attr(ft, "_wrap_for_grad")
     CAN_LIFT = _wrap_for_grad is not None and _peek is not None
     HAVE_VERSION = enabled and _probe_version()
+    global _flat_names_ok
+    CAN_FLAT = False  # probed at first use (the probe runs the flat paths, defined below)
+    _flat_names_ok = (
+        ft is not None
+        and _peek is not None
+        and _set_fwd is not None
+        and all(callable(_attr(ft, n)) for n in _FLAT_NAMES)
+        and all(callable(_attr(_eager_transforms, n)) for n in ("enter_jvp_nesting", "exit_jvp_nesting"))
+        and isinstance(_attr(_eager_transforms, "JVP_NESTING"), int)
+        and all(callable(_attr(torch._C._autograd, n)) for n in _SAVED_HOOKS_NAMES)
+    )
 
 
 _reset(ENABLED)
@@ -162,12 +258,260 @@ def transforms_active() -> bool:
     return _peek is None or _peek() is not None
 
 
+def flat_ok() -> bool:
+    """Whether the flat fast paths may run now: available, and plain eager execution (not
+    compiling, exporting or tracing; compiled autograd off)."""
+    global CAN_FLAT, _flat_names_ok
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or is_exporting():
+        return False
+    if _flat_names_ok:  # first eager use: probe once
+        _flat_names_ok = None
+        CAN_FLAT = _probe_flat()
+    if not CAN_FLAT:
+        return False
+    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")
+    return not getattr(compiled_autograd, "compiled_autograd_enabled", False)
+
+
 def grad_and_value(fn: Callable[..., Any], argnums: Any, has_aux: bool, args: tuple[Any, ...]) -> Any:
-    """``torch.func.grad_and_value(fn, argnums, has_aux)(*args)``; in eager mode without the
-    wrapper the public API builds on every call (same implementation underneath)."""
+    """``torch.func.grad_and_value(fn, argnums, has_aux)(*args)`` for a tuple ``args`` of
+    tensors, all differentiated by ``fn``'s caller (``argnums`` selects which gradients are
+    returned: an int or a tuple of ints). In eager mode this is torch.func's implementation
+    without its pytree work (``fn`` takes and returns flat tensors; with ``has_aux`` it
+    returns ``(scalar, tuple_of_tensors)``)."""
+    if flat_ok():
+        return _flat_grad_and_value(fn, argnums, has_aux, args)
     if _impl is not None and not torch.compiler.is_compiling():
         return _impl(fn, argnums, has_aux, args, {})
     return torch.func.grad_and_value(fn, argnums=argnums, has_aux=has_aux)(*args)
+
+
+def _hooks_off() -> Any:
+    """Refuse saved-tensor hooks while a grad level runs, as torch.func does
+    (``torch.autograd.graph.disable_saved_tensors_hooks``); returns what to restore."""
+    previous = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
+    torch._C._autograd._saved_tensors_hooks_disable(_SAVED_HOOKS_MESSAGE)
+    return previous
+
+
+def _hooks_restore(previous: Any) -> None:
+    if previous is None:
+        torch._C._autograd._saved_tensors_hooks_enable()
+    else:
+        torch._C._autograd._saved_tensors_hooks_disable(previous)
+
+
+def _wrap_differentiable(args: Sequence[torch.Tensor], level: int) -> list[torch.Tensor]:
+    """``args`` wrapped at grad ``level`` and requiring grad (torch.func's ``_create_differentiable``)."""
+    ft = _functorch_module
+    wrapped = [ft._wrap_for_grad(t, level) for t in args]
+    allowed = ft.get_inplace_requires_grad_allowed()
+    ft.set_inplace_requires_grad_allowed(True)
+    try:
+        for t in wrapped:
+            t.requires_grad_()
+    finally:
+        ft.set_inplace_requires_grad_allowed(allowed)
+    return wrapped
+
+
+def _unwrap_aux(aux: Any, level: int) -> Any:
+    unwrap = _functorch_module._unwrap_for_grad
+    return unwrap(aux, level) if isinstance(aux, torch.Tensor) else tuple(unwrap(a, level) for a in aux)
+
+
+def vjp(fn: Callable[..., Any], primals: Sequence[torch.Tensor], has_aux: bool) -> Any:
+    """``torch.func.vjp(fn, *primals, has_aux=has_aux)`` for flat tensors and a ``fn``
+    returning a tensor or a tuple of tensors (with ``has_aux``: paired with a tensor or a
+    tuple of tensors); the pullback takes cotangents packed like the output and returns a
+    tuple. Where :func:`flat_ok`, torch.func's implementation without its pytree work."""
+    if flat_ok():
+        return _flat_vjp(fn, primals, has_aux)
+    return torch.func.vjp(fn, *primals, has_aux=has_aux)
+
+
+def _flat_vjp(fn: Callable[..., Any], primals: Sequence[torch.Tensor], has_aux: bool) -> Any:
+    """``torch._functorch.eager_transforms._vjp_with_argnums`` on flat tensors."""
+    ft = _functorch_module
+    hooks = _hooks_off()
+    level = ft._grad_increment_nesting()
+    try:
+        with torch.enable_grad():
+            wrapped = _wrap_differentiable(primals, level)
+            result = fn(*wrapped)
+            aux: Any = None
+            if has_aux:
+                result, aux = result
+                aux = _unwrap_aux(aux, level)
+            single = isinstance(result, torch.Tensor)
+            outs = (result,) if single else tuple(result)
+            unwrap = ft._unwrap_for_grad
+            primals_out = [unwrap(o, level) for o in outs]
+    finally:
+        ft._grad_decrement_nesting()
+        _hooks_restore(hooks)
+
+    def pullback(cotangents: Any) -> tuple[torch.Tensor, ...]:
+        cts = (cotangents,) if single else tuple(cotangents)
+        create_graph = torch.is_grad_enabled()
+        if torch.is_inference_mode_enabled():  # as torch.func: without clobbering grad modes
+            with torch.inference_mode(False), torch.set_grad_enabled(create_graph):
+                return _autograd_grad(outs, wrapped, cts, create_graph)
+        return _autograd_grad(outs, wrapped, cts, create_graph)
+
+    out: Any = primals_out[0] if single else tuple(primals_out)
+    return (out, pullback, aux) if has_aux else (out, pullback)
+
+
+def _autograd_grad(
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    cotangents: Sequence[torch.Tensor],
+    create_graph: bool,
+) -> tuple[torch.Tensor, ...]:
+    """torch.func's ``_autograd_grad``: outputs that do not require grad are skipped, unused
+    inputs get zeros, the graph is retained."""
+    keep = [k for k, o in enumerate(outputs) if o.requires_grad]
+    if not keep:
+        return tuple(torch.zeros_like(x) for x in inputs)
+    grads = torch.autograd.grad(
+        [outputs[k] for k in keep],
+        inputs,
+        [cotangents[k] for k in keep],
+        retain_graph=True,
+        create_graph=create_graph,
+        allow_unused=True,
+    )
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
+
+
+def _flat_grad_and_value(fn: Callable[..., Any], argnums: Any, has_aux: bool, args: tuple[Any, ...]) -> Any:
+    """``torch._functorch.eager_transforms.grad_and_value_impl`` on a flat tuple of tensors."""
+    ft = _functorch_module
+    hooks = _hooks_off()
+    level = ft._grad_increment_nesting()
+    try:
+        with torch.enable_grad():  # see torch.func's NOTE [grad and vjp interaction with no_grad]
+            wrapped = _wrap_differentiable(args, level)
+            output = fn(*wrapped)
+            aux: Any = None
+            if has_aux:
+                output, aux = output
+            inputs = [wrapped[argnums]] if isinstance(argnums, int) else [wrapped[i] for i in argnums]
+            if output.requires_grad:
+                grads = torch.autograd.grad((output,), inputs, create_graph=True, allow_unused=True)
+                grads = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
+            else:
+                grads = tuple(torch.zeros_like(x) for x in inputs)
+            unwrap = ft._unwrap_for_grad
+            flat_grads = [unwrap(g, level) for g in grads]
+            output = unwrap(output, level)
+            if has_aux:
+                aux = _unwrap_aux(aux, level)
+    finally:
+        ft._grad_decrement_nesting()
+        _hooks_restore(hooks)
+    grad_input = flat_grads[0] if isinstance(argnums, int) else tuple(flat_grads)
+    return (grad_input, (output, aux)) if has_aux else (grad_input, output)
+
+
+def jvp(
+    fn: Callable[..., Any], primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...], has_aux: bool
+) -> Any:
+    """``torch.func.jvp(fn, primals, tangents, has_aux=has_aux)`` for flat tuples of tensors
+    and a ``fn`` returning a tensor or a tuple of tensors (with ``has_aux``: paired with a
+    tensor or a tuple of tensors). Where :func:`flat_ok`, torch.func's implementation
+    without its pytree work."""
+    if flat_ok():
+        return _flat_jvp(fn, primals, tangents, has_aux)
+    return torch.func.jvp(fn, primals, tangents, has_aux=has_aux)
+
+
+def _flat_jvp(
+    fn: Callable[..., Any], primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor], has_aux: bool
+) -> Any:
+    """``torch._functorch.eager_transforms._jvp_with_argnums`` on flat tuples."""
+    import torch.autograd.forward_ad as fwAD
+
+    et = _eager_transforms
+    level = et.enter_jvp_nesting()
+    try:
+        with _set_fwd(True):
+            ctx = fwAD.dual_level() if et.JVP_NESTING == 1 else contextlib.nullcontext()
+            with ctx:
+                result = fn(*[fwAD.make_dual(p, t) for p, t in zip(primals, tangents)])
+                aux: Any = None
+                if has_aux:
+                    result, aux = result
+                single = isinstance(result, torch.Tensor)
+                unwrap = _functorch_module._unwrap_for_grad
+                outs, slopes = [], []
+                for dual in (result,) if single else result:
+                    primal, slope = fwAD.unpack_dual(dual)
+                    outs.append(unwrap(primal, level))
+                    slopes.append(unwrap(torch.zeros_like(primal) if slope is None else slope, level))
+                if has_aux:
+                    aux = unwrap(aux, level) if isinstance(aux, torch.Tensor) else tuple(unwrap(a, level) for a in aux)
+    finally:
+        et.exit_jvp_nesting()
+    out: Any = outs[0] if single else tuple(outs)
+    slope_out: Any = slopes[0] if single else tuple(slopes)
+    return (out, slope_out, aux) if has_aux else (out, slope_out)
+
+
+_decompositions_loaded = False
+
+
+def _vmap_enter(batch_size: int, randomness: str) -> int:
+    global _decompositions_loaded
+    if not _decompositions_loaded and _lazy_load_decompositions is not None:
+        _lazy_load_decompositions()
+        _decompositions_loaded = True
+    return int(_functorch_module._vmap_increment_nesting(batch_size, randomness))
+
+
+def vmap_enter(batch_size: int, randomness: str) -> int:
+    """Open a ``torch.vmap`` level (what ``torch.vmap`` does before calling ``func``); every
+    call must be paired with :func:`vmap_exit`, in a ``finally``. Only where :func:`flat_ok`."""
+    return _vmap_enter(batch_size, randomness)
+
+
+def vmap_exit() -> None:
+    """Close the level opened by :func:`vmap_enter`."""
+    _functorch_module._vmap_decrement_nesting()
+
+
+def add_batch_dim(t: torch.Tensor, dim: int, level: int) -> torch.Tensor:
+    """``t`` batched along ``dim`` (non-negative) at vmap ``level``."""
+    return _functorch_module._add_batch_dim(t, dim, level)  # type: ignore[no-any-return]
+
+
+def remove_batch_dim(t: torch.Tensor, level: int, batch_size: int, dim: int) -> torch.Tensor:
+    """The plain tensor of a ``level`` output, its batch dimension at ``dim`` (expanded when
+    ``t`` does not vary along the batch)."""
+    return _functorch_module._remove_batch_dim(t, level, batch_size, dim)  # type: ignore[no-any-return]
+
+
+def vmap_leading(fn: Callable[..., Sequence[torch.Tensor]], args: Sequence[torch.Tensor], randomness: str) -> Any:
+    """``torch.func.vmap(fn, randomness=randomness)(*args)`` for tensors batched along their
+    first dimension and a ``fn`` returning a tuple of tensors (each batched along its first
+    dimension); opens the level directly where :func:`flat_ok`."""
+    if not flat_ok():
+        return torch.func.vmap(fn, randomness=randomness)(*args)
+    batch_size = args[0].shape[0]
+    level = _vmap_enter(batch_size, randomness)
+    try:
+        add = _functorch_module._add_batch_dim
+        outs = fn(*[add(a, 0, level) for a in args])
+        remove = _functorch_module._remove_batch_dim
+        return tuple(remove(o, level, batch_size, 0) for o in outs)
+    finally:
+        _functorch_module._vmap_decrement_nesting()
+
+
+def is_batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a vmap BatchedTensor (at any level)."""
+    return bool(_functorch_module.is_batchedtensor(t))
 
 
 def lift(tensors: Sequence[Any]) -> list[Any]:

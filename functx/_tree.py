@@ -193,15 +193,31 @@ def flatten_float(
     return leaves, spec
 
 
-_NAMESPACE_SUFFIX = f", namespace={NAMESPACE!r}"
+def same_structure(a: Any, b: Any) -> bool:
+    """Whether two tree structures are the same tree: the same node types, keys and leaves
+    in the same places, whatever namespace each spec was built in or how it spells it.
+
+    Equal specs are the common case (one comparison); otherwise the nodes are compared one by
+    one. This accepts the specs Dynamo's optree polyfill builds across a ``torch.compile``
+    graph break (``PyTreeSpec(*, namespace='')`` for ``PyTreeSpec(*)``), which are not
+    ``optree.PyTreeSpec`` objects and do not compare equal to them.
+    """
+    if a is b or a == b:
+        return True
+    try:
+        return _same_node(a, b)
+    except (AttributeError, TypeError):  # not a tree structure
+        return False
 
 
-def _same_ignoring_namespace(a: TreeSpec, b: TreeSpec) -> bool:
-    """Whether two specs differ only by the namespace tag: Dynamo's optree polyfill drops it
-    from specs built across a ``torch.compile`` graph break (only reached on the error path)."""
-    return a.num_leaves == b.num_leaves and repr(a).replace(_NAMESPACE_SUFFIX, "") == repr(b).replace(
-        _NAMESPACE_SUFFIX, ""
-    )
+def _same_node(a: Any, b: Any) -> bool:
+    if a.num_leaves != b.num_leaves or a.num_nodes != b.num_nodes or a.none_is_leaf != b.none_is_leaf:
+        return False
+    if a.is_leaf() or b.is_leaf():
+        return bool(a.is_leaf() and b.is_leaf())
+    if a.type is not b.type or list(a.entries()) != list(b.entries()):
+        return False
+    return all(_same_node(x, y) for x, y in zip(a.children(), b.children()))
 
 
 def flatten_like(
@@ -238,7 +254,7 @@ def flatten_like(
         has the wrong dtype.
     """
     leaves, got = tree_flatten(tree)
-    if got != spec and not _same_ignoring_namespace(got, spec):
+    if got != spec and not same_structure(got, spec):
         root = root or name
         raise ValueError(
             f"`functx.{api}`: {what or f'`{name}`'} must have the same tree structure as {ref}: "
@@ -401,7 +417,9 @@ def tree_vdot(x: TensorTree, y: TensorTree, /) -> torch.Tensor:
 def tree_norm(x: TensorTree, /) -> torch.Tensor:
     """Euclidean (2-) norm of all the leaves of ``x`` taken together, as a real 0-d tensor.
 
-    Computed as the norm of the per-leaf norms (no overflow from squaring large entries).
+    Scaled by the largest magnitude, as LAPACK's ``nrm2`` does: no overflow for entries
+    near the top of the floating-point range and no underflow for tiny ones. It is
+    differentiable and works under :func:`functx.vmap` and ``torch.compile``.
 
     Args:
         x: a pytree of floating-point or complex tensors.
@@ -417,9 +435,25 @@ def tree_norm(x: TensorTree, /) -> torch.Tensor:
     xs, _ = _leaves(x, "tree_norm")
     if not xs:
         return torch.zeros(())
+    return _scaled_norm(xs)
+
+
+def _scaled_norm(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sqrt(sum |x_i|^2)`` computed as ``s * ||x / s||`` with ``s`` the largest magnitude (as
+    LAPACK's ``nrm2`` and ``scipy.linalg.norm`` do): no overflow for entries near the top of
+    the range, no underflow to zero for tiny ones. ``s`` is a constant for autograd (the
+    identity holds for every ``s > 0``), and no branch depends on values (vmap, compile)."""
+    real = [a.real.dtype if a.is_complex() else a.dtype for a in xs]
+    dtype = functools.reduce(torch.promote_types, real)
+    peaks = [a.detach().abs().amax().to(dtype) for a in xs if a.numel()]
+    if not peaks:
+        return torch.zeros((), dtype=dtype, device=xs[0].device)
+    peak = peaks[0] if len(peaks) == 1 else torch.stack(peaks).amax()
+    scale = torch.where((peak > 0) & torch.isfinite(peak), peak, torch.ones_like(peak))
     if len(xs) == 1:
-        return torch.linalg.vector_norm(xs[0])
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a) for a in xs]))
+        return torch.linalg.vector_norm(xs[0] / scale) * scale
+    norms = torch.stack([torch.linalg.vector_norm(a / scale).to(dtype) for a in xs])
+    return torch.linalg.vector_norm(norms) * scale
 
 
 def tree_add(x: TensorTree, y: TensorTree, /) -> TensorTree:

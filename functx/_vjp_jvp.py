@@ -7,7 +7,19 @@ from typing import Any, Literal, overload
 
 import torch
 
-from ._core import Call, as_leaves, check_bool, check_callable, check_primals, pack_like, unpack
+from . import _torch_internals as internals
+from ._core import (
+    Call,
+    InplaceGuard,
+    as_leaves,
+    check_bool,
+    check_callable,
+    check_primals,
+    pack_like,
+    resolved,
+    tracked_copies,
+    unpack,
+)
 from ._tree import PyTree, TensorTree, flatten_like
 
 
@@ -45,19 +57,17 @@ def vjp(func: Callable[..., Any], *primals: Any, has_aux: bool = False) -> tuple
     check_callable(func, "func", "vjp")
     check_bool(has_aux, "has_aux", "vjp")
     call = Call("vjp", func, primals, {}, None, has_aux, roots=("primals",))
-    try:
-        out, pullback, aux = unpack(torch.func.vjp(call.torch_fn, *call.leaves, has_aux=has_aux), has_aux)
-    except RuntimeError as err:
-        call.raise_if_inplace(err)
-        raise
+    torch_fn, outputs = call.fn("torch")
+    with InplaceGuard(call, copy=False) as leaves:
+        out, pullback, aux = unpack(torch.func.vjp(torch_fn, *leaves, has_aux=has_aux), has_aux)
     outs = as_leaves(out)
 
     def vjp_fn(cotangents: Any) -> tuple[Any, ...]:
-        flat = flatten_like(cotangents, call.out_spec, outs, name="cotangents", api="vjp", ref="the outputs")
-        return call.unflatten_in(pullback(pack_like(flat, out)))
+        flat = flatten_like(cotangents, outputs.spec, outs, name="cotangents", api="vjp", ref="the outputs")
+        return call.unflatten_in(resolved(pullback(pack_like(flat, out))))
 
-    result = (call.unflatten_out(outs), vjp_fn)
-    return result + (call.aux(aux),) if has_aux else result
+    result = (outputs.unflatten(outs), vjp_fn)
+    return result + (outputs.aux(aux),) if has_aux else result
 
 
 @overload
@@ -96,13 +106,14 @@ def jvp(func: Callable[..., Any], primals: Any, tangents: Any, has_aux: bool = F
     call = Call("jvp", func, primals, {}, None, has_aux, roots=("primals",))
     call.require_leaves("primals")
     flat_tangents = flatten_like(tangents, call.in_spec, call.leaves, name="tangents", api="jvp", ref="the primals")
-    fresh = call.fresh_leaves()  # torch.func.jvp would let `func` write the caller's tensors
-    out, tangents_out, aux = unpack(
-        torch.func.jvp(call.torch_fn, tuple(fresh), tuple(flat_tangents), has_aux=has_aux), has_aux
-    )
-    call.check_unwritten(fresh)
-    result = (call.unflatten_out(as_leaves(out)), call.unflatten_out(as_leaves(tangents_out)))
-    return result + (call.aux(aux),) if has_aux else result
+    torch_fn, outputs = call.fn("torch")
+    # torch.func.jvp would let `func` write the caller's tensors: it gets copies of the
+    # primals (checked) and of the tangents (a write to a dual writes its tangent too)
+    with InplaceGuard(call, copy=True) as fresh:
+        flat_tangents = tracked_copies(flat_tangents)
+        out, tangents_out, aux = unpack(internals.jvp(torch_fn, tuple(fresh), tuple(flat_tangents), has_aux), has_aux)
+    result = (outputs.unflatten(as_leaves(out)), outputs.unflatten(resolved(as_leaves(tangents_out))))
+    return result + (outputs.aux(aux),) if has_aux else result
 
 
 @overload
@@ -143,16 +154,16 @@ def linearize(func: Callable[..., Any], *primals: Any, has_aux: bool = False) ->
     check_bool(has_aux, "has_aux", "linearize")
     call = Call("linearize", func, primals, {}, None, has_aux, roots=("primals",))
     call.require_leaves("primals")
-    fresh = call.fresh_leaves()
-    out, aux = call.flat_fn(*fresh)
-    call.check_unwritten(fresh)
+    flat_fn, outputs = call.fn("flat")
+    with InplaceGuard(call, copy=True) as fresh:
+        out, aux = flat_fn(*fresh)
 
     def jvp_fn(*tangents: Any) -> Any:
         flat = flatten_like(tangents, call.in_spec, call.leaves, name="tangents", api="linearize", ref="the primals")
-        fresh = call.fresh_leaves()
-        result = torch.func.jvp(call.torch_fn, tuple(fresh), tuple(flat), has_aux=has_aux)
-        call.check_unwritten(fresh)
-        return call.unflatten_out(as_leaves(result[1]))
+        torch_fn, _ = call.fn("torch")
+        with InplaceGuard(call, copy=True) as fresh:
+            result = internals.jvp(torch_fn, tuple(fresh), tuple(tracked_copies(flat)), has_aux)
+        return outputs.unflatten(resolved(as_leaves(result[1])))
 
-    result = (call.unflatten_out(out), jvp_fn)
-    return result + (call.aux(aux),) if has_aux else result
+    result = (outputs.unflatten(out), jvp_fn)
+    return result + (outputs.aux(aux),) if has_aux else result
