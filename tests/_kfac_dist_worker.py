@@ -9,6 +9,7 @@ products (none), and exits 0 when every check passed.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from datetime import timedelta
 
@@ -28,8 +29,8 @@ def main() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
     X, y = torch.randn(23, 4, dtype=torch.float64), torch.randint(0, 3, (23,))
     cuts = [0, 3, 11, 23] if world == 2 else [0, 2, 9, 14, 23]
-    batches = [(X[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
-    shard = batches[rank :: world] if world == 2 else batches[rank : rank + 1] + batches[3:] * (rank == 2)
+    batches = [(X[a:b], y[a:b]) for a, b in itertools.pairwise(cuts)]
+    shard = batches[rank::world] if world == 2 else batches[rank : rank + 1] + batches[3:] * (rank == 2)
     params = dict(model.named_parameters())
     loss = torch.nn.CrossEntropyLoss()
     counted = []

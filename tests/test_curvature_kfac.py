@@ -8,6 +8,7 @@ overlap.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def exact(cls, model, loss, params, data, **kw):
 
 def deep_linear(*dims, bias=True):
     torch.manual_seed(0)
-    layers = [nn.Linear(a, b, bias=bias) for a, b in zip(dims[:-1], dims[1:])]
+    layers = [nn.Linear(a, b, bias=bias) for a, b in itertools.pairwise(dims)]
     return nn.Sequential(*layers).to(DT)
 
 
@@ -153,7 +154,9 @@ def test_conv_with_average_pool_reduce():
     X, y = torch.randn(5, 2, 7, 7, dtype=DT), torch.randn(5, 3, dtype=DT)
     params = dict(model.named_parameters())
     for joint in (False, True):
-        K = fc.KFACOperator(model, nn.MSELoss(), params, [(X, y)], fisher="type-2", kfac_approx="reduce", joint_bias=joint)
+        K = fc.KFACOperator(
+            model, nn.MSELoss(), params, [(X, y)], fisher="type-2", kfac_approx="reduce", joint_bias=joint
+        )
         close(K.to_dense(), block_diag_of(K, exact(fc.GGNOperator, model, nn.MSELoss(), params, [(X, y)])))
 
 
@@ -336,7 +339,7 @@ def test_unsupported_error_names_parameter_and_op_and_diagonal_is_exact():
         K = fc.KFACOperator(model, loss, params, split(X, y, [2]), fisher=fisher, unsupported="diagonal")
         assert K.blocks["scale"].A is None and K.blocks["scale"].G.shape == (2,)
         dense = exact(oracle, model, loss, params, split(X, y, [2]))
-        assert list(params)[0] == "scale"  # own parameters come first in named_parameters()
+        assert next(iter(params)) == "scale"  # own parameters come first in named_parameters()
         close(K.blocks["scale"].G, torch.diagonal(dense)[:2])
 
 

@@ -158,7 +158,7 @@ class Capture(TorchFunctionMode):
         return any(u.output._version != u.version for u in self.uses)
 
 
-_FUNCS = {"linear": F.linear, "conv2d": F.conv2d, "embedding": F.embedding}
+_FUNCS: dict[str, Any] = {"linear": F.linear, "conv2d": F.conv2d, "embedding": F.embedding}
 
 
 def _tensors(args: Any, kwargs: Any) -> list[torch.Tensor]:

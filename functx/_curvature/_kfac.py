@@ -161,7 +161,10 @@ class _KroneckerFromData(KroneckerOperatorBase):
         scale = self._loss.ef_scale(out, size, self._num_data)
         if self._fisher == "empirical":
             return self._loss.output_gradient(out, y).unsqueeze(0), scale
-        draws = [self._loss.output_gradient(out, draw_labels(self._loss, out, gen, self._api)) for _ in range(self._mc_samples)]
+        draws = [
+            self._loss.output_gradient(out, draw_labels(self._loss, out, gen, self._api))
+            for _ in range(self._mc_samples)
+        ]
         return torch.stack(draws), scale / self._mc_samples
 
     def _backward(
@@ -246,7 +249,13 @@ class _KroneckerFromData(KroneckerOperatorBase):
         return u.input.reshape(-1, u.input.shape[-1]), gr
 
     def _accumulate_use(
-        self, stats: dict[str, torch.Tensor], batch: dict[str, dict[str, Any]], u: Use, g: torch.Tensor, scale: float, size: int
+        self,
+        stats: dict[str, torch.Tensor],
+        batch: dict[str, dict[str, Any]],
+        u: Use,
+        g: torch.Tensor,
+        scale: float,
+        size: int,
     ) -> None:
         key = self._key(u)
         x, gr = self._rows(u, g, size)
@@ -315,10 +324,9 @@ class _KroneckerFromData(KroneckerOperatorBase):
         prediction), backpropagated to the parameters, squared and summed."""
         per_row = _per_row(vectors, self._loss.row_dims(out))
         names = [n for n, _ in leaves]
+        grads: tuple[torch.Tensor | None, ...]
         if out.requires_grad:
-            grads = torch.autograd.grad(
-                out, [t for _, t in leaves], per_row, allow_unused=True, is_grads_batched=True
-            )
+            grads = torch.autograd.grad(out, [t for _, t in leaves], per_row, allow_unused=True, is_grads_batched=True)
         else:
             grads = (None,) * len(leaves)
         for n, g, (_, t) in zip(names, grads, leaves):
@@ -343,7 +351,7 @@ class _KroneckerFromData(KroneckerOperatorBase):
         return {k: p.reshape(stats[k].shape) for k, p in zip(keys, pieces)}
 
     def _structure_names(self) -> set[str]:
-        names = set()
+        names: set[str] = set()
         for info in self._structure.values():
             names.update(n for n in (info["weight"], info["bias"]) if n is not None)
         return names
@@ -466,8 +474,8 @@ class EKFACOperator(_KroneckerFromData):
         for key, info in self._structure.items():
             block = blocks[key if info["weight"] is not None else info["bias"]]
             QG = _basis(block.G, self.dtype)
-            QA = _basis(block.A, self.dtype) if block.A is not None else None
-            bases[key] = (QG, QA)
+            assert QG is not None
+            bases[key] = (QG, _basis(block.A, self.dtype) if block.A is not None else None)
         eig: dict[str, torch.Tensor] = {}
         gen = self._generator()
         for uses, out, y, size, _ in self._batches():
@@ -534,11 +542,12 @@ class EKFACOperator(_KroneckerFromData):
             return
         xs = []
         for _, x, u in items:
+            assert x is not None
             if u.kind == "conv2d":
-                x = conv_patches(u.input, u.options, reduce=False).reshape(-1, x.shape[-1])  # type: ignore[union-attr]
+                x = conv_patches(u.input, u.options, reduce=False).reshape(-1, x.shape[-1])
             if joint:
-                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # type: ignore[union-attr]
-            xs.append(x.reshape(B, -1, x.shape[-1]))  # type: ignore[union-attr]
+                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+            xs.append(x.reshape(B, -1, x.shape[-1]))
         xt = torch.cat(xs, dim=1)
         if QA is not None:
             xt = xt @ QA

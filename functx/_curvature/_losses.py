@@ -171,7 +171,7 @@ def output_hessian_sqrt(spec: LossSpec, out: torch.Tensor, y: Any, api: str) -> 
         mean = spec.reduction == "mean"
         if spec.kind == "ce":
             p = torch.softmax(out, dim=1)
-            keep = (y != spec.fn.ignore_index).to(out.dtype).unsqueeze(1)
+            keep = (y != spec.fn.ignore_index).to(out.dtype).unsqueeze(1)  # type: ignore[attr-defined]
             if mean:
                 keep = keep / keep.sum().clamp_min(1.0)
             eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
