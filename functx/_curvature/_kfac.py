@@ -98,13 +98,14 @@ class _KroneckerFromData(KroneckerOperatorBase):
             raise ValueError(f"`{api}`: `data` holds no sample (an empty dataset); the curvature is undefined.")
         if check_deterministic:
             _CurvatureOperator._check_deterministic(self)  # type: ignore[arg-type]
-        self._set_blocks(on_every_rank(self._build, self._group, api, "computing the Kronecker factors"))
+        blocks, eigen = on_every_rank(self._build, self._group, api, "computing the Kronecker factors")
+        self._set_blocks(blocks, eigen=eigen)
 
     _loss_and_gradient = _CurvatureOperator._loss_and_gradient
 
     # -- the pass over the data ----------------------------------------------------------------
 
-    def _build(self) -> dict[str, KronBlock]:
+    def _build(self) -> tuple[dict[str, KronBlock], dict[str, tuple[Any, ...]] | None]:
         self._diagonal: set[str] = set()
         while True:
             try:
@@ -115,8 +116,8 @@ class _KroneckerFromData(KroneckerOperatorBase):
         stats = self._reduce(stats)
         blocks = self._assemble(stats)
         if self._eigen_corrected:
-            blocks = self._correct(blocks, stats)
-        return blocks
+            return self._correct(blocks)
+        return blocks, None
 
     def _generator(self) -> torch.Generator:
         rank = torch.distributed.get_rank(self._group) if self._group is not None else 0
@@ -386,7 +387,7 @@ class _KroneckerFromData(KroneckerOperatorBase):
         order = {n: i for i, n in enumerate(self._names)}
         return dict(sorted(blocks.items(), key=lambda item: order[item[1].params[0]]))
 
-    def _correct(self, blocks: dict[str, KronBlock], stats: dict[str, torch.Tensor]) -> dict[str, KronBlock]:
+    def _correct(self, blocks: dict[str, KronBlock]) -> tuple[dict[str, KronBlock], dict[str, tuple[Any, ...]]]:
         raise NotImplementedError
 
 
@@ -469,13 +470,20 @@ class EKFACOperator(_KroneckerFromData):
 
     _eigen_corrected = True
 
-    def _correct(self, blocks: dict[str, KronBlock], stats: dict[str, torch.Tensor]) -> dict[str, KronBlock]:
+    def _correct(self, blocks: dict[str, KronBlock]) -> tuple[dict[str, KronBlock], dict[str, tuple[Any, ...]]]:
         bases: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        eigen: dict[str, tuple[Any, ...]] = {}  # handed to the base: the basis the eigenvalues were measured in
+        dtype = self._eigh_dtype or (torch.float64 if torch.finfo(self.dtype).bits <= 32 else self.dtype)
         for key, info in self._structure.items():
             block = blocks[key if info["weight"] is not None else info["bias"]]
-            QG = _basis(block.G, self.dtype)
-            assert QG is not None
-            bases[key] = (QG, _basis(block.A, self.dtype) if block.A is not None else None)
+            g_vals, g_vecs = factor_eigh(block.G, dtype)
+            a_vals, a_vecs = factor_eigh(block.A, dtype) if block.A is not None else (None, None)
+            assert g_vecs is not None
+            bases[key] = (g_vecs.to(self.dtype), None if a_vecs is None else a_vecs.to(self.dtype))
+            for name in (info["weight"], info["bias"]):
+                if name is not None and name in blocks:
+                    b = blocks[name]
+                    eigen[name] = (g_vals, g_vecs, a_vals, a_vecs) if b.A is not None else (g_vals, g_vecs, None, None)
         eig: dict[str, torch.Tensor] = {}
         gen = self._generator()
         for uses, out, y, size, _ in self._batches():
@@ -507,7 +515,7 @@ class EKFACOperator(_KroneckerFromData):
                 corrected[w] = blocks[w]._replace(eigenvalues=eig[f"W:{key}"])
             if b is not None and b in blocks:
                 corrected[b] = blocks[b]._replace(eigenvalues=eig[f"B:{key}"])
-        return corrected
+        return corrected, eigen
 
     def _moments(
         self,
@@ -561,11 +569,6 @@ class EKFACOperator(_KroneckerFromData):
                 per_ex = torch.einsum("kbsm,bsn->kbmn", gt[:, i : i + step], xt[i : i + step])
                 total += per_ex.square().sum((0, 1))
         _add(eig, f"W:{key}", total * scale)
-
-
-def _basis(M: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    _, Q = factor_eigh(M)
-    return None if Q is None else Q.to(dtype)
 
 
 def _per_row(vectors: torch.Tensor, row_dims: tuple[int, ...]) -> torch.Tensor:

@@ -8,7 +8,7 @@ real module when "kron" lands on main.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -25,21 +25,29 @@ class KronBlock(NamedTuple):
     transposed: bool = False
 
 
-def factor_eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def factor_eigh(M: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(eigenvalues ascending, eigenvectors)`` of a symmetric factor (float64 for float32)."""
+    dtype = dtype or _eigh_dtype(M.dtype)
+    M = M.detach().to(dtype)
     if M.ndim == 1:
         return M, None
-    work = M.to(torch.float64) if M.dtype == torch.float32 else M
-    return torch.linalg.eigh(work)
+    values, vectors = torch.linalg.eigh((M + M.mT) / 2)
+    return values, vectors
+
+
+def _eigh_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.finfo(dtype).bits <= 32 else dtype
 
 
 class KroneckerOperatorBase(CurvatureOperatorBase):
     """Block-diagonal operator of Kronecker blocks (stand-in)."""
 
     _blocks: dict[str, KronBlock]
+    _eigh_dtype: torch.dtype | None = None
 
-    def _set_blocks(self, blocks: dict[str, KronBlock]) -> None:
+    def _set_blocks(self, blocks: dict[str, KronBlock], eigen: dict[str, tuple[Any, ...]] | None = None) -> None:
         self._blocks = dict(blocks)
+        self._eigen_cache = dict(eigen or {})
         offsets, start = {}, 0
         for key, size in zip(self._layout.keys or [], self._layout.sizes):
             offsets[key] = (start, size)
@@ -61,22 +69,21 @@ class KroneckerOperatorBase(CurvatureOperatorBase):
             if len(b.params) == 2:  # [W | b]: W's entries then b's -> the row-major vec of [W | b]
                 m = b.G.shape[0]
                 X = torch.cat([X[:, : size - m].reshape(-1, m, size // m - 1), X[:, size - m :, None]], 2)
-                R = _block_apply(b, X.reshape(X.shape[0], -1)).reshape(X.shape)
+                R = _block_apply(b, X.reshape(X.shape[0], -1), self._eigen_cache.get(name)).reshape(X.shape)
                 out[:, start : start + size] = torch.cat([R[:, :, :-1].reshape(X.shape[0], -1), R[:, :, -1]], 1)
             else:
-                out[:, start : start + size] = _block_apply(b, X)
+                out[:, start : start + size] = _block_apply(b, X, self._eigen_cache.get(name))
         return out
 
 
-def _block_apply(b: KronBlock, X: torch.Tensor) -> torch.Tensor:
+def _block_apply(b: KronBlock, X: torch.Tensor, eigen: Any = None) -> torch.Tensor:
     K = X.shape[0]
     if b.A is None and b.G.ndim == 1:  # diagonal block
         return X * b.G
     if b.A is None:  # G-only
         if b.eigenvalues is None:
             return X @ b.G
-        _, Q = factor_eigh(b.G)
-        Q = Q.to(X.dtype)  # type: ignore[union-attr]
+        Q = (eigen[1] if eigen else factor_eigh(b.G)[1]).to(X.dtype)  # type: ignore[union-attr]
         return ((X @ Q) * b.eigenvalues) @ Q.T
     m = b.G.shape[0]
     n = b.A.shape[0]
@@ -85,8 +92,8 @@ def _block_apply(b: KronBlock, X: torch.Tensor) -> torch.Tensor:
         R = b.G @ M
         R = R * b.A if b.A.ndim == 1 else R @ b.A
     else:
-        _, QG = factor_eigh(b.G)
-        _, QA = factor_eigh(b.A)
+        QG = eigen[1] if eigen else factor_eigh(b.G)[1]
+        QA = eigen[3] if eigen else factor_eigh(b.A)[1]
         QG = QG.to(X.dtype)  # type: ignore[union-attr]
         R = QG.T @ M
         if QA is not None:
