@@ -586,8 +586,9 @@ def _per_row(vectors: torch.Tensor, row_dims: tuple[int, ...]) -> torch.Tensor:
 
 
 def _add(store: dict[str, Any], key: str, value: torch.Tensor) -> None:
+    """``store[key] += value`` (in place: every ``value`` passed here is a fresh tensor)."""
     if key in store:
-        store[key] = store[key] + value
+        store[key].add_(value)
     else:
         store[key] = value
 
