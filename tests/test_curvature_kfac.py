@@ -160,6 +160,29 @@ def test_conv_with_average_pool_reduce():
         close(K.to_dense(), block_diag_of(K, exact(fc.GGNOperator, model, nn.MSELoss(), params, [(X, y)])))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own note on the copy
+def test_conv_same_padding_even_kernel_reduce():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(2, 3, 2, padding="same"), nn.AdaptiveAvgPool2d(1), nn.Flatten()).to(DT)
+    X, y = torch.randn(4, 2, 5, 5, dtype=DT), torch.randn(4, 3, dtype=DT)
+    params = dict(model.named_parameters())
+    K = fc.KFACOperator(model, nn.MSELoss(), params, [(X, y)], fisher="type-2", kfac_approx="reduce", joint_bias=True)
+    close(K.to_dense(), block_diag_of(K, exact(fc.GGNOperator, model, nn.MSELoss(), params, [(X, y)])))
+
+
+def test_callable_loss_type2_by_autodiff():
+    model = deep_linear(3, 4, 2)
+    X, y = torch.randn(7, 3, dtype=DT), torch.randn(7, 2, dtype=DT)
+    params = dict(model.named_parameters())
+
+    def loss(f, t):
+        return 1.5 * (f - t).square().sum()
+
+    data = split(X, y, [3])
+    K = fc.KFACOperator(model, loss, params, data, fisher="type-2", reduction="sum")
+    close(K.to_dense(), block_diag_of(K, exact(fc.GGNOperator, model, loss, params, data, reduction="sum")))
+
+
 # ---------------------------------------------------------------------------------- 4. tying
 
 
@@ -230,6 +253,19 @@ def _joint_order(block, M):
     perm = torch.empty_like(order)
     perm[order] = torch.arange(m * n)
     return M[perm][:, perm]
+
+
+def test_ekfac_embedding_trace_is_exact():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Tanh(), nn.Linear(6, 2)).to(DT)
+    X, y = torch.randint(0, 5, (8, 2)), torch.randint(0, 2, (8,))
+    loss, params = nn.CrossEntropyLoss(), dict(model.named_parameters())
+    E = fc.EKFACOperator(model, loss, params, split(X, y, [5]), fisher="type-2")
+    B = block_diag_of(E, exact(fc.GGNOperator, model, loss, params, split(X, y, [5])))
+    close(torch.trace(E.to_dense()), torch.trace(B))
+    K = fc.KFACOperator(model, loss, params, split(X, y, [5]), fisher="type-2").to_dense()
+    Ed = E.to_dense()
+    close((K - B).square().sum(), (K - Ed).square().sum() + (Ed - B).square().sum())
 
 
 def test_ekfac_equals_kfac_where_kfac_is_exact_and_refuses_3d_outputs():
