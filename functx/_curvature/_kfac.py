@@ -38,7 +38,7 @@ from ._params import Layout, model_function
 _FISHERS = ("type-2", "mc", "empirical")
 _APPROX = ("expand", "reduce")
 _UNSUPPORTED = ("error", "diagonal")
-_EKFAC_CHUNK = 2**24  # entries of per-example gradients held at once by EKFAC's second pass
+_EKFAC_CHUNK = 2**20  # entries of per-example gradients held at once by EKFAC's second pass (4 MiB in float32)
 
 
 class _Restart(Exception):
