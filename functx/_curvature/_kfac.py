@@ -98,7 +98,7 @@ class _KroneckerFromData(KroneckerOperatorBase):
             raise ValueError(f"`{api}`: `data` holds no sample (an empty dataset); the curvature is undefined.")
         if check_deterministic:
             _CurvatureOperator._check_deterministic(self)  # type: ignore[arg-type]
-        blocks, eigen = on_every_rank(self._build, self._group, api, "computing the Kronecker factors")
+        blocks, eigen = self._build()
         self._set_blocks(blocks, eigen=eigen)
 
     _loss_and_gradient = _CurvatureOperator._loss_and_gradient
@@ -106,6 +106,16 @@ class _KroneckerFromData(KroneckerOperatorBase):
     # -- the pass over the data ----------------------------------------------------------------
 
     def _build(self) -> tuple[dict[str, KronBlock], dict[str, tuple[Any, ...]] | None]:
+        """Local passes under :func:`on_every_rank` (a failure on one rank raises on all), the
+        collectives outside them, in the same order on every rank."""
+        stats = on_every_rank(self._local_factors, self._group, self._api, "computing the Kronecker factors")
+        stats = self._reduce(stats)
+        blocks = self._assemble(stats)
+        if self._eigen_corrected:
+            return self._correct(blocks)
+        return blocks, None
+
+    def _local_factors(self) -> dict[str, torch.Tensor]:
         self._diagonal: set[str] = set()
         while True:
             try:
@@ -113,11 +123,10 @@ class _KroneckerFromData(KroneckerOperatorBase):
                 break
             except _Restart:
                 continue
-        stats = self._reduce(stats)
-        blocks = self._assemble(stats)
-        if self._eigen_corrected:
-            return self._correct(blocks)
-        return blocks, None
+        for n in self._names:  # parameters no layer used and no op reached: zero diagonal blocks
+            if n not in self._structure_names() and f"D:{n}" not in stats:
+                stats[f"D:{n}"] = torch.zeros(self._size_of(n), dtype=self.dtype, device=self.device)
+        return stats
 
     def _generator(self) -> torch.Generator:
         rank = torch.distributed.get_rank(self._group) if self._group is not None else 0
@@ -338,9 +347,6 @@ class _KroneckerFromData(KroneckerOperatorBase):
 
     def _reduce(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One all-reduce of every factor (after a digest check that the ranks found the same layers)."""
-        for n in self._names:  # parameters no layer used and no op reached: zero diagonal blocks
-            if n not in self._structure_names() and f"D:{n}" not in stats:
-                stats[f"D:{n}"] = torch.zeros(self._size_of(n), dtype=self.dtype, device=self.device)
         keys = sorted(stats)
         if self._group is None:
             return stats
@@ -472,6 +478,7 @@ class EKFACOperator(_KroneckerFromData):
 
     def _correct(self, blocks: dict[str, KronBlock]) -> tuple[dict[str, KronBlock], dict[str, tuple[Any, ...]]]:
         bases: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._blocks_shapes: dict[str, tuple[int, int]] = {}
         eigen: dict[str, tuple[Any, ...]] = {}  # handed to the base: the basis the eigenvalues were measured in
         dtype = self._eigh_dtype or (torch.float64 if torch.finfo(self.dtype).bits <= 32 else self.dtype)
         for key, info in self._structure.items():
@@ -480,11 +487,35 @@ class EKFACOperator(_KroneckerFromData):
             a_vals, a_vecs = factor_eigh(block.A, dtype) if block.A is not None else (None, None)
             assert g_vecs is not None
             bases[key] = (g_vecs.to(self.dtype), None if a_vecs is None else a_vecs.to(self.dtype))
+            A = blocks[info["weight"]].A if info["weight"] is not None else None
+            self._blocks_shapes[key] = (block.G.shape[0], 1 if A is None else A.shape[0])
             for name in (info["weight"], info["bias"]):
                 if name is not None and name in blocks:
                     b = blocks[name]
                     eigen[name] = (g_vals, g_vecs, a_vals, a_vecs) if b.A is not None else (g_vals, g_vecs, None, None)
+        eig = on_every_rank(lambda: self._local_moments(bases), self._group, self._api, "EKFAC's second pass")
+        keys = sorted(eig)
+        if self._group is not None:
+            flat = all_reduce_sum(torch.cat([eig[k].reshape(-1) for k in keys]), self._group)
+            eig = {k: p.reshape(eig[k].shape) for k, p in zip(keys, flat.split([eig[k].numel() for k in keys]))}
+        corrected = dict(blocks)
+        for key, info in self._structure.items():
+            w, b = info["weight"], info["bias"]
+            if w is not None:
+                corrected[w] = blocks[w]._replace(eigenvalues=eig[f"W:{key}"])
+            if b is not None and b in blocks:
+                corrected[b] = blocks[b]._replace(eigenvalues=eig[f"B:{key}"])
+        return corrected, eigen
+
+    def _local_moments(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+        """This rank's second moments in the eigenbases (every key present, zero without data)."""
         eig: dict[str, torch.Tensor] = {}
+        for key, info in self._structure.items():
+            block_w = self._blocks_shapes[key]
+            if info["weight"] is not None:
+                eig[f"W:{key}"] = torch.zeros(block_w, dtype=self.dtype, device=self.device)
+            if info["bias"] is not None and (info["weight"] is None or not self._joint_for(key)):
+                eig[f"B:{key}"] = torch.zeros(block_w[0], dtype=self.dtype, device=self.device)
         gen = self._generator()
         for uses, out, y, size, _ in self._batches():
             if out.ndim != 2:
@@ -504,18 +535,7 @@ class EKFACOperator(_KroneckerFromData):
                 grouped.setdefault(key, []).append((gt, x, u))
             for key, items in grouped.items():
                 self._moments(eig, key, items, bases[key], size, scale)
-        keys = sorted(eig)
-        if self._group is not None:
-            flat = all_reduce_sum(torch.cat([eig[k].reshape(-1) for k in keys]), self._group)
-            eig = {k: p.reshape(eig[k].shape) for k, p in zip(keys, flat.split([eig[k].numel() for k in keys]))}
-        corrected = dict(blocks)
-        for key, info in self._structure.items():
-            w, b = info["weight"], info["bias"]
-            if w is not None:
-                corrected[w] = blocks[w]._replace(eigenvalues=eig[f"W:{key}"])
-            if b is not None and b in blocks:
-                corrected[b] = blocks[b]._replace(eigenvalues=eig[f"B:{key}"])
-        return corrected, eigen
+        return eig
 
     def _moments(
         self,
