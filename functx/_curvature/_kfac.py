@@ -432,8 +432,17 @@ class KFACOperator(_KroneckerFromData):
             ``"diagonal"`` (its exact diagonal, of the GGN for ``"type-2"``, of the Fisher's
             MC estimate for ``"mc"``, of the empirical Fisher, as its block).
             (default: ``"error"``)
-        reduction, num_data, batch_size_fn, check_deterministic, progress, group: as for
-            :class:`HessianOperator`.
+        reduction: ``"mean"`` or ``"sum"``: required for a callable ``loss``. (default: the
+            loss module's ``reduction``)
+        num_data: the number of samples ``N`` over all processes. (default: counted in one
+            pass over ``data``)
+        batch_size_fn: ``X -> int`` for a batch whose ``X`` is not a tensor. (default:
+            ``X.shape[0]``)
+        check_deterministic: evaluate the loss and gradient twice at construction and raise
+            ``ValueError`` when they differ. (default: ``True``)
+        progress: a tqdm progress bar over the batches of each pass. (default: ``False``)
+        group: the ``torch.distributed`` process group the factors are reduced over.
+            (default: the world group when ``torch.distributed`` is initialised, else none)
 
     Example:
         >>> import torch, functx.curvature as fc
