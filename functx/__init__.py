@@ -22,6 +22,7 @@ conjugate of JAX's ``grad``).
 """
 
 from . import autograd_functional as autograd_functional
+from . import curvature as curvature
 from . import implicit as implicit
 from . import nn as nn
 from . import solvers as solvers
@@ -60,6 +61,7 @@ __all__ = [
     "PyTree",
     "TensorTree",
     "autograd_functional",
+    "curvature",
     "custom_fixed_point",
     "custom_root",
     "grad",

@@ -165,20 +165,30 @@ def autograd_grad(
     grad_outputs: Sequence[torch.Tensor] | None = None,
     *,
     create_graph: bool = False,
+    retain_graph: bool | None = None,
+    is_grads_batched: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """``torch.autograd.grad`` with torch.func's conventions: outputs that do not require grad
-    are skipped, and inputs they do not reach get zeros."""
+    are skipped, and inputs they do not reach get zeros (with the leading batch axis of
+    ``grad_outputs`` when ``is_grads_batched``)."""
     keep = [k for k, out in enumerate(outputs) if out.requires_grad]
+    batch = (grad_outputs[0].shape[0],) if is_grads_batched and grad_outputs else ()
     if not keep:
-        return tuple(torch.zeros_like(x) for x in inputs)
+        return tuple(_zeros(x, batch) for x in inputs)
     grads = torch.autograd.grad(
         [outputs[k] for k in keep],
         inputs,
         None if grad_outputs is None else [grad_outputs[k] for k in keep],
         create_graph=create_graph,
+        retain_graph=retain_graph,
         allow_unused=True,
+        is_grads_batched=is_grads_batched,
     )
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))
+    return tuple(_zeros(x, batch) if g is None else g for g, x in zip(grads, inputs))
+
+
+def _zeros(x: torch.Tensor, batch: tuple[int, ...]) -> torch.Tensor:
+    return x.new_zeros(batch + x.shape) if batch else torch.zeros_like(x)
 
 
 # --------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ Operators (matrix-free, ``P x P`` with ``P`` the number of entries of ``params``
   :meth:`~HessianOperator.flatten` / :meth:`~HessianOperator.unflatten` convert.
 * Pure: the module is evaluated through :func:`functx.nn.make_functional` and never
   written; operators may be applied from several threads.
+* Differentiable: ``H @ v`` is differentiable in ``v`` (its derivative is ``H``) under
+  autograd and every functx/torch.func transform; products may run inside
+  ``torch.inference_mode()``, construction may not.
 * ``torch.distributed``: each process passes its shard of the data; products are
   all-reduced once each, ``N`` is global, and every rank raises the same errors.
 

@@ -380,6 +380,32 @@ def a_bad_batch_on_one_rank_raises_on_every_rank(rank: int, world: int) -> None:
 
 
 @check
+def a_non_finite_batch_on_one_rank_raises_on_every_rank(rank: int, world: int) -> None:
+    shard = uneven_shard(all_batches("ce"), rank, world)
+    last = rank == world - 1
+    if last:
+        X, y = shard[0]
+        shard = [(X, y), (torch.full_like(X, float("nan")), y)]
+    message = (
+        r"batch 1 of `data` must hold finite values, got a nan or inf in X"
+        if last
+        else rf"failed on rank\(s\) \[{world - 1}\] of the process group"
+    )
+    model = mlp()
+    with pytest.raises(ValueError, match=message):
+        fc.GGNOperator(model, torch.nn.CrossEntropyLoss(), dict(model.named_parameters()), shard)
+    assert D.global_count(1, D.resolve_group(None, API)) == world  # the ranks are still in step
+
+
+@check
+def products_are_differentiable_in_v(rank: int, world: int) -> None:
+    H, reference = operator_pair(fc, "HessianOperator", "ce-mean", uneven_shard(all_batches("ce"), rank, world))
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    close(torch.func.grad(lambda v: v @ (H @ v))(v), 2 * (reference @ v))  # one collective per product
+    close(torch.func.vmap(lambda v: H @ v)(torch.stack([v, 2 * v])), torch.stack([reference @ v, reference @ (2 * v)]))
+
+
+@check
 def empty_shard_takes_part(rank: int, world: int) -> None:
     batches = all_batches("ce")
     shard = [] if rank == world - 1 else batches[rank :: world - 1]  # the last rank has no data

@@ -357,11 +357,16 @@ def test_check_deterministic_catches_dropout_and_train_mode_batchnorm():
     _, loss, _, X, y = setup("ce-mean")
     data = split(X, y)
     dropout = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 3)).to(F64)
-    with pytest.raises(ValueError, match=r"HessianOperator`: two passes .* dropout"):
+    with pytest.raises(
+        ValueError, match=r"HessianOperator`: two passes .* the module\(s\) '1' \(Dropout\) in training"
+    ):
         fc.HessianOperator(dropout, loss, dict(dropout.named_parameters()), data)
     bn = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).to(F64)
     before = {k: b.clone() for k, b in bn.named_buffers()}
-    with pytest.raises(ValueError, match=r"GGNOperator`: .*BatchNorm in training"):
+    with pytest.raises(
+        ValueError,
+        match=r"GGNOperator`: .*'1' \(BatchNorm1d\) in training mode and a forward that updates the buffer\(s\) \['1.num_batches_tracked', '1.running_mean', '1.running_var'\]",
+    ):
         fc.GGNOperator(bn, loss, dict(bn.named_parameters()), data)
     assert all(torch.equal(before[k], b) for k, b in bn.named_buffers())
     bn.eval()
@@ -464,7 +469,7 @@ def test_bad_vectors():
         H @ torch.zeros(P + 1, dtype=F64)
     with pytest.raises(ValueError, match=r"`v` must have shape"):
         H @ torch.zeros(P, 2, 2, dtype=F64)
-    with pytest.raises(TypeError, match=r"real floating-point tensor, got dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"`v` must be a real floating-point tensor, got dtype torch.int64"):
         H @ torch.zeros(P, dtype=torch.long)
     tree = H.unflatten(torch.zeros(P, dtype=F64))
     with pytest.raises(ValueError, match=r"`v` must be a dict with the keys of params"):
@@ -472,17 +477,20 @@ def test_bad_vectors():
     tree["0.bias"] = torch.zeros(5, dtype=F64)
     with pytest.raises(ValueError, match=r"params\['0.bias'\] must have shape \(4,\)"):
         H @ tree
-    with pytest.raises(TypeError, match=r"cannot run inside a functx/torch.func transform"):
-        functx.vmap(lambda v: H @ v)(torch.zeros(2, P, dtype=F64))
+    with pytest.raises(
+        TypeError,
+        match=r"cannot be compiled, exported or traced|cannot run inside a functx/torch.func transform or torch.compile",
+    ):
+        torch.compile(lambda v: H @ v, backend="eager")(torch.zeros(P, dtype=F64))
 
 
 def test_bad_construction():
     model, loss, _, X, y = setup("ce-mean")
     params, data = dict(model.named_parameters()), split(X, y)
     api = r"`functx.curvature.GGNOperator`: "
-    with pytest.raises(ValueError, match=api + r"`data` holds no sample"):
+    with pytest.raises(ValueError, match=api + r"`data` must hold at least one sample"):
         fc.GGNOperator(model, loss, params, [])
-    with pytest.raises(ValueError, match=api + r"params\['1.weight'\] is not a parameter of the model"):
+    with pytest.raises(ValueError, match=api + r"params\['1.weight'\] must be a parameter of the model"):
         fc.GGNOperator(model, loss, {"1.weight": torch.zeros(3, dtype=F64)}, data)
     with pytest.raises(ValueError, match=api + r"params\['0.bias'\] must have the shape"):
         fc.GGNOperator(model, loss, {"0.bias": torch.zeros(3, dtype=F64)}, data)
@@ -490,9 +498,11 @@ def test_bad_construction():
         fc.GGNOperator(model, nn.CrossEntropyLoss(reduction="none"), params, data)
     with pytest.raises(ValueError, match=api + r"the loss's reduction must be 'mean' or 'sum'.*'max'"):
         fc.GGNOperator(model, squared, params, data, reduction="max")
-    with pytest.raises(ValueError, match=api + r"`reduction='sum'` disagrees"):
+    with pytest.raises(
+        ValueError, match=api + r"`reduction` must agree with the loss module's reduction 'mean', got 'sum'"
+    ):
         fc.GGNOperator(model, loss, params, data, reduction="sum")
-    with pytest.raises(TypeError, match=api + r"`loss` is a callable without a `reduction`"):
+    with pytest.raises(TypeError, match=api + r"`reduction` must be given for a callable `loss` without a `reduction`"):
         fc.GGNOperator(model, squared, params, data)
     with pytest.raises(TypeError, match=api + r"`loss` must be a torch.nn loss module or a callable"):
         fc.GGNOperator(model, "mse", params, data)
@@ -500,7 +510,7 @@ def test_bad_construction():
         fc.GGNOperator(42, loss, params, data)
     with pytest.raises(TypeError, match=api + r"`data` must be a re-iterable .* one-shot iterator"):
         fc.GGNOperator(model, loss, params, iter(data))
-    with pytest.raises(ValueError, match=api + r"`num_data` must be a positive int"):
+    with pytest.raises(ValueError, match=api + r"`num_data` must be an int >= 1, got 0"):
         fc.GGNOperator(model, loss, params, data, num_data=0)
     with pytest.raises(TypeError, match=api + r"params\['0.bias'\] must be a floating-point tensor"):
         fc.GGNOperator(model, loss, {"0.bias": torch.zeros(4, dtype=torch.long)}, data)
@@ -554,3 +564,232 @@ def test_callable_model_pytree_v_of_the_wrong_structure_names_the_key_path():
         ValueError, match=r"`v` must have the same tree structure as `params`: missing leaf \"v\['b'\]\""
     ):
         H @ {"a": {"w": torch.ones(3, 2, dtype=torch.float64)}}
+
+
+# -- products under transforms (issue 15, item 3) ---------------------------------------------
+
+
+def operator_and_dense(cls_name: str):
+    model, loss, reduction, X, y = setup("ce-mean")
+    data = split(X, y)
+    op = getattr(fc, cls_name)(model, loss, dict(model.named_parameters()), data)
+    if cls_name == "HessianOperator":
+        dense = dense_hessian(model, loss, ALL, data, "mean")
+    elif cls_name == "GGNOperator":
+        dense = dense_ggn(model, loss, ALL, data, "mean")
+    else:
+        dense = dense_ef(model, ALL, data, SUM_LOSS["ce"], 1.0 / len(X))
+    return op, dense
+
+
+OPERATORS = ["HessianOperator", "GGNOperator", "EFOperator"]
+
+
+@pytest.mark.parametrize("cls_name", OPERATORS)
+def test_products_are_differentiable_in_v(cls_name):
+    A, dense = operator_and_dense(cls_name)
+    P = A.shape[0]
+    gen = torch.Generator().manual_seed(5)
+    v, u = torch.randn(P, dtype=F64, generator=gen), torch.randn(P, dtype=F64, generator=gen)
+    V = torch.randn(3, P, dtype=F64, generator=gen)
+    ones = torch.ones(P, dtype=F64)
+    tol = {"rtol": 1e-9, "atol": 1e-11}
+    # functx's transforms (plain-autograd fast paths included)
+    torch.testing.assert_close(functx.grad(lambda v: (A @ v).sum())(v), dense.T @ ones, **tol)
+    torch.testing.assert_close(functx.grad(lambda v: v @ (A @ v))(v), 2 * dense @ v, **tol)
+    torch.testing.assert_close(functx.vjp(lambda v: A @ v, v)[1](u)[0], dense.T @ u, **tol)
+    torch.testing.assert_close(functx.jvp(lambda v: A @ v, (v,), (u,))[1], dense @ u, **tol)
+    torch.testing.assert_close(functx.vmap(lambda v: A @ v)(V), V @ dense.T, **tol)
+    torch.testing.assert_close(functx.vmap(functx.grad(lambda v: v @ (A @ v)))(V), 2 * V @ dense, **tol)
+    torch.testing.assert_close(functx.jacrev(lambda v: A @ v)(v), dense, **tol)
+    torch.testing.assert_close(functx.jacfwd(lambda v: A @ v)(v), dense, **tol)
+    torch.testing.assert_close(functx.hessian(lambda v: v @ (A @ v))(v), 2 * dense, **tol)
+    # torch.func
+    torch.testing.assert_close(torch.func.grad(lambda v: v @ (A @ v))(v), 2 * dense @ v, **tol)
+    torch.testing.assert_close(torch.func.vjp(lambda v: A @ v, v)[1](u)[0], dense.T @ u, **tol)
+    torch.testing.assert_close(torch.func.jvp(lambda v: A @ v, (v,), (u,))[1], dense @ u, **tol)
+    torch.testing.assert_close(torch.func.vmap(lambda v: A @ v)(V), V @ dense.T, **tol)
+    torch.testing.assert_close(torch.func.vmap(lambda v: A @ v, in_dims=1)(V.T), V @ dense.T, **tol)
+    # plain autograd, a v that requires grad outside any transform, and forward-mode AD
+    w = v.clone().requires_grad_()
+    out = A @ w
+    assert out.requires_grad
+    (g,) = torch.autograd.grad(out @ u, w)
+    torch.testing.assert_close(g, dense.T @ u, **tol)
+    W = V.T.clone().requires_grad_()  # a (P, K) matrix
+    (G,) = torch.autograd.grad((A @ W).sum(), W)
+    torch.testing.assert_close(G, (dense.T @ ones)[:, None].expand(P, 3), **tol)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(A @ fwAD.make_dual(v, u)).tangent
+    torch.testing.assert_close(tangent, dense @ u, **tol)
+
+
+def test_composites_refuse_what_they_cannot_differentiate():
+    G, _ = operator_and_dense("GGNOperator")
+    H, _ = operator_and_dense("HessianOperator")
+    v = torch.randn(G.shape[0], dtype=F64)
+    for C in (G + H, 2.0 * G, G @ H):
+        torch.testing.assert_close(C @ v, C.to_dense() @ v)  # plain products work
+        with pytest.raises(TypeError, match=r"must be a plain tensor that does not require grad"):
+            C @ v.clone().requires_grad_()
+        with pytest.raises(TypeError, match=r"must be a plain tensor that does not require grad"):
+            functx.grad(lambda v: (C @ v).sum())(v)
+        with pytest.raises(TypeError, match=r"must be a plain tensor that does not require grad"):
+            torch.func.vmap(lambda v: C @ v)(v[None])
+
+
+# -- inference mode (issue 15, item 4) --------------------------------------------------------
+
+
+def test_inference_mode():
+    model, loss, reduction, X, y = setup("mse-mean")
+    params = dict(model.named_parameters())
+    with torch.inference_mode():
+        with pytest.raises(
+            RuntimeError, match=r"HessianOperator`: the operator must be built outside torch.inference_mode"
+        ):
+            fc.HessianOperator(model, loss, params, split(X, y))
+        Xi, yi, vi = X.clone(), y.clone(), torch.randn(31, dtype=F64)
+    assert Xi.is_inference() and vi.is_inference()
+    H = fc.HessianOperator(model, loss, params, split(Xi, yi))  # inference-tensor data: copied per batch
+    dense = dense_hessian(model, loss, ALL, split(X, y), "mean")
+    torch.testing.assert_close(H @ vi, dense @ vi)
+    with torch.inference_mode():
+        torch.testing.assert_close(H @ vi, dense @ vi)  # products inside inference mode
+        values = fc.eigsh(H, k=2)[0]
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(dense)[-2:])
+    with torch.inference_mode():
+        frozen = mlp()
+    with pytest.raises(ValueError, match=r"params\['0.weight'\] must be a normal tensor, got an inference tensor"):
+        fc.HessianOperator(frozen, loss, dict(frozen.named_parameters()), split(X, y))
+
+
+# -- empty and non-finite data (issue 15, item 5) ---------------------------------------------
+
+
+@pytest.mark.parametrize("cls_name", OPERATORS)
+def test_empty_batches_are_skipped(cls_name):
+    model, loss, _, X, y = setup("ce-mean")
+    params = dict(model.named_parameters())
+    data = split(X, y)
+    with_empty = [(X[:0], y[:0]), data[0], (X[:0], y[:0]), *data[1:], (X[:0], y[:0])]
+    expected = getattr(fc, cls_name)(model, loss, params, data).to_dense()
+    A = getattr(fc, cls_name)(model, loss, params, with_empty)
+    assert A.num_data == len(X)
+    torch.testing.assert_close(A.to_dense(), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_non_finite_data_names_the_batch_and_what():
+    model, loss, _, X, y = setup("mse-mean")
+    params = dict(model.named_parameters())
+    api = r"^`functx.curvature.GGNOperator`: batch 1 of `data` must "
+    bad_X, bad_y = X.clone(), y.clone()
+    bad_X[5, 1] = float("nan")
+    bad_y[6, 0] = float("inf")
+    for data, what in [(split(bad_X, y), "X"), (split(X, bad_y), "y")]:
+        with pytest.raises(ValueError, match=api + rf"hold finite values, got a nan or inf in {what}\.$"):
+            fc.GGNOperator(model, loss, params, data)
+        with pytest.raises(ValueError, match=api + rf"hold finite values, got a nan or inf in {what}\.$"):
+            fc.GGNOperator(model, loss, params, data, check_deterministic=False)  # the counting pass
+    infinite = lambda out, y: ((out - y) ** 2).mean() / (y[0, 0] != y[0, 0]).to(out.dtype)
+    data = split(X, y)
+    with pytest.raises(
+        ValueError, match=r"batch 0 of `data` must give a finite loss and gradient, got a nan or inf in the loss\."
+    ):
+        fc.GGNOperator(model, infinite, params, data, reduction="mean")
+    kink = lambda out, y: (out - y).abs().sqrt().mean()
+    zero = nn.Linear(3, 3).to(F64)
+    nn.init.zeros_(zero.weight), nn.init.zeros_(zero.bias)
+    with pytest.raises(
+        ValueError,
+        match=r"batch 0 of `data` must give a finite loss and gradient, got a nan or inf in the gradient of the loss\.",
+    ):
+        fc.GGNOperator(zero, kink, dict(zero.named_parameters()), [(X, torch.zeros_like(y))], reduction="mean")
+
+
+# -- clear errors before any data pass (issue 15, item 9) -------------------------------------
+
+
+class CountingModel:
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.calls = model, 0
+
+    def __call__(self, params, X):
+        self.calls += 1
+        return torch.func.functional_call(self.model, params, (X,))
+
+
+def test_wrong_losses_are_named_on_the_first_batch():
+    model, _, _, X, y = setup("mse-mean")
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    api = r"^`functx.curvature.HessianOperator`: "
+    cases = [
+        (
+            nn.MSELoss,
+            None,
+            TypeError,
+            api + r"`loss` must be a loss instance or a callable, got the class MSELoss \(e.g. MSELoss\(\)\)",
+        ),
+        (
+            lambda o, y: ((o - y) ** 2).mean(1),
+            "mean",
+            ValueError,
+            api
+            + r"`loss` must return a 0-d tensor \(a scalar\), got a torch.float64 tensor of shape \(4,\) for batch 0",
+        ),
+        (
+            lambda o, y: float(((o - y) ** 2).mean().detach()),
+            "mean",
+            TypeError,
+            api + r"`loss` must return a 0-d tensor, got a value of type float for batch 0 \(a Python number is not",
+        ),
+        (
+            lambda o, y: ((o - y) ** 2).mean().detach(),
+            "mean",
+            ValueError,
+            api + r"`loss` must return a tensor that depends on the prediction",
+        ),
+    ]
+    for loss, reduction, error, match in cases:
+        counting = CountingModel(model)
+        with pytest.raises(error, match=match):
+            fc.HessianOperator(counting, loss, params, split(X, y), reduction=reduction)
+        assert counting.calls <= 1  # at most one forward, on the first batch
+
+
+def test_ggn_prediction_must_be_a_tensor_on_the_first_batch():
+    model, loss, _, X, y = setup("mse-mean")
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    forward = lambda p, X: {"out": torch.func.functional_call(model, p, (X,))}
+    with pytest.raises(
+        TypeError, match=r"GGNOperator`: the model's prediction must be a tensor, got a value of type dict"
+    ):
+        fc.GGNOperator(forward, lambda o, y: o["out"].sum(), params, split(X, y), reduction="sum")
+
+
+def test_shuffling_alone_passes_the_determinism_check():
+    # The curvature is a sum over the samples: a shuffled loader gives the same operator. A loader
+    # that drops a different last batch each pass does not, and is named.
+    model, loss, _, X, y = setup("ce-mean", n=10)
+    params = dict(model.named_parameters())
+    dataset = torch.utils.data.TensorDataset(X, y)
+    plain = fc.GGNOperator(model, loss, params, torch.utils.data.DataLoader(dataset, batch_size=4))
+    torch.manual_seed(0)
+    shuffled = fc.GGNOperator(model, loss, params, torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True))
+    torch.testing.assert_close(shuffled.to_dense(), plain.to_dense(), rtol=1e-10, atol=1e-12)
+    dropping = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True, drop_last=True)
+    with pytest.raises(ValueError, match=r"without modules in training mode.*shuffle=True with drop_last=True"):
+        fc.GGNOperator(model, loss, params, dropping, num_data=8)
+
+
+def test_import_functx_loads_curvature_without_scipy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, functx; assert 'curvature' in functx.__all__; functx.curvature.eigsh; "
+        "assert not [m for m in sys.modules if m == 'scipy' or m.startswith('scipy.')], 'scipy imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

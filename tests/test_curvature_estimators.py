@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 
+import functx
 from functx._curvature import _estimators as est
 
 DT = torch.float64
@@ -187,7 +188,7 @@ def test_eigsh_small_or_large_k_goes_dense(size, k):
     op = DenseOp(A)
     for which in ("LA", "SA", "LM"):
         values, vectors, info = est.eigsh(op, k=k, which=which, return_info=True)
-        assert info.method == "dense" and info.matvecs == size
+        assert info.method == "dense" and info.num_matvecs == size and info.num_steps == 1
         check_pairs(A, values, vectors, reference(A, k, which), atol=1e-12)
 
 
@@ -196,9 +197,9 @@ def test_eigsh_reports_every_product():
     for k, block_size in [(1, None), (3, None), (3, 1)]:
         op = DenseOp(A)
         *_, info = est.eigsh(op, k=k, block_size=block_size, return_info=True)
-        assert info.matvecs == op.matvecs
+        assert info.num_matvecs == op.matvecs
         assert op.widest == (block_size or k)  # blocks go to the operator as one (P, K) product
-        assert op.calls == op.matvecs // op.widest
+        assert op.calls == op.matvecs // op.widest == info.num_steps
 
 
 def test_eigsh_float32():
@@ -210,11 +211,36 @@ def test_eigsh_float32():
 
 def test_eigsh_not_converged_warns_or_raises():
     A = rotated(SPECTRA["indefinite"].tolist())
-    with pytest.warns(RuntimeWarning, match=r"`functx.curvature.eigsh`: not converged after \d+ matvecs"):
-        *_, info = est.eigsh(A, k=1, max_iter=8, return_info=True)
-    assert not info.converged and info.matvecs <= 8 and info.residual_norms.max() > info.threshold
-    with pytest.raises(RuntimeError, match=r"`functx.curvature.eigsh`: not converged after \d+ matvecs \(max_iter=8\)"):
-        est.eigsh(A, k=1, max_iter=8, throw=True)
+    with pytest.warns(functx.NonConvergenceWarning, match=r"`functx.curvature.eigsh`: not converged after \d+ matvecs"):
+        values, _ = est.eigsh(A, k=1, max_matvecs=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with return_info the caller reads info.converged: no warning
+        *_, info = est.eigsh(A, k=1, max_matvecs=8, return_info=True)
+    assert not info.converged and info.num_matvecs <= 8 and info.residual_norms.max() > info.threshold
+    assert info.num_steps == info.num_matvecs  # block size 1: one vector per step
+    with pytest.raises(
+        functx.NonConvergenceError, match=r"eigsh`: not converged after \d+ matvecs \(max_matvecs=8\)"
+    ) as caught:
+        est.eigsh(A, k=1, max_matvecs=8, throw=True)
+    error = caught.value
+    assert isinstance(error, RuntimeError) and error.api == "functx.curvature.eigsh"
+    assert error.stats["converged"] is False and error.stats["num_matvecs"] == info.num_matvecs
+    assert error.stats["num_steps"] == info.num_steps
+    torch.testing.assert_close(error.stats["residual_norms"], info.residual_norms)
+
+
+def test_eigsh_max_iter_is_a_deprecated_alias_of_max_matvecs():
+    A = rotated(SPECTRA["indefinite"].tolist())
+    expected = est.eigsh(A, k=1, max_matvecs=8, return_info=True)
+    with pytest.warns(FutureWarning, match=r"`functx.curvature.eigsh\(max_iter=\)` is deprecated.*max_matvecs"):
+        got = est.eigsh(A, k=1, max_iter=8, return_info=True)
+    assert torch.equal(got[0], expected[0]) and got[2].num_matvecs == expected[2].num_matvecs
+    with pytest.raises(ValueError, match=r"`max_iter` \(deprecated\) and `max_matvecs` must not both be given"):
+        est.eigsh(A, k=1, max_iter=8, max_matvecs=8)
+    with pytest.warns(FutureWarning, match=r"`functx.curvature.EigshInfo.matvecs` is deprecated.*num_matvecs"):
+        assert expected[2].matvecs == expected[2].num_matvecs
+    with pytest.warns(FutureWarning, match=r"`functx.curvature.EigshInfo.restarts` is deprecated.*num_restarts"):
+        assert expected[2].restarts == expected[2].num_restarts
 
 
 def test_eigsh_tensor_and_operator_agree_and_seed_changes_the_start():
@@ -355,7 +381,10 @@ def test_diagonal_as_tree():
     tree = est.diagonal(op, 10, "xdiag", as_tree=True)
     assert set(tree) == {"bias", "weight"} and tree["weight"].shape == (2, 4)
     torch.testing.assert_close(torch.cat([tree["bias"], tree["weight"].reshape(-1)]), A.diagonal())
-    with pytest.raises(TypeError, match=r"`functx.curvature.diagonal`: as_tree=True needs .* got Tensor"):
+    with pytest.raises(
+        TypeError,
+        match=r"`functx.curvature.diagonal`: `op` must have an `unflatten` method for as_tree=True .* got a torch.float64 tensor",
+    ):
         est.diagonal(A, 4, as_tree=True)
 
 
@@ -490,7 +519,7 @@ BAD = [
     (
         lambda: est.eigsh([[1.0]]),
         TypeError,
-        r"^`functx.curvature.eigsh`: `op` must be a square tensor or a linear operator .* got list",
+        r"^`functx.curvature.eigsh`: `op` must be a square tensor or a linear operator .* got a value of type list",
     ),
     (lambda: est.eigsh(NoMatmul()), TypeError, r"^`functx.curvature.eigsh`: .* without '__matmul__'"),
     (
@@ -513,67 +542,73 @@ BAD = [
         ValueError,
         r"^`functx.curvature.eigsh`: `op` must be symmetric",
     ),
-    (lambda: est.eigsh(SQUARE, k=0), ValueError, r"^`functx.curvature.eigsh`: `k` must be >= 1 and <= 5; got 0"),
-    (lambda: est.eigsh(SQUARE, k=6), ValueError, r"`k` must be >= 1 and <= 5; got 6"),
-    (lambda: est.eigsh(SQUARE, k=2.0), TypeError, r"`k` must be an int; got float"),
+    (lambda: est.eigsh(SQUARE, k=0), ValueError, r"^`functx.curvature.eigsh`: `k` must be an int in \[1, 5\], got 0."),
+    (lambda: est.eigsh(SQUARE, k=6), ValueError, r"`k` must be an int in \[1, 5\], got 6."),
+    (lambda: est.eigsh(SQUARE, k=2.0), TypeError, r"`k` must be an int, got a value of type float."),
     (
         lambda: est.eigsh(SQUARE, k=1, which="BE"),
         ValueError,
-        r"^`functx.curvature.eigsh`: `which` must be one of 'LA', 'SA', 'LM'; got 'BE'",
+        r"^`functx.curvature.eigsh`: `which` must be one of \['LA', 'SA', 'LM'\], got 'BE'.",
     ),
-    (lambda: est.eigsh(SQUARE, k=1, tol=0.0), ValueError, r"`tol` must be positive and finite; got 0.0"),
-    (lambda: est.eigsh(SQUARE, k=1, ncv=2), ValueError, r"`ncv` must be >= 3; got 2"),
-    (lambda: est.eigsh(SQUARE, k=2, max_iter=1), ValueError, r"`max_iter` must be >= 2; got 1"),
-    (lambda: est.eigsh(SQUARE, k=1, seed="0"), TypeError, r"`seed` must be an int; got str"),
-    (lambda: est.eigsh(SQUARE, k=1, throw=1), TypeError, r"`throw` must be a bool; got int"),
+    (lambda: est.eigsh(SQUARE, k=1, tol=0.0), ValueError, r"`tol` must be positive, got 0.0."),
+    (lambda: est.eigsh(SQUARE, k=1, ncv=2), ValueError, r"`ncv` must be an int >= 3, got 2."),
+    (lambda: est.eigsh(SQUARE, k=2, max_matvecs=1), ValueError, r"`max_matvecs` must be an int >= 2, got 1."),
+    (lambda: est.eigsh(SQUARE, k=1, seed="0"), TypeError, r"`seed` must be an int, got a value of type str."),
+    (lambda: est.eigsh(SQUARE, k=1, throw=1), TypeError, r"`throw` must be a bool, got 1."),
+    (lambda: est.eigsh(SQUARE, k=1, return_info="yes"), TypeError, r"`return_info` must be a bool, got 'yes'."),
     (
         lambda: est.eigsh(WrongOutput(low_rank(40, 40)), k=1),
         ValueError,
-        r"`op @ V` must return the shape of V; got \(39, 1\)",
+        r"`op @ V` must return the shape of V \(40, 1\), got shape \(39, 1\).",
     ),
     (
         lambda: est.trace(SQUARE, 2, "hutch++"),
         ValueError,
-        r"^`functx.curvature.trace`: `num_matvecs` must be >= 3; got 2",
+        r"^`functx.curvature.trace`: `num_matvecs` must be an int >= 3, got 2.",
     ),
     (
         lambda: est.trace(SQUARE, 1, "xtrace"),
         ValueError,
-        r"^`functx.curvature.trace`: `num_matvecs` must be >= 2; got 1",
+        r"^`functx.curvature.trace`: `num_matvecs` must be an int >= 2, got 1.",
     ),
-    (lambda: est.trace(SQUARE, 0, "hutchinson"), ValueError, r"`num_matvecs` must be >= 1; got 0"),
+    (lambda: est.trace(SQUARE, 0, "hutchinson"), ValueError, r"`num_matvecs` must be an int >= 1, got 0."),
+    (
+        lambda: est.trace(torch.zeros(0, 0, dtype=DT)),
+        ValueError,
+        r"^`functx.curvature.trace`: `op` must have at least one row, got shape \(0, 0\).",
+    ),
     (
         lambda: est.trace(SQUARE, 9, "exact"),
         ValueError,
-        r"^`functx.curvature.trace`: `method` must be one of 'hutch\+\+', 'hutchinson', 'xtrace'; got 'exact'",
+        r"^`functx.curvature.trace`: `method` must be one of \['hutch\+\+', 'hutchinson', 'xtrace'\], got 'exact'.",
     ),
-    (lambda: est.trace(SQUARE, 9, chunk_size=0), ValueError, r"`chunk_size` must be >= 1; got 0"),
+    (lambda: est.trace(SQUARE, 9, chunk_size=0), ValueError, r"`chunk_size` must be an int >= 1, got 0."),
     (
         lambda: est.diagonal(SQUARE, 9, "xtrace"),
         ValueError,
-        r"^`functx.curvature.diagonal`: `method` must be one of 'hutchinson', 'xdiag'; got 'xtrace'",
+        r"^`functx.curvature.diagonal`: `method` must be one of \['hutchinson', 'xdiag'\], got 'xtrace'.",
     ),
-    (lambda: est.diagonal(SQUARE, 1, "xdiag"), ValueError, r"`num_matvecs` must be >= 2; got 1"),
+    (lambda: est.diagonal(SQUARE, 1, "xdiag"), ValueError, r"`num_matvecs` must be an int >= 2, got 1."),
     (
         lambda: est.spectral_density(SQUARE, 0),
         ValueError,
-        r"^`functx.curvature.spectral_density`: `num_probes` must be >= 1; got 0",
+        r"^`functx.curvature.spectral_density`: `num_probes` must be an int >= 1, got 0.",
     ),
-    (lambda: est.spectral_density(SQUARE, 2, 0), ValueError, r"`num_steps` must be >= 1; got 0"),
+    (lambda: est.spectral_density(SQUARE, 2, 0), ValueError, r"`num_steps` must be an int >= 1, got 0."),
     (
         lambda: est.spectral_density(SQUARE, 2, 2, sigma=-1.0),
         ValueError,
-        r"`sigma` must be positive and finite; got -1.0",
+        r"`sigma` must be positive, got -1.0.",
     ),
     (
         lambda: est.spectral_density(SQUARE, 2, 2, grid=[0.0, 1.0]),
         TypeError,
-        r"`grid` must be a 1-D tensor or None; got list",
+        r"`grid` must be None or a 1-D tensor, got a value of type list.",
     ),
     (
         lambda: est.spectral_density(SQUARE, 2, 2, grid=torch.zeros(2, 2)),
         ValueError,
-        r"`grid` must be a 1-D tensor of at least 2 points; got shape \(2, 2\)",
+        r"`grid` must be a 1-D tensor of at least 2 points, got shape \(2, 2\).",
     ),
 ]
 
@@ -592,3 +627,23 @@ def test_no_warning_on_good_calls():
         est.trace(A)
         est.diagonal(A, method="xdiag")
         est.spectral_density(A)
+
+
+def test_curvature_doctests_compare_no_float_digits():
+    """Issue 15, item 1: a doctest that prints a float compares digits a different CPU may not
+    print (``1.0000...`` against ``1.0``); every float a curvature doctest prints is rounded."""
+    import doctest
+    import importlib
+    import pkgutil
+    import re
+
+    import functx._curvature as package
+
+    names = [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
+    offenders = []
+    for name in ["functx.curvature", *names]:
+        for test in doctest.DocTestFinder().find(importlib.import_module(name)):
+            for example in test.examples:
+                if re.search(r"\d\.", example.want) and "round(" not in example.source:
+                    offenders.append(f"{test.name}: {example.source.strip()} -> {example.want.strip()}")
+    assert not offenders, "\n".join(offenders)

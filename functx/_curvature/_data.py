@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from .._tree import tree_leaves
+from .._validate import api_name, check_bool, check_callable, describe, fail
+
 
 class Data:
     """A re-iterable of ``(X, y)`` batches with a batch-size rule, moved to one device.
@@ -30,21 +33,24 @@ class Data:
         api: str,
     ) -> None:
         if not isinstance(data, Iterable) or isinstance(data, Iterator):
-            kind = "a one-shot iterator" if isinstance(data, Iterator) else f"a value of type {type(data).__name__}"
-            raise TypeError(
-                f"`{api}`: `data` must be a re-iterable of (X, y) batches (a list or a DataLoader), got {kind}."
+            kind = "a one-shot iterator" if isinstance(data, Iterator) else describe(data)
+            raise fail(
+                api, f"`data` must be a re-iterable of (X, y) batches (a list or a DataLoader), got {kind}.", TypeError
             )
-        if batch_size_fn is not None and not callable(batch_size_fn):
-            raise TypeError(
-                f"`{api}`: `batch_size_fn` must be a callable X -> int, got {type(batch_size_fn).__name__}."
-            )
-        if not isinstance(progress, bool):
-            raise TypeError(f"`{api}`: `progress` must be True or False, got {progress!r}.")
+        check_callable(batch_size_fn, "batch_size_fn", api, optional=True)
+        check_bool(progress, "progress", api)
         self.data, self.batch_size_fn, self.device, self.api = data, batch_size_fn, device, api
         self.progress = progress and _tqdm_available(api)
 
     def batches(self, desc: str) -> Iterator[tuple[Any, torch.Tensor, int]]:
-        """Yield ``(X, y, batch_size)`` for each batch of one pass over the data."""
+        """Yield ``(X, y, batch_size)`` for each non-empty batch of one pass over the data."""
+        for _, X, y, size in self.indexed_batches(desc):
+            yield X, y, size
+
+    def indexed_batches(self, desc: str, check_finite: bool = False) -> Iterator[tuple[int, Any, Any, int]]:
+        """Yield ``(k, X, y, batch_size)`` for each batch ``k`` of one pass; batches of size 0
+        are skipped (they add nothing to the curvature). With ``check_finite``, a ``ValueError``
+        names a batch whose ``X`` or ``y`` holds a nan or an inf."""
         source: Iterable[Any] = self.data
         if self.progress:
             from tqdm.auto import tqdm  # optional extra, imported only when asked for
@@ -52,16 +58,28 @@ class Data:
             source = tqdm(source, desc=f"{self.api} {desc}", leave=False)
         for k, item in enumerate(source):
             X, y = self._unpack(item, k)
-            yield X, y, self.batch_size(X, k)
+            size = self.batch_size(X, k)
+            if size == 0:
+                continue
+            if check_finite:
+                self.check_finite(X, "X", k)
+                self.check_finite(y, "y", k)
+            yield k, X, y, size
+
+    def check_finite(self, value: Any, what: str, k: int) -> None:
+        """``ValueError`` naming batch ``k`` when a floating-point tensor of ``value`` is not finite."""
+        for leaf in tree_leaves(value):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+                raise fail(self.api, f"batch {k} of `data` must hold finite values, got a nan or inf in {what}.")
 
     def _unpack(self, item: Any, k: int) -> tuple[Any, Any]:
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise ValueError(f"`{self.api}`: batch {k} of `data` must be a pair (X, y), got {_describe(item)}.")
+            raise fail(self.api, f"batch {k} of `data` must be a pair (X, y), got {describe(item)}.")
         X, y = item
         if isinstance(X, torch.Tensor):
-            X = X.to(self.device)
+            X = _usable(X.to(self.device))
         if isinstance(y, torch.Tensor):
-            y = y.to(self.device)
+            y = _usable(y.to(self.device))
         return X, y
 
     def batch_size(self, X: Any, k: int) -> int:
@@ -72,26 +90,29 @@ class Data:
             size = X.shape[0]
         else:
             hint = " (dict-like X needs `batch_size_fn`)" if isinstance(X, Mapping) else ""
-            raise TypeError(
-                f"`{self.api}`: cannot tell the batch size of X in batch {k}, a {_describe(X)}{hint}; "
-                f"pass `batch_size_fn=lambda X: ...`."
+            raise fail(
+                self.api,
+                f"`batch_size_fn` must be given when X is not a tensor with a batch axis{hint}, got X = "
+                f"{describe(X)} in batch {k}; pass `batch_size_fn=lambda X: ...`.",
+                TypeError,
             )
         if isinstance(size, torch.Tensor) and size.numel() == 1:
             size = int(size.item())
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise ValueError(f"`{self.api}`: the batch size of batch {k} must be an int >= 0, got {size!r}.")
+            raise fail(self.api, f"the batch size of batch {k} must be an int >= 0, got {size!r}.")
         return size
 
     def count(self) -> int:
-        """The number of samples in this process's data (one pass, no model evaluation)."""
-        return sum(size for _, _, size in self.batches("counting samples"))
+        """The number of samples in this process's data (one pass, no model evaluation; a
+        ``ValueError`` names a batch with a nan or inf in ``X`` or ``y``)."""
+        return sum(size for _, _, _, size in self.indexed_batches("counting samples", check_finite=True))
 
 
 def _tqdm_available(api: str) -> bool:
     if importlib.util.find_spec("tqdm") is not None:
         return True
     warnings.warn(
-        f"`{api}`: progress=True needs tqdm, which is not installed (`pip install functx[progress]`); "
+        f"{api_name(api)}: progress=True needs tqdm, which is not installed (`pip install functx[progress]`); "
         f"running without a progress bar.",
         UserWarning,
         stacklevel=4,
@@ -99,7 +120,9 @@ def _tqdm_available(api: str) -> bool:
     return False
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"tensor of shape {tuple(value.shape)}"
-    return f"value of type {type(value).__name__}"
+def _usable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a normal copy of an inference tensor (which autograd cannot save for backward)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()

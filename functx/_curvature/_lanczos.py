@@ -31,6 +31,7 @@ class LanczosResult(NamedTuple):
     threshold: float
     converged: bool
     restarts: int
+    steps: int  # block products made (one per Lanczos step)
 
 
 def preference(values: torch.Tensor, which: str) -> torch.Tensor:
@@ -73,7 +74,7 @@ def _next_block(
 
 
 def thick_restart_lanczos(
-    A: Operator, k: int, which: str, tol: float, max_iter: int, ncv: int, block_size: int, seed: int
+    A: Operator, k: int, which: str, tol: float, max_matvecs: int, ncv: int, block_size: int, seed: int
 ) -> LanczosResult:
     """The ``k`` most wanted eigenpairs of ``A`` by block Lanczos with thick restarts.
 
@@ -85,8 +86,9 @@ def thick_restart_lanczos(
     V = torch.zeros(size, ncv, dtype=A.dtype, device=A.device)
     H = torch.zeros(ncv, ncv, dtype=A.dtype, device=A.device)
     V[:, :b] = torch.linalg.qr(A.gaussian(b, generator)).Q
-    n, restarts, norm_estimate = 0, 0, 0.0
+    n, restarts, steps, norm_estimate = 0, 0, 0, 0.0
     while True:
+        steps += 1
         lo, hi = n, n + b
         W, C = _orthogonalize(A.matmul(V[:, lo:hi]), V[:, :hi])
         H[:hi, lo:hi] = C
@@ -101,7 +103,7 @@ def thick_restart_lanczos(
         residuals = torch.linalg.vector_norm(R @ S[n - b : n, wanted], dim=0)
         threshold = tol * norm_estimate
         converged = n >= k and bool((residuals <= threshold).all())
-        if converged or (n >= k and A.matvecs + b > max_iter):
+        if converged or (n >= k and A.matvecs + b > max_matvecs):
             break
         if n + b > ncv:
             keep = min(k + (n - k) // 2, ncv - 2 * b)
@@ -111,7 +113,7 @@ def thick_restart_lanczos(
             n, restarts = keep, restarts + 1
         V[:, n : n + b] = Q
     vectors = V[:, :n] @ S[:, wanted]
-    return LanczosResult(theta[wanted], vectors, residuals, threshold, converged, restarts)
+    return LanczosResult(theta[wanted], vectors, residuals, threshold, converged, restarts, steps)
 
 
 def batched_lanczos(A: Operator, starts: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:

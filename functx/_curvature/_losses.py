@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validate import describe, fail
+
 _REDUCTIONS = ("mean", "sum")
 
 
@@ -33,31 +35,69 @@ class LossSpec:
     """
 
     def __init__(self, loss: Any, reduction: str | None, api: str) -> None:
+        if isinstance(loss, type):
+            hint = f" (e.g. {loss.__name__}())" if issubclass(loss, nn.Module) else ""
+            raise fail(
+                api, f"`loss` must be a loss instance or a callable, got the class {loss.__name__}{hint}.", TypeError
+            )
         if not callable(loss):
-            raise TypeError(
-                f"`{api}`: `loss` must be a torch.nn loss module or a callable loss(prediction, y) -> scalar, "
-                f"got a value of type {type(loss).__name__}."
+            raise fail(
+                api,
+                f"`loss` must be a torch.nn loss module or a callable loss(prediction, y) -> scalar, got {describe(loss)}.",
+                TypeError,
             )
         own = getattr(loss, "reduction", None) if isinstance(loss, nn.modules.loss._Loss) else None
         if own is None and reduction is None:
-            raise TypeError(
-                f"`{api}`: `loss` is a callable without a `reduction` attribute; pass `reduction='mean'` "
-                f"(the callable averages over the samples of a batch) or `reduction='sum'`."
+            raise fail(
+                api,
+                "`reduction` must be given for a callable `loss` without a `reduction` attribute, got None; pass "
+                "`reduction='mean'` (the callable averages over the samples of a batch) or `reduction='sum'`.",
+                TypeError,
             )
         if own is not None and reduction is not None and reduction != own:
-            raise ValueError(
-                f"`{api}`: `reduction={reduction!r}` disagrees with the loss module's reduction {own!r}; "
-                f"leave `reduction` out for a loss module."
+            raise fail(
+                api,
+                f"`reduction` must agree with the loss module's reduction {own!r}, got {reduction!r}; leave "
+                f"`reduction` out for a loss module.",
             )
         chosen = own if own is not None else reduction
         if chosen not in _REDUCTIONS:
-            raise ValueError(
-                f"`{api}`: the loss's reduction must be 'mean' or 'sum' (it sets the scaling over the dataset), "
-                f"got {chosen!r}."
+            raise fail(
+                api,
+                f"the loss's reduction must be 'mean' or 'sum' (it sets the scaling over the dataset), got {chosen!r}.",
             )
         self.fn: Callable[[Any, Any], torch.Tensor] = loss
         self.reduction: str = chosen
         self.kind = _kind(loss)
+        self.api = api
+
+    def value(self, out: Any, y: Any, k: int) -> torch.Tensor:
+        """The loss of batch ``k``, checked: a real floating-point 0-d tensor, attached to the
+        prediction's graph when the prediction has one."""
+        value = self.fn(out, y)
+        if not isinstance(value, torch.Tensor):
+            hint = " (a Python number is not differentiable: build it from torch operations)"
+            raise fail(
+                self.api,
+                f"`loss` must return a 0-d tensor, got {describe(value)} for batch {k}"
+                f"{hint if isinstance(value, (int, float)) else ''}.",
+                TypeError,
+            )
+        if not value.is_floating_point():
+            raise fail(self.api, f"`loss` must return a real floating-point tensor, got {describe(value)}.", TypeError)
+        if value.ndim != 0:
+            raise fail(
+                self.api,
+                f"`loss` must return a 0-d tensor (a scalar), got {describe(value)} for batch {k}; reduce it "
+                f"(.mean() or .sum()) and pass the matching `reduction`.",
+            )
+        if isinstance(out, torch.Tensor) and out.requires_grad and not value.requires_grad:
+            raise fail(
+                self.api,
+                f"`loss` must return a tensor that depends on the prediction through torch operations, got a "
+                f"detached one for batch {k} (.item(), .detach() or torch.tensor(...) inside the loss?).",
+            )
+        return value
 
     def weight(self, batch_size: int, num_data: int) -> float:
         """``w_b``: the weight of a batch's loss in the dataset loss."""

@@ -13,20 +13,27 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
-from .._core import plain_eager
+from .._core import autograd_grad, plain_eager
+from .._torch_internals import is_exporting
+from .._validate import check_bool, check_optional_int, describe, fail
 from ._base import CurvatureOperatorBase
 from ._data import Data
 from ._distributed import (
     all_reduce_sum,
-    any_rank,
     check_same_across_ranks,
+    flagged_ranks,
     global_count,
     on_every_rank,
     resolve_group,
 )
 from ._losses import LossSpec
 from ._params import Layout, model_function
+
+# Modules whose output in training mode is random or depends on the batch (the usual reasons a
+# determinism check fails).
+_TRAINING_SENSITIVE = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase, nn.RReLU)
 
 
 class _CurvatureOperator(CurvatureOperatorBase):
@@ -47,131 +54,226 @@ class _CurvatureOperator(CurvatureOperatorBase):
         group: Any = None,
     ) -> None:
         api = self._api = f"functx.curvature.{type(self).__name__}"
+        if torch.is_inference_mode_enabled():
+            raise fail(
+                api,
+                "the operator must be built outside torch.inference_mode(), got a call inside it: its construction "
+                "differentiates the loss (the determinism check). Build it outside; its products may then run "
+                "inside inference mode.",
+                RuntimeError,
+            )
         self._loss = LossSpec(loss, reduction, api)
         self._layout = Layout(params, api)
+        self._model = model
         self._forward, self._stateful = model_function(model, self._layout, api)
         self._data = Data(data, batch_size_fn, self._layout.device, progress, api)
-        if not isinstance(check_deterministic, bool):
-            raise TypeError(f"`{api}`: `check_deterministic` must be True or False, got {check_deterministic!r}.")
+        check_bool(check_deterministic, "check_deterministic", api)
         _check_num_data(num_data, api)
         self._group = resolve_group(group, api)
         check_same_across_ranks(self._layout.signature(), self._group, api)
-        if num_data is None:  # a local failure (a bad batch) raises on every rank, not a hang
+        # a local failure (a bad batch) raises on every rank, not a hang
+        on_every_rank(self._check_first_batch, self._group, api, "checking the first batch of `data`")
+        if num_data is None:
             num_data = global_count(
                 on_every_rank(self._data.count, self._group, api, "counting the samples of `data`"), self._group
             )
         self._num_data = num_data
         if self._num_data == 0:
-            raise ValueError(f"`{api}`: `data` holds no sample (an empty dataset); the curvature is undefined.")
+            raise fail(api, "`data` must hold at least one sample (the curvature is undefined), got none.")
         if check_deterministic:
             self._check_deterministic()
 
     # -- products ----------------------------------------------------------------------------
 
+    def _matmul_flat(self, v: torch.Tensor) -> torch.Tensor:
+        """A product differentiable in ``v`` (the operator is linear and symmetric: the
+        derivative of ``A v`` is ``A`` itself), under plain autograd, forward-mode AD and the
+        functx/torch.func transforms; the data pass itself always runs eager autograd."""
+        v = self._check_flat(v)
+        self._refuse_compilation()
+        return _Product.apply(self, v)  # type: ignore[no-any-return]
+
+    def _plain_product(self, v: torch.Tensor) -> torch.Tensor:
+        """The product of a plain tensor ``v`` (no transform, no graph)."""
+        return super()._matmul_flat(v.detach())
+
+    def _refuse_compilation(self) -> None:
+        if torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing():
+            raise fail(
+                self._api,
+                "products run eager autograd over the data; they cannot be compiled, exported or traced "
+                "(got a product under torch.compile, torch.export or jit tracing).",
+                TypeError,
+            )
+
+    def _check_v(self, v: torch.Tensor) -> None:
+        # Direct products reach here with a plain, detached v (from _Product); a composite
+        # (A + B, c * A, A @ B) calls it with the caller's v.
+        self._refuse_compilation()
+        if not plain_eager(v) or v.requires_grad:
+            raise fail(
+                self._api,
+                "`v` must be a plain tensor that does not require grad for a composite operator (A + B, c * A, "
+                "A @ B, an inverse) made with this operator, got a product that would be detached: composites "
+                "cannot run inside a functx/torch.func transform or torch.compile. Products run eager autograd "
+                "over the data: apply the operators separately (A @ v + B @ v), which is differentiable in v.",
+                TypeError,
+            )
+
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
-        """``(A V^T)^T`` for ``V`` of shape ``(K, P)``: one pass, one reduction."""
-        V = V.detach()
-        K, batched = V.shape[0], V.shape[0] > 1
-        pieces = self._layout.split(V)
-        vectors = [p.contiguous() for p in pieces] if batched else [p[0] for p in pieces]  # dense: fast vmap
-        accs = [torch.zeros(K, *s, dtype=self.dtype, device=self.device) for s in self._layout.shapes]
-        for X, y, size in self._data.batches("product"):
-            leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
-            with torch.enable_grad():
-                products, alpha = self._batch_product(leaves, X, y, size, vectors, batched)
-            for a, p in zip(accs, products):
-                if p is not None:
+        """``(A V^T)^T`` for ``V`` of shape ``(K, P)``: one pass, one reduction (also inside
+        inference mode, which is left for the data pass)."""
+        with torch.inference_mode(False):
+            V = V.clone() if V.is_inference() else V.detach()
+            K, batched = V.shape[0], V.shape[0] > 1
+            pieces = self._layout.split(V)
+            vectors = [p.contiguous() for p in pieces] if batched else [p[0] for p in pieces]  # dense: fast vmap
+            accs = [torch.zeros(K, *s, dtype=self.dtype, device=self.device) for s in self._layout.shapes]
+            for X, y, size in self._data.batches("product"):
+                leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
+                with torch.enable_grad():
+                    products, alpha = self._batch_product(leaves, X, y, size, vectors, batched)
+                for a, p in zip(accs, products):
                     a.add_(p.reshape(a.shape), alpha=alpha)
-        acc = torch.cat([a.reshape(K, -1) for a in accs], dim=1)
-        return all_reduce_sum(acc, self._group, same=V, api=self._api)  # also checks every rank used this V
+            acc = torch.cat([a.reshape(K, -1) for a in accs], dim=1)
+            return all_reduce_sum(acc, self._group, same=V, api=self._api)  # also checks every rank used this V
 
     def _batch_product(
         self, leaves: list[torch.Tensor], X: Any, y: Any, size: int, vectors: list[torch.Tensor], batched: bool
-    ) -> tuple[tuple[torch.Tensor | None, ...], float]:
+    ) -> tuple[tuple[torch.Tensor, ...], float]:
         raise NotImplementedError
 
-    def _check_v(self, v: torch.Tensor) -> None:
-        if not plain_eager(v) or torch.is_inference_mode_enabled():
-            raise TypeError(
-                f"`{self._api}`: products run eager autograd over the data; they cannot run inside a "
-                f"functx/torch.func transform, torch.compile or inference mode."
-            )
-
     # -- construction-time checks -----------------------------------------------------------
+
+    def _check_prediction(self, out: Any) -> None:
+        """Checks on the model's prediction for the first batch (none here)."""
+
+    def _check_first_batch(self) -> None:
+        """Evaluate the model and the loss on the first non-empty batch (no backward pass), so
+        that a loss of the wrong kind is named before any pass over the data."""
+        for k, X, y, _ in self._data.indexed_batches("first batch", check_finite=True):
+            leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
+            with torch.enable_grad():
+                tree = self._layout.to_tree(leaves)
+                out = self._forward(tree, X) if self._stateful is None else self._stateful(tree, X)[0]
+                self._check_prediction(out)
+                self._loss.value(out, y, k)
+            return
 
     def _check_deterministic(self) -> None:
         what = "the determinism check (a pass over `data`)"
         first, second = (on_every_rank(self._loss_and_gradient, self._group, self._api, what) for _ in range(2))
-        local = first[2] or second[2] or not _close(first[0], second[0]) or not _close(first[1], second[1])
-        if any_rank(bool(local), self._group):
-            raise ValueError(
-                f"`{self._api}`: two passes over `data` gave different losses or gradients, or the model's forward "
-                f"updates its buffers (check_deterministic=True). Likely causes: dropout or BatchNorm in training "
-                f"mode (call model.eval() before building the operator), a shuffling DataLoader (shuffle=False), "
-                f"random data augmentation. Pass check_deterministic=False to skip this check."
+        changed = sorted(set(first[2]) | set(second[2]))
+        local = bool(changed) or not _close(first[0], second[0]) or not _close(first[1], second[1])
+        ranks = flagged_ranks(local, self._group)
+        if local:
+            raise fail(self._api, _nondeterminism_message(getattr(self, "_model", None), changed))
+        if ranks:
+            raise fail(
+                self._api,
+                f"two passes over `data` must give the same loss and gradient (check_deterministic=True), got "
+                f"different ones on rank(s) {ranks} of the process group (see their error).",
             )
 
-    def _loss_and_gradient(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """``(sum_b a_b l_b, sum_b a_b grad l_b, buffers_changed)`` with ``a_b = B_b`` ("mean") or 1."""
-        leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
+    def _loss_and_gradient(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """``(sum_b a_b l_b, sum_b a_b grad l_b, updated buffers)`` with ``a_b = B_b`` ("mean") or 1;
+        a non-finite loss or gradient raises, naming the batch."""
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         grad = torch.zeros(self._layout.size, dtype=self.dtype, device=self.device)
-        changed = False
-        for X, y, size in self._data.batches("determinism check"):
+        changed: set[str] = set()
+        for k, X, y, size in self._data.indexed_batches("determinism check", check_finite=True):
+            leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
             with torch.enable_grad():
                 tree = self._layout.to_tree(leaves)
                 if self._stateful is not None:
                     out, updated = self._stateful(tree, X)
-                    changed = changed or updated
+                    changed.update(updated)
                 else:
                     out = self._forward(tree, X)
-                value = self._loss.fn(out, y)
-                grads = torch.autograd.grad(value, leaves, allow_unused=True)
+                value = self._loss.value(out, y, k)
+                grads = autograd_grad([value], leaves)
+            _check_finite(value, "the loss", k, self._api)
+            flat = self._layout.ravel(grads)
+            _check_finite(flat, "the gradient of the loss", k, self._api)
             a = size if self._loss.reduction == "mean" else 1
             total += a * value.detach()
-            grad += a * _cat(grads, leaves)
-        return total, grad, changed
+            grad += a * flat
+        return total, grad, sorted(changed)
 
 
-def _cat(grads: tuple[torch.Tensor | None, ...], like: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([(torch.zeros_like(x) if g is None else g).reshape(-1) for g, x in zip(grads, like)])
+class _Product(torch.autograd.Function):
+    """``A v`` as a function of ``v``: linear and symmetric, so its vector-Jacobian product is
+    ``A g``, its Jacobian-vector product ``A t``, and a vmap over ``v`` one matrix product."""
+
+    @staticmethod
+    def forward(op: _CurvatureOperator, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return op._plain_product(v)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.op = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # type: ignore[override]
+        return None, _Product.apply(ctx.op, grad)
+
+    @staticmethod
+    def jvp(ctx: Any, _op_tangent: Any, tangent: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _Product.apply(ctx.op, tangent)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], op: _CurvatureOperator, v: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        dim = in_dims[1]
+        if dim is None:
+            return _Product.apply(op, v), None
+        moved = v.movedim(dim, -1)  # (P, B) or (P, K, B): one (P, K * B) product
+        out = _Product.apply(op, moved.reshape(moved.shape[0], -1))
+        return out.reshape(moved.shape), moved.ndim - 1
+
+
+def _nondeterminism_message(model: Any, changed: list[str]) -> str:
+    """Name what made two passes differ: a module in training mode, updated buffers, or
+    (when the model shows neither) the data pipeline."""
+    start = "two passes over `data` must give the same loss and gradient (check_deterministic=True), got "
+    skip = " Pass check_deterministic=False to skip this check."
+    modules = []
+    if isinstance(model, nn.Module):
+        modules = [
+            f"{name!r} ({type(m).__name__})"
+            for name, m in model.named_modules()
+            if m.training and isinstance(m, _TRAINING_SENSITIVE)
+        ]
+    if modules or changed:
+        what = []
+        if modules:
+            what.append(f"the module(s) {', '.join(modules)} in training mode")
+        if changed:
+            what.append(f"a forward that updates the buffer(s) {changed}")
+        return (
+            f"{start}different ones: the model has {' and '.join(what)}. Call model.eval() before building "
+            f"the operator.{skip}"
+        )
+    return (
+        f"{start}different ones, from a model without modules in training mode. Likely causes: random data "
+        f"augmentation, a DataLoader that drops a different last batch each pass (shuffle=True with "
+        f"drop_last=True; shuffling alone is harmless: the curvature is a sum over the samples), randomness "
+        f"inside the model or the loss.{skip}"
+    )
+
+
+def _check_num_data(num_data: Any, api: str) -> None:
+    """``None`` or a positive ``int`` (``num_data``); kept for the operators built beside these."""
+    check_optional_int(num_data, "num_data", api, minimum=1)
+
+
+def _check_finite(t: torch.Tensor, what: str, k: int, api: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise fail(api, f"batch {k} of `data` must give a finite loss and gradient, got a nan or inf in {what}.")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     scale = max(float(a.abs().max()) if a.numel() else 0.0, float(b.abs().max()) if b.numel() else 0.0, 1e-30)
     return bool(torch.allclose(a, b, rtol=5e-5, atol=1e-6 * scale))
-
-
-def _check_num_data(num_data: Any, api: str) -> None:
-    if num_data is None:
-        return
-    if isinstance(num_data, bool) or not isinstance(num_data, int):
-        raise TypeError(f"`{api}`: `num_data` must be an int or None, got {type(num_data).__name__}.")
-    if num_data <= 0:
-        raise ValueError(f"`{api}`: `num_data` must be a positive int (the number of samples), got {num_data}.")
-
-
-def _grad(
-    outputs: list[torch.Tensor],
-    inputs: list[torch.Tensor],
-    grad_outputs: list[torch.Tensor],
-    batched: bool,
-    graph: bool = False,
-    retain: bool = False,
-) -> tuple[torch.Tensor | None, ...]:
-    """``torch.autograd.grad`` that skips outputs outside the graph (their products are zero)."""
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad]
-    if not pairs:
-        return (None,) * len(inputs)
-    return torch.autograd.grad(
-        [o for o, _ in pairs],
-        inputs,
-        [g for _, g in pairs],
-        create_graph=graph,
-        retain_graph=retain,
-        allow_unused=True,
-        is_grads_batched=batched,
-    )
 
 
 class HessianOperator(_CurvatureOperator):
@@ -198,15 +300,29 @@ class HessianOperator(_CurvatureOperator):
         batch_size_fn: ``X -> int``, the number of samples of a batch whose ``X`` is not a
             tensor (a dict of tensors). (default: ``X.shape[0]``)
         check_deterministic: at construction, evaluate the loss and gradient twice and
-            raise ``ValueError`` when they differ (dropout, train-mode BatchNorm, shuffling,
-            augmentation). (default: ``True``)
+            raise ``ValueError`` when they differ, naming the modules in training mode
+            (dropout, BatchNorm) or the buffers the forward updates; random augmentation and
+            a loader that drops a different last batch each pass also fail it (shuffling
+            alone does not: the curvature is a sum over the samples). Each batch's ``X``,
+            ``y``, loss and gradient must be finite. (default: ``True``)
         progress: a tqdm progress bar over the batches of each pass (when tqdm is
             installed). (default: ``False``)
         group: the ``torch.distributed`` process group products reduce over. (default:
             the world group when ``torch.distributed`` is initialised, else none)
 
+    Construction evaluates the model and the loss on the first batch (a loss class instead of
+    an instance, a loss returning a vector, a number or a detached tensor is named there),
+    counts the samples and runs the determinism check; batches of size 0 are skipped, and a
+    nan or inf in a batch's ``X`` or ``y`` raises a ``ValueError`` naming the batch. It must
+    run outside :func:`torch.inference_mode` (products may run inside it). Products ``H @ v``
+    are differentiable in ``v`` (their derivative is ``H``: the operator is linear and
+    symmetric) under autograd, forward-mode AD and every functx/torch.func transform
+    (``grad``, ``vjp``, ``jvp``, ``vmap``, ``jacrev``, ``jacfwd``, ``hessian``); a composite
+    (``H + G``, ``c * H``, ``H @ G``) refuses a ``v`` that requires grad or a transform with
+    a ``TypeError``, and no product can be compiled.
+
     Example:
-        >>> import torch, functx.curvature as fc
+        >>> import torch, functx, functx.curvature as fc
         >>> model = torch.nn.Linear(3, 1, bias=False)
         >>> X, y = torch.randn(8, 3), torch.randn(8, 1)
         >>> H = fc.HessianOperator(model, torch.nn.MSELoss(reduction="sum"), dict(model.named_parameters()),
@@ -215,33 +331,37 @@ class HessianOperator(_CurvatureOperator):
         (3, 3)
         >>> torch.allclose(H.to_dense(), 2 * X.T @ X, atol=1e-5)
         True
+        >>> v = torch.randn(3)
+        >>> torch.allclose(functx.grad(lambda v: v @ (H @ v))(v), 2 * (H @ v))  # d(v^T H v)/dv = 2 H v
+        True
     """
 
     def _batch_product(
         self, leaves: list[torch.Tensor], X: Any, y: Any, size: int, vectors: list[torch.Tensor], batched: bool
-    ) -> tuple[tuple[torch.Tensor | None, ...], float]:
+    ) -> tuple[tuple[torch.Tensor, ...], float]:
         value = self._loss.fn(self._forward(self._layout.to_tree(leaves), X), y)
-        grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
-        products = _grad(list(grads), leaves, vectors, batched)  # type: ignore[arg-type]
+        grads = autograd_grad([value], leaves, create_graph=True)
+        products = autograd_grad(grads, leaves, vectors, is_grads_batched=batched)
         return products, self._loss.weight(size, self._num_data)
 
 
 class _OuterProductOperator(_CurvatureOperator):
     """``sum_b alpha_b J_b^T M_b J_b`` with ``J_b`` the Jacobian of the batch's prediction."""
 
+    def _check_prediction(self, out: Any) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise fail(self._api, f"the model's prediction must be a tensor, got {describe(out)}.", TypeError)
+
     def _batch_product(
         self, leaves: list[torch.Tensor], X: Any, y: Any, size: int, vectors: list[torch.Tensor], batched: bool
-    ) -> tuple[tuple[torch.Tensor | None, ...], float]:
+    ) -> tuple[tuple[torch.Tensor, ...], float]:
         out = self._forward(self._layout.to_tree(leaves), X)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"`{self._api}`: the model's prediction must be a tensor, got {type(out).__name__}.")
+        self._check_prediction(out)
         dual = torch.zeros_like(out, requires_grad=True)
-        transposed = torch.autograd.grad(out, leaves, dual, create_graph=True, allow_unused=True)
-        (jv,) = _grad(list(transposed), [dual], vectors, batched, retain=True)  # type: ignore[arg-type]
-        if jv is None:
-            return (None,) * len(leaves), 0.0
+        transposed = autograd_grad([out], leaves, [dual], create_graph=True)
+        (jv,) = autograd_grad(transposed, [dual], vectors, retain_graph=True, is_grads_batched=batched)
         middle, alpha = self._middle(out, y, jv, size, batched)
-        return _grad([out], leaves, [middle], batched), alpha
+        return autograd_grad([out], leaves, [middle], is_grads_batched=batched), alpha
 
     def _middle(
         self, out: torch.Tensor, y: Any, jv: torch.Tensor, size: int, batched: bool

@@ -8,30 +8,39 @@ functx's pytree leaf order (optree, dict keys sorted).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._tree import flatten_like, leaf_paths, tree_flatten, tree_unflatten
+from .._tree import FlatLayout, flatten_like, leaf_paths, tree_flatten, tree_unflatten
+from .._validate import describe, fail
 from ..nn import make_functional
 
 
 class Layout:
-    """How a parameter tree maps to a flat vector (and back).
+    """How a parameter tree maps to a flat vector (and back): a thin wrapper of the core's
+    :class:`functx._tree.FlatLayout` that fixes the leaf order.
+
+    The order is explicit: for a dict of tensors, its keys in insertion order (``keys``; the
+    flat layout is then built over the list of values, since optree would sort the keys); for
+    any other pytree, the pytree's leaf order (``keys`` is ``None``).
 
     Args:
         params: a dict name -> tensor, or any pytree of tensors.
         api: the public name used in error messages.
+        keys: the key order of a dict ``params`` (default: ``None``, its insertion order).
     """
 
-    def __init__(self, params: Any, api: str) -> None:
+    def __init__(self, params: Any, api: str, keys: Sequence[str] | None = None) -> None:
         self.api = api
         if isinstance(params, dict) and all(isinstance(t, torch.Tensor) for t in params.values()):
-            self.keys: list[str] | None = list(params)
-            leaves, self.treespec = list(params.values()), tree_flatten({})[1]  # treespec unused for a dict
+            self.keys: list[str] | None = list(params) if keys is None else list(keys)
+            if set(self.keys) != set(params) or len(self.keys) != len(params):
+                raise fail(api, f"`keys` must order the keys of `params` {list(params)}, got {self.keys}.")
+            leaves = [params[k] for k in self.keys]
+            self.treespec = tree_flatten(leaves)[1]  # a list: the explicit order
             self.paths = [f"params[{k!r}]" for k in self.keys]
         else:
             self.keys = None
@@ -39,30 +48,39 @@ class Layout:
             self.paths = leaf_paths(params, "params")
         for path, leaf in zip(self.paths, leaves):
             if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
-                kind = f"a {leaf.dtype} tensor" if isinstance(leaf, torch.Tensor) else type(leaf).__name__
-                raise TypeError(f"`{api}`: {path} must be a floating-point tensor, got {kind}.")
+                raise fail(api, f"{path} must be a floating-point tensor, got {describe(leaf)}.", TypeError)
+            if leaf.is_inference():
+                raise fail(
+                    api,
+                    f"{path} must be a normal tensor, got an inference tensor (created under "
+                    f"torch.inference_mode(), it cannot be differentiated): build the model outside inference mode.",
+                )
         if not leaves:
-            raise ValueError(f"`{api}`: `params` holds no tensor; select at least one parameter.")
+            raise fail(api, "`params` must hold at least one tensor, got none; select at least one parameter.")
         self.leaves = [leaf.detach() for leaf in leaves]
-        self.shapes = [tuple(leaf.shape) for leaf in self.leaves]
-        self.sizes = [math.prod(s) for s in self.shapes]
-        self.size = sum(self.sizes)
+        self.flat = FlatLayout(self.leaves, self.treespec, name="params", api=api.removeprefix("functx."))
+        self.shapes = [tuple(shape) for shape in self.flat.shapes]
+        self.sizes = list(self.flat.sizes)
+        self.size = self.flat.size
         self._check_uniform()
 
     def _check_uniform(self) -> None:
-        dtypes = {leaf.dtype for leaf in self.leaves}
-        devices = {leaf.device for leaf in self.leaves}
-        if len(dtypes) > 1 or len(devices) > 1:
+        if not self.flat.uniform or len({leaf.device for leaf in self.leaves}) > 1:
             found = sorted({f"{t.dtype} on {t.device}" for t in self.leaves})
-            raise ValueError(
-                f"`{self.api}`: every tensor of `params` must have one dtype and device (the operator acts on "
-                f"one flat vector), got {', '.join(found)}."
+            raise fail(
+                self.api,
+                f"every tensor of `params` must have one dtype and device (the operator acts on one flat vector), "
+                f"got {', '.join(found)}.",
             )
-        self.dtype, self.device = dtypes.pop(), devices.pop()
+        self.dtype, self.device = self.flat.dtype, self.flat.device
 
     def signature(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """``(path, shape, dtype)`` of every leaf, in flattening order."""
         return [(path, shape, self.dtype) for path, shape in zip(self.paths, self.shapes)]
+
+    def ravel(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The ``(P,)`` concatenation of ``leaves`` (shaped like the parameters, in order)."""
+        return self.flat.ravel_leaves(leaves)
 
     def to_tree(self, leaves: list[torch.Tensor]) -> Any:
         """The pytree shaped like ``params`` holding ``leaves``."""
@@ -74,10 +92,8 @@ class Layout:
         """The leaves of ``tree``, which must have the structure of ``params``."""
         if self.keys is not None:
             if not isinstance(tree, Mapping) or set(tree) != set(self.keys):
-                got = sorted(map(str, tree)) if isinstance(tree, Mapping) else type(tree).__name__
-                raise ValueError(
-                    f"`{self.api}`: `{what}` must be a dict with the keys of params {self.keys}, got {got}."
-                )
+                got = sorted(map(str, tree)) if isinstance(tree, Mapping) else describe(tree)
+                raise fail(self.api, f"`{what}` must be a dict with the keys of params {self.keys}, got {got}.")
             return [tree[k] for k in self.keys]
         api = self.api.removeprefix("functx.")  # flatten_like adds the prefix
         return flatten_like(tree, self.treespec, [None] * len(self.shapes), name=what, api=api, ref="`params`")
@@ -90,13 +106,14 @@ class Layout:
 
 def model_function(model: Any, layout: Layout, api: str) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
     """``(forward, stateful)``: ``forward(params_tree, X) -> prediction`` and, for a module,
-    ``stateful(params_tree, X) -> (prediction, buffers_changed)`` (None for a callable)."""
+    ``stateful(params_tree, X) -> (prediction, names of the buffers it changed)`` (None for a callable)."""
     if isinstance(model, nn.Module):
         return _module_function(model, layout, api)
     if not callable(model):
-        raise TypeError(
-            f"`{api}`: `model` must be a torch.nn.Module or a callable model(params, X) -> prediction, "
-            f"got a value of type {type(model).__name__}."
+        raise fail(
+            api,
+            f"`model` must be a torch.nn.Module or a callable model(params, X) -> prediction, got {describe(model)}.",
+            TypeError,
         )
     return model, None
 
@@ -104,26 +121,29 @@ def model_function(model: Any, layout: Layout, api: str) -> tuple[Callable[..., 
 def _module_function(module: nn.Module, layout: Layout, api: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
     fmodel, all_params, buffers = make_functional(module)
     if layout.keys is None:
-        raise TypeError(
-            f"`{api}`: for an nn.Module, `params` must be a dict name -> tensor (a subset of named_parameters())."
+        raise fail(
+            api,
+            "`params` must be a dict name -> tensor (a subset of dict(model.named_parameters())) for an nn.Module, "
+            "got another pytree.",
+            TypeError,
         )
     for key, shape in zip(layout.keys, layout.shapes):
         if key not in all_params:
-            raise ValueError(
-                f"`{api}`: params[{key!r}] is not a parameter of the model; its parameters are {list(all_params)}."
+            raise fail(
+                api, f"params[{key!r}] must be a parameter of the model {list(all_params)}, got an unknown name."
             )
         if tuple(all_params[key].shape) != shape:
-            raise ValueError(
-                f"`{api}`: params[{key!r}] must have the shape of the model's parameter, "
-                f"{tuple(all_params[key].shape)}, got {shape}."
+            raise fail(
+                api,
+                f"params[{key!r}] must have the shape of the model's parameter, {tuple(all_params[key].shape)}, got {shape}.",
             )
     fixed = {name: t for name, t in all_params.items() if name not in set(layout.keys)}
 
     def forward(params: dict[str, torch.Tensor], X: Any) -> Any:
         return fmodel({**fixed, **params}, buffers, X)
 
-    def stateful(params: dict[str, torch.Tensor], X: Any) -> tuple[Any, bool]:
+    def stateful(params: dict[str, torch.Tensor], X: Any) -> tuple[Any, list[str]]:
         out, new = fmodel.stateful({**fixed, **params}, buffers, X)
-        return out, any(not torch.equal(new[name], buffers[name]) for name in buffers)
+        return out, [name for name in buffers if not torch.equal(new[name], buffers[name])]
 
     return forward, stateful

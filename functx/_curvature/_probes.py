@@ -17,11 +17,9 @@ from typing import Any
 
 import torch
 
+from .._validate import describe, fail
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-
-
-def _type_name(value: Any) -> str:
-    return type(value).__name__
 
 
 class Operator:
@@ -29,53 +27,57 @@ class Operator:
 
     Args:
         op: the user's operator or square tensor.
-        api: the public name used in error messages, e.g. ``"`functx.curvature.eigsh`"``.
+        api: the public name used in error messages, e.g. ``"curvature.eigsh"``.
         chunk_size: the most columns sent to ``op`` in one product (default: ``None``, all).
     """
 
     def __init__(self, op: Any, api: str, chunk_size: int | None = None) -> None:
         self.api = api
         self.op = op
-        self.matvecs = 0
+        self.matvecs = 0  # columns multiplied
+        self.calls = 0  # products (one per block of columns)
         self.chunk_size = chunk_size
         if isinstance(op, torch.Tensor):
             self._check_tensor(op)
         else:
             self._check_protocol(op)
-        size = int(op.shape[0])
-        if size < 1:
-            raise ValueError(f"{api}: `op` must have at least one row; got shape {tuple(op.shape)}")
-        self.size = size
+        self.size = int(op.shape[0])
         self.dtype: torch.dtype = op.dtype
         self.device: torch.device = torch.device(op.device)
         self.eps = torch.finfo(self.dtype).eps
 
     def _check_tensor(self, op: torch.Tensor) -> None:
         if op.ndim != 2 or op.shape[0] != op.shape[1]:
-            raise ValueError(
-                f"{self.api}: `op` must be a square matrix (P, P); got a tensor of shape {tuple(op.shape)}"
-            )
+            raise fail(self.api, f"`op` must be a square matrix (P, P), got a tensor of shape {tuple(op.shape)}.")
         self._check_dtype(op.dtype)
+        self._check_size(tuple(op.shape))  # before the symmetry check, which needs an entry
         if op.layout == torch.strided and (op - op.mT).abs().amax() > 1e-5 * op.abs().amax():
-            raise ValueError(f"{self.api}: `op` must be symmetric; got a tensor with op != op.T")
+            raise fail(self.api, "`op` must be symmetric, got a tensor with op != op.T.")
 
     def _check_protocol(self, op: Any) -> None:
         missing = [name for name in ("shape", "dtype", "device", "__matmul__") if not hasattr(op, name)]
         if missing:
-            raise TypeError(
-                f"{self.api}: `op` must be a square tensor or a linear operator with `shape`, `dtype`, `device` "
-                f"and `op @ V`; got {_type_name(op)} without {', '.join(repr(m) for m in missing)}"
+            raise fail(
+                self.api,
+                f"`op` must be a square tensor or a linear operator with `shape`, `dtype`, `device` and `op @ V`, "
+                f"got {describe(op)} without {', '.join(repr(m) for m in missing)}.",
+                TypeError,
             )
         shape = tuple(op.shape)
         if len(shape) != 2 or not all(isinstance(s, int) for s in shape) or shape[0] != shape[1]:
-            raise ValueError(f"{self.api}: `op.shape` must be a square (P, P) shape; got {shape}")
+            raise fail(self.api, f"`op.shape` must be a square (P, P) shape, got {shape}.")
         if not isinstance(op.dtype, torch.dtype):
-            raise TypeError(f"{self.api}: `op.dtype` must be a torch.dtype; got {op.dtype!r}")
+            raise fail(self.api, f"`op.dtype` must be a torch.dtype, got {op.dtype!r}.", TypeError)
         self._check_dtype(op.dtype)
+        self._check_size(shape)
+
+    def _check_size(self, shape: tuple[int, ...]) -> None:
+        if int(shape[0]) < 1:
+            raise fail(self.api, f"`op` must have at least one row, got shape {shape}.")
 
     def _check_dtype(self, dtype: torch.dtype) -> None:
         if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{self.api}: `op` must have dtype torch.float32 or torch.float64; got {dtype}")
+            raise fail(self.api, f"`op` must have dtype torch.float32 or torch.float64, got {dtype}.", TypeError)
 
     def matmul(self, block: torch.Tensor) -> torch.Tensor:
         """``op @ block`` for ``block`` of shape ``(P, K)``, in chunks of ``chunk_size`` columns."""
@@ -88,17 +90,18 @@ class Operator:
     def _product(self, block: torch.Tensor) -> torch.Tensor:
         out = self.op @ block.contiguous()
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"{self.api}: `op @ V` must return a tensor; got {_type_name(out)}")
+            raise fail(self.api, f"`op @ V` must return a tensor, got {describe(out)}.", TypeError)
         if out.shape != block.shape:
-            raise ValueError(
-                f"{self.api}: `op @ V` must return the shape of V; got {tuple(out.shape)} for V of shape "
-                f"{tuple(block.shape)}"
+            raise fail(
+                self.api,
+                f"`op @ V` must return the shape of V {tuple(block.shape)}, got shape {tuple(out.shape)}.",
             )
         if out.dtype != self.dtype:
-            raise TypeError(f"{self.api}: `op @ V` returned dtype {out.dtype}; expected op.dtype={self.dtype}")
+            raise fail(self.api, f"`op @ V` must return op.dtype={self.dtype}, got dtype {out.dtype}.", TypeError)
         if not bool(torch.isfinite(out).all()):
-            raise ValueError(f"{self.api}: `op @ V` returned non-finite values (inf or nan)")
+            raise fail(self.api, "`op @ V` must return finite values, got inf or nan.")
         self.matvecs += block.shape[1]
+        self.calls += 1
         return out
 
     def dense(self) -> torch.Tensor:
@@ -109,9 +112,11 @@ class Operator:
     def require_unflatten(self) -> None:
         """A ``TypeError`` when the operator has no ``unflatten`` method."""
         if isinstance(self.op, torch.Tensor) or not callable(getattr(self.op, "unflatten", None)):
-            raise TypeError(
-                f"{self.api}: as_tree=True needs an operator with an `unflatten` method (the functx.curvature "
-                f"operators have one); got {_type_name(self.op)}"
+            raise fail(
+                self.api,
+                f"`op` must have an `unflatten` method for as_tree=True (the functx.curvature operators have one), "
+                f"got {describe(self.op)}.",
+                TypeError,
             )
 
     def unflatten(self, flat: torch.Tensor) -> Any:
@@ -131,42 +136,3 @@ class Operator:
     def gaussian(self, columns: int, generator: torch.Generator) -> torch.Tensor:
         """``(P, columns)`` independent standard normal entries in the operator's dtype."""
         return torch.randn(self.size, columns, generator=generator, device=self.device, dtype=self.dtype)
-
-
-def check_int(value: Any, name: str, minimum: int, api: str, maximum: int | None = None) -> int:
-    """``value`` as an ``int`` in ``[minimum, maximum]`` (``TypeError``/``ValueError`` otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{api}: `{name}` must be an int; got {_type_name(value)}")
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = "" if maximum is None else f" and <= {maximum}"
-        raise ValueError(f"{api}: `{name}` must be >= {minimum}{upper}; got {value}")
-    return value
-
-
-def check_optional_int(value: Any, name: str, minimum: int, api: str) -> int | None:
-    """``None`` or an ``int`` >= ``minimum``."""
-    return None if value is None else check_int(value, name, minimum, api)
-
-
-def check_positive(value: Any, name: str, api: str) -> float:
-    """``value`` as a positive finite ``float``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{api}: `{name}` must be a float; got {_type_name(value)}")
-    if not 0 < float(value) < float("inf"):
-        raise ValueError(f"{api}: `{name}` must be positive and finite; got {value}")
-    return float(value)
-
-
-def check_choice(value: Any, name: str, choices: tuple[str, ...], api: str) -> str:
-    """``value`` if it is one of ``choices`` (a ``ValueError`` naming them otherwise)."""
-    if not isinstance(value, str) or value not in choices:
-        listed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{api}: `{name}` must be one of {listed}; got {value!r}")
-    return value
-
-
-def check_seed(seed: Any, api: str) -> int:
-    """An ``int`` seed (the same on every rank gives the same probes)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{api}: `seed` must be an int; got {_type_name(seed)}")
-    return seed
