@@ -203,6 +203,145 @@ def _kron_from_curvlinops(op: object, params: dict[str, torch.Tensor]) -> object
     return Factors()
 
 
+# -- KFAC / EKFAC (issue 17) ------------------------------------------------------------------
+
+
+def kfac_problem(net: str) -> tuple[torch.nn.Module, torch.nn.Module, list]:
+    """MLP 784-256-128-10 (8 batches of 256) or a small CNN (two Conv2d + Linear, 8 x 64)."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    if net == "mlp":
+        model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+        data = [(torch.randn(256, 784), torch.randint(0, 10, (256,))) for _ in range(8)]
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(512, 10),
+        )
+        data = [(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))) for _ in range(8)]
+    return model, nn.CrossEntropyLoss(), data
+
+
+def _kfac_builders(net: str) -> dict[str, object]:
+    """Zero-argument constructors (construction plus one product) of ours and curvlinops'."""
+    model, loss, data = kfac_problem(net)
+    params = dict(model.named_parameters())
+    P = sum(p.numel() for p in params.values())
+    v = torch.randn(P)
+    kw = dict(fisher="mc", joint_bias=True, check_deterministic=False)
+    builders = {
+        "KFAC": lambda: fc.KFACOperator(model, loss, params, data, **kw) @ v,
+        "EKFAC": lambda: fc.EKFACOperator(model, loss, params, data, **kw) @ v,
+    }
+    try:
+        import curvlinops
+    except ImportError:
+        return builders
+    ckw = dict(fisher_type="mc", separate_weight_and_bias=False, check_deterministic=False)
+    plist = list(params.values())
+    builders["curvlinops KFAC"] = lambda: curvlinops.KFACLinearOperator(model, loss, plist, data, **ckw) @ v
+    builders["curvlinops EKFAC"] = lambda: curvlinops.EKFACLinearOperator(model, loss, plist, data, **ckw) @ v
+    return builders
+
+
+def _peak_memory(net: str, which: str) -> float | None:
+    """Peak resident memory added by one construction (incl. its first product), in MiB, in a fresh
+    process (resident set size polled every millisecond; Linux only)."""
+    import subprocess
+
+    code = (
+        "import sys, threading, time, torch; sys.path.insert(0, sys.argv[1]); torch.set_num_threads(1)\n"
+        "import bench_curvature as b\n"
+        "build = b._kfac_builders(sys.argv[2]).get(sys.argv[3])\n"
+        "def rss():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "peak, done = [rss()], []\n"
+        "def poll():\n"
+        "    while not done:\n"
+        "        peak[0] = max(peak[0], rss()); time.sleep(0.001)\n"
+        "before = rss(); t = threading.Thread(target=poll); t.start()\n"
+        "if build is not None: build()\n"
+        "done.append(1); t.join()\n"
+        "print(-1 if build is None else (max(peak[0], rss()) - before) / 1024)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), net, which],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    kib = float(out.stdout.strip().splitlines()[-1])
+    return None if kib < 0 else kib / 1024
+
+
+def kfac_table() -> str:
+    """KFAC/EKFAC construction (incl. the first product), K @ v and peak memory vs curvlinops."""
+    rows = []
+    for net in ("mlp", "cnn"):
+        builders = _kfac_builders(net)
+        t = compare(builders, rounds=3 if QUICK else 7, warmup=1, block=0.0)  # type: ignore[arg-type]
+        model, loss, data = kfac_problem(net)
+        params = dict(model.named_parameters())
+        K = fc.KFACOperator(model, loss, params, data, fisher="mc", joint_bias=True, check_deterministic=False)
+        v = torch.randn(K.shape[0])
+        products: dict[str, object] = {"K @ v": lambda: K @ v}
+        try:
+            import curvlinops
+
+            C = curvlinops.KFACLinearOperator(
+                model, loss, list(params.values()), data, fisher_type="mc", separate_weight_and_bias=False,
+                check_deterministic=False,
+            )  # fmt: skip
+            C @ v
+            products["curvlinops K @ v"] = lambda: C @ v
+        except ImportError:
+            pass
+        if hasattr(K, "inverse"):  # a new damping every call: marginal-likelihood tuning (setup included)
+            step = iter(range(10**9))
+            products["K.inverse(d) @ v"] = lambda: K.inverse(1e-3 * (1 + next(step) % 97)) @ v
+            if "curvlinops K @ v" in products:
+                products["curvlinops inverse @ v"] = lambda: (
+                    curvlinops.KFACInverseLinearOperator(
+                        C, damping=1e-3 * (1 + next(step) % 97), use_exact_damping=True
+                    )
+                    @ v
+                )
+        tp = compare(products, rounds=3 if QUICK else 11, block=0.05 if QUICK else 0.2)  # type: ignore[arg-type]
+        for ours, theirs, label in (
+            ("KFAC", "curvlinops KFAC", "KFAC construction + first K @ v"),
+            ("EKFAC", "curvlinops EKFAC", "EKFAC construction + first E @ v"),
+        ):
+            ratio = f"{t[ours] / t[theirs]:.2f}x ({fmt_time(t[theirs])})" if theirs in t else "not installed"
+            mine, other = _peak_memory(net, ours), _peak_memory(net, theirs)
+            memory = f"{mine:.0f} MiB" + (f" vs {other:.0f} MiB" if other is not None else "")
+            rows.append([f"{net}: {label}", fmt_time(t[ours]), ratio, memory])
+        ratio = (
+            f"{tp['K @ v'] / tp['curvlinops K @ v']:.2f}x ({fmt_time(tp['curvlinops K @ v'])})"
+            if "curvlinops K @ v" in tp
+            else "not installed"
+        )
+        rows.append([f"{net}: K @ v", fmt_time(tp["K @ v"]), ratio, ""])
+        if "K.inverse(d) @ v" in tp:
+            theirs = tp.get("curvlinops inverse @ v")
+            ratio = f"{tp['K.inverse(d) @ v'] / theirs:.2f}x ({fmt_time(theirs)})" if theirs else "not installed"
+            rows.append([f"{net}: K.inverse(new damping) @ v", fmt_time(tp["K.inverse(d) @ v"]), ratio, ""])
+    header = [
+        "KFAC (fisher='mc', joint bias, float32)",
+        "median",
+        "vs curvlinops 3.0.1",
+        "peak memory (ours vs theirs)",
+    ]
+    return markdown_table(header, rows)
+
+
 def main() -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, float32; MLP 784-64(tanh)-10, CrossEntropyLoss(mean), 8 x 64\n")
@@ -212,6 +351,9 @@ def main() -> None:
         print()
         print(table)
     print("\n" + (kron_inverse_table() or "curvlinops not installed: no KFAC inverse rows"))
+    print()
+    print("MLP 784-256-128-10 (8 x 256) and CNN Conv2d(3,16)-Conv2d(16,32)-Linear(512,10) (8 x 64)\n")
+    print(kfac_table())
 
 
 if __name__ == "__main__":

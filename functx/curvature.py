@@ -55,3 +55,7 @@ __all__ = [
     "spectral_density",
     "trace",
 ]
+from ._curvature._kfac import EKFACOperator as EKFACOperator
+from ._curvature._kfac import KFACOperator as KFACOperator
+
+__all__ += ["EKFACOperator", "KFACOperator"]

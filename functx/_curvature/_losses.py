@@ -191,3 +191,82 @@ def _autodiff_hessian_product(loss: Any, out: torch.Tensor, y: Any, t: torch.Ten
             return torch.zeros_like(t)
         (product,) = torch.autograd.grad(grad, leaf, t, is_grads_batched=batched, allow_unused=True)
     return torch.zeros_like(t) if product is None else product
+
+
+# -- KFAC (issue 17): square roots of the output Hessian and labels from the predictive --------
+
+
+def output_hessian_sqrt(spec: LossSpec, out: torch.Tensor, y: Any, api: str) -> torch.Tensor:
+    """``(C, *out.shape)``: column ``c`` of a square root ``S_r`` of every row's output Hessian
+    ``d^2 l_b / d out_r^2 = S_r S_r^T``, placed at that row, so that ``sum_c s_c s_c^T`` is the
+    (row-block-diagonal) Hessian of the batch loss ``l_b`` (its own reduction included).
+
+    Rows as in :meth:`LossSpec.row_dims`: the class axis 1 for ``CrossEntropyLoss``, the last axis
+    for ``MSELoss``/``BCEWithLogitsLoss``, every axis but the first for another loss (whose
+    Hessian is taken blockwise per sample by autodiff and square-rooted by an eigendecomposition;
+    a negative eigenvalue, a non-convex loss, raises ``ValueError``).
+    """
+    out = out.detach()
+    if spec.kind in _CLOSED_FORMS and _closed_form_applies(spec.kind, spec.fn, out, y):
+        mean = spec.reduction == "mean"
+        if spec.kind == "ce":
+            p = torch.softmax(out, dim=1)
+            keep = (y != spec.fn.ignore_index).to(out.dtype).unsqueeze(1)  # type: ignore[attr-defined]
+            if mean:
+                keep = keep / keep.sum().clamp_min(1.0)
+            eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
+            shape = (out.shape[1], 1, out.shape[1]) + (1,) * (out.ndim - 2)
+            onehot = eye.reshape(shape)  # (C, 1, C, 1...): e_c along axis 1
+            sqrt_p = p.sqrt().movedim(1, 0).unsqueeze(2)  # (C, B, 1, ...): sqrt(p_c) of every row
+            return keep.sqrt().unsqueeze(0) * sqrt_p * (onehot - p.unsqueeze(0))  # sqrt(p_c) (e_c - p)
+        C = out.shape[-1] if out.ndim else 1
+        eye = torch.eye(C, dtype=out.dtype, device=out.device).reshape((C,) + (1,) * max(out.ndim - 1, 0) + (C,))
+        if spec.kind == "mse":
+            return eye.expand((C,) + out.shape) * ((2.0 / out.numel()) ** 0.5 if mean else 2.0**0.5)
+        s = torch.sigmoid(out)
+        return eye * (s * (1 - s) * (1.0 / out.numel() if mean else 1.0)).sqrt().unsqueeze(0)
+    return _autodiff_hessian_sqrt(spec, out, y, api)
+
+
+def _autodiff_hessian_sqrt(spec: LossSpec, out: torch.Tensor, y: Any, api: str) -> torch.Tensor:
+    B = out.shape[0] if out.ndim else 1
+    flat = out.reshape(B, -1)
+    C = flat.shape[1]
+    eye = torch.eye(C, dtype=out.dtype, device=out.device)
+    probes = eye.unsqueeze(1).expand(C, B, C).reshape((C,) + out.shape)  # e_c in every sample
+    columns = _autodiff_hessian_product(spec.fn, out, y, probes, True).reshape(C, B, C)
+    H = columns.permute(1, 2, 0)  # (B, C, C): sample n's block (off-sample blocks are taken as zero)
+    H = (H + H.transpose(1, 2)) / 2
+    evals, evecs = torch.linalg.eigh(H)
+    scale = evals.abs().amax().clamp_min(torch.finfo(out.dtype).tiny)
+    if bool((evals < -1e-6 * scale).any()):
+        raise ValueError(
+            f"`{api}`: fisher='type-2' needs a loss convex in the prediction (a positive semi-definite "
+            f"output Hessian); the loss's Hessian has a negative eigenvalue {float(evals.min()):.3g}. "
+            f"Use fisher='empirical', or a convex loss."
+        )
+    S = evecs * evals.clamp_min(0).sqrt().unsqueeze(1)  # (B, C, C): S S^T = H
+    return S.permute(2, 0, 1).reshape((C,) + out.shape)
+
+
+def draw_labels(spec: LossSpec, out: torch.Tensor, generator: torch.Generator, api: str) -> torch.Tensor:
+    """A label drawn from the model's predictive distribution implied by the loss (curvlinops'
+    ``draw_label``, same draws for the same generator state): Gaussian with variance 1/2 for
+    ``MSELoss``, categorical for ``CrossEntropyLoss``, Bernoulli for ``BCEWithLogitsLoss``. The
+    prediction is taken as rows (class axis last) as curvlinops does."""
+    out = out.detach()
+    if spec.kind == "mse":
+        rows = out.reshape(-1, out.shape[-1]) if out.ndim >= 2 else out.reshape(1, -1)
+        noise = torch.randn(rows.shape, generator=generator, dtype=out.dtype, device=out.device)
+        return (rows + 0.5**0.5 * noise).reshape(out.shape)
+    if spec.kind == "ce" and out.ndim >= 2:
+        rows = out.movedim(1, -1).reshape(-1, out.shape[1])
+        labels = rows.softmax(dim=1).multinomial(num_samples=1, generator=generator).squeeze(-1)
+        return labels.reshape(out.shape[:1] + out.shape[2:])
+    if spec.kind == "bce":
+        return torch.sigmoid(out).bernoulli(generator=generator)
+    raise ValueError(
+        f"`{api}`: fisher='mc' draws labels from the predictive distribution of nn.MSELoss, nn.CrossEntropyLoss "
+        f"or nn.BCEWithLogitsLoss (class axis 1, at least 2-D predictions for cross-entropy); this loss has none. "
+        f"Use fisher='type-2' or 'empirical'."
+    )

@@ -1,0 +1,638 @@
+"""KFAC and EKFAC: Kronecker factors computed from data (issue 17).
+
+One pass over the data (two for EKFAC). Per batch: one functional forward under
+:class:`._capture.Capture` (layer inputs and outputs of the ``params`` layers, recognised by
+identity), the output-space vectors of the chosen Fisher (``type-2``: the columns of the output
+Hessian's square root; ``mc``: gradients of the loss at labels drawn from the predictive;
+``empirical``: the gradient at the true labels), and one backward of all of them to the layer
+outputs (``is_grads_batched`` when there are several). The factors, for a layer with inputs
+``a`` and output gradients ``g`` over ``S`` shared positions per sample (``N`` samples):
+
+* expand: ``A = sum a a^T / (N S)``, ``G = sum_b s_b sum g g^T`` (over samples, positions,
+  vectors);
+* reduce: ``A = sum_n abar_n abar_n^T / N`` with ``abar_n`` the mean over positions,
+  ``G = sum_b s_b sum_n gbar_n gbar_n^T`` with ``gbar_n`` the sum over positions;
+
+with ``s_b`` the batch scale: ``w_b`` for type-2 (the square root is of the batch loss's own
+Hessian), ``w_b R_b / mc_samples`` for mc and ``w_b R_b`` for empirical (as
+:class:`~._operators.EFOperator`). These are curvlinops 3.0.1's factors; type-2 KFAC equals
+the GGN's blocks where KFAC is exact. Uses of one weight (tying) count as further positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .._validate import check_bool, check_choice, check_int, check_seed, fail
+from ._capture import Capture, Use, conv_patches
+from ._data import Data
+from ._distributed import all_reduce_sum, check_same_across_ranks, global_count, on_every_rank, resolve_group
+from ._kron import KronBlock, KroneckerOperatorBase, factor_eigh
+from ._losses import LossSpec, draw_labels, output_hessian_sqrt
+from ._operators import _check_num_data, _CurvatureOperator
+from ._params import Layout, model_function
+
+_FISHERS = ("type-2", "mc", "empirical")
+_APPROX = ("expand", "reduce")
+_UNSUPPORTED = ("error", "diagonal")
+_EKFAC_CHUNK = 2**20  # entries of per-example gradients held at once by EKFAC's second pass (4 MiB in float32)
+
+
+class _Restart(Exception):
+    """A parameter turned out to need a diagonal block after the pass began."""
+
+
+class _KroneckerFromData(KroneckerOperatorBase):
+    """The shared construction of :class:`KFACOperator` and :class:`EKFACOperator`."""
+
+    _eigen_corrected = False
+
+    def __init__(
+        self,
+        model: Any,
+        loss: Any,
+        params: Any,
+        data: Any,
+        *,
+        fisher: str = "mc",
+        mc_samples: int = 1,
+        seed: int = 0,
+        kfac_approx: str = "expand",
+        joint_bias: bool = False,
+        unsupported: str = "error",
+        reduction: str | None = None,
+        num_data: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        check_deterministic: bool = True,
+        progress: bool = False,
+        group: Any = None,
+    ) -> None:
+        api = self._api = f"functx.curvature.{type(self).__name__}"
+        short = api.removeprefix("functx.")
+        if torch.is_inference_mode_enabled():
+            raise fail(
+                api, "the operator must be built outside torch.inference_mode(), got a call inside it.", RuntimeError
+            )
+        self._fisher = check_choice(fisher, "fisher", _FISHERS, short)
+        self._mc_samples = check_int(mc_samples, "mc_samples", short, minimum=1)
+        if fisher != "mc" and mc_samples != 1:
+            raise ValueError(f"`{api}`: `mc_samples` must be 1 unless fisher='mc', got {mc_samples}.")
+        self._seed = check_seed(seed, short)
+        self._approx = check_choice(kfac_approx, "kfac_approx", _APPROX, short)
+        self._joint = check_bool(joint_bias, "joint_bias", short)
+        self._unsupported = check_choice(unsupported, "unsupported", _UNSUPPORTED, short)
+        check_bool(check_deterministic, "check_deterministic", short)
+        self._loss = LossSpec(loss, reduction, api)
+        self._layout = Layout(params, api)
+        self._names = list(self._layout.keys) if self._layout.keys is not None else list(self._layout.paths)
+        self._model = model
+        self._forward, self._stateful = model_function(model, self._layout, api)
+        self._data = Data(data, batch_size_fn, self._layout.device, progress, api)
+        _check_num_data(num_data, api)
+        self._group = resolve_group(group, api)
+        check_same_across_ranks(self._layout.signature(), self._group, api)
+        on_every_rank(
+            lambda: _CurvatureOperator._check_first_batch(self),  # type: ignore[arg-type]
+            self._group,
+            api,
+            "checking the first batch of `data`",
+        )
+        if num_data is None:
+            num_data = global_count(
+                on_every_rank(self._data.count, self._group, api, "counting the samples of `data`"), self._group
+            )
+        self._num_data = num_data
+        if num_data == 0:
+            raise fail(api, "`data` must hold at least one sample (the curvature is undefined), got none.")
+        if check_deterministic:
+            _CurvatureOperator._check_deterministic(self)  # type: ignore[arg-type]
+        blocks, eigen = self._build()
+        self._set_blocks(blocks, eigen=eigen)
+
+    _loss_and_gradient = _CurvatureOperator._loss_and_gradient
+    _check_prediction = _CurvatureOperator._check_prediction
+
+    # -- the pass over the data ----------------------------------------------------------------
+
+    def _build(self) -> tuple[dict[str, KronBlock], dict[str, tuple[Any, ...]] | None]:
+        """Local passes under :func:`on_every_rank` (a failure on one rank raises on all), the
+        collectives outside them, in the same order on every rank."""
+        stats = on_every_rank(self._local_factors, self._group, self._api, "computing the Kronecker factors")
+        stats = self._reduce(stats)
+        blocks = self._assemble(stats)
+        if self._eigen_corrected:
+            return self._correct(blocks)
+        return blocks, None
+
+    def _local_factors(self) -> dict[str, torch.Tensor]:
+        self._diagonal: set[str] = set()
+        while True:
+            try:
+                stats = self._factor_pass()
+                break
+            except _Restart:
+                continue
+        for n in self._names:  # parameters no layer used and no op reached: zero diagonal blocks
+            if n not in self._structure_names() and f"D:{n}" not in stats:
+                stats[f"D:{n}"] = torch.zeros(self._size_of(n), dtype=self.dtype, device=self.device)
+        return stats
+
+    def _generator(self) -> torch.Generator:
+        rank = torch.distributed.get_rank(self._group) if self._group is not None else 0
+        return torch.Generator(device=self.device).manual_seed(self._seed + rank * 2**32)
+
+    def _batches(self) -> Any:
+        """Yield ``(uses, out, y, size, leaves)`` after one captured forward per batch."""
+        roles: dict[str, tuple[str, str]] = {}
+        for X, y, size in self._data.batches("Kronecker factors"):
+            clone = False
+            while True:
+                leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
+                capture = Capture({id(t): n for t, n in zip(leaves, self._names)}, self._diagonal, roles, clone)
+                with torch.enable_grad(), capture:
+                    out = self._forward(self._layout.to_tree(leaves), X)
+                if capture.unsupported.keys() - self._diagonal:
+                    self._unsupported_use(capture.unsupported)
+                if not capture.modified() or clone:
+                    break
+                clone = True
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"`{self._api}`: the model's prediction must be a tensor, got {type(out).__name__}.")
+            yield capture.uses, out, y, size, leaves
+
+    def _unsupported_use(self, found: dict[str, str]) -> None:
+        new = {n: op for n, op in found.items() if n not in self._diagonal}
+        if self._unsupported == "error":
+            name, op = next(iter(new.items()))
+            raise ValueError(
+                f"`{self._api}`: params[{name!r}] reaches the loss through {op}, which has no Kronecker factors "
+                f"(supported: F.linear, F.conv2d and F.embedding taking the parameter as their weight or bias). "
+                f"Pass unsupported='diagonal' to give it the exact diagonal as its block, or leave it out of params."
+            )
+        self._diagonal |= set(new)
+        raise _Restart
+
+    def _output_vectors(self, out: torch.Tensor, y: Any, size: int, gen: torch.Generator) -> tuple[torch.Tensor, float]:
+        """``(K, *out.shape)`` output-space vectors and the batch scale ``s_b``."""
+        w = self._loss.weight(size, self._num_data)
+        if self._fisher == "type-2":
+            return output_hessian_sqrt(self._loss, out, y, self._api), w
+        scale = self._loss.ef_scale(out, size, self._num_data)
+        if self._fisher == "empirical":
+            return self._loss.output_gradient(out, y).unsqueeze(0), scale
+        draws = [
+            self._loss.output_gradient(out, draw_labels(self._loss, out, gen, self._api))
+            for _ in range(self._mc_samples)
+        ]
+        return torch.stack(draws), scale / self._mc_samples
+
+    def _backward(
+        self, uses: list[Use], out: torch.Tensor, vectors: torch.Tensor, retain: bool = False
+    ) -> list[torch.Tensor]:
+        """The gradients ``(K, *layer output)`` of the vectors at every recorded layer output."""
+        if not uses:
+            return []
+        K = vectors.shape[0]
+        if not out.requires_grad:
+            grads: tuple[torch.Tensor | None, ...] = (None,) * len(uses)
+        else:
+            grads = torch.autograd.grad(
+                out,
+                [u.output for u in uses],
+                vectors if K > 1 else vectors[0],
+                retain_graph=retain,
+                allow_unused=True,
+                is_grads_batched=K > 1,
+            )
+        result = []
+        for g, u in zip(grads, uses):
+            if g is None:
+                g = torch.zeros((K,) + tuple(u.output.shape), dtype=u.output.dtype, device=u.output.device)
+            result.append(g if K > 1 else g.unsqueeze(0))
+        return result
+
+    def _factor_pass(self) -> dict[str, torch.Tensor]:
+        stats: dict[str, torch.Tensor] = {}
+        gen = self._generator()
+        self._structure: dict[str, dict[str, Any]] = {}
+        for uses, out, y, size, leaves in self._batches():
+            vectors, scale = self._output_vectors(out, y, size, gen)
+            diag_leaves = [(n, t) for n, t in zip(self._names, leaves) if n in self._diagonal]
+            grads = self._backward(uses, out, vectors, retain=bool(diag_leaves))
+            batch: dict[str, dict[str, Any]] = {}
+            for u, g in zip(uses, grads):
+                self._accumulate_use(stats, batch, u, g, scale, size)
+            self._finish_batch(stats, batch, size)
+            if diag_leaves:
+                self._accumulate_diagonal(stats, diag_leaves, out, vectors, scale)
+        return stats
+
+    def _key(self, u: Use) -> str:
+        key = u.weight if u.weight is not None else u.bias
+        assert key is not None
+        info = self._structure.setdefault(key, {"kind": u.kind, "weight": u.weight, "bias": u.bias})
+        if info["bias"] != u.bias or info["weight"] != u.weight:
+            raise ValueError(
+                f"`{self._api}`: params[{key!r}] is used by {u.kind} layers with different "
+                f"{'biases' if u.weight is not None else 'weights'} ({info['bias'] or info['weight']!r} and "
+                f"{u.bias or u.weight!r}); KFAC has no common Kronecker block for it."
+            )
+        if u.kind == "embedding" and self._approx == "reduce":
+            raise ValueError(
+                f"`{self._api}`: kfac_approx='reduce' is not defined for an embedding (params[{key!r}]): its input "
+                f"is a token index, whose mean over positions is no input. Use kfac_approx='expand'."
+            )
+        return key
+
+    def _joint_for(self, key: str) -> bool:
+        info = self._structure[key]
+        return self._joint and info["kind"] != "embedding" and info["weight"] is not None and info["bias"] is not None
+
+    def _rows(self, u: Use, g: torch.Tensor, size: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The layer input as ``(rows, n)`` (``None`` without a selected weight; an index vector
+        for an embedding) and the output gradients as ``(K, rows, m)``; rows are ``(sample,
+        position)`` pairs, sample-major."""
+        K = g.shape[0]
+        if u.kind == "conv2d":
+            gr = g.flatten(3).transpose(2, 3).reshape(K, -1, g.shape[2])  # (K, B*S, C_out)
+            x = None
+            if u.weight is not None:
+                x = conv_patches(u.input, u.options, reduce=False)
+                x = x.reshape(-1, x.shape[-1])
+            return x, gr
+        gr = g.reshape(K, -1, g.shape[-1])
+        if u.weight is None:
+            return None, gr
+        if u.kind == "embedding":
+            return u.input.reshape(-1), gr
+        return u.input.reshape(-1, u.input.shape[-1]), gr
+
+    def _accumulate_use(
+        self,
+        stats: dict[str, torch.Tensor],
+        batch: dict[str, dict[str, Any]],
+        u: Use,
+        g: torch.Tensor,
+        scale: float,
+        size: int,
+    ) -> None:
+        key = self._key(u)
+        x, gr = self._rows(u, g, size)
+        K, rows, m = gr.shape
+        state = batch.setdefault(key, {"positions": 0.0, "scale": scale})
+        if self._approx == "expand":
+            flat = gr.reshape(-1, m)
+            _add(stats, f"G:{key}", (flat.T @ flat) * scale)
+            if x is not None:
+                state["positions"] += x.shape[0] / size
+                _add(state, "A", self._input_outer(key, u, x))
+            return
+        per = self._per_sample(key, u, rows, size)
+        _add(state, "g", gr.reshape(K, size, per, m).sum(2))
+        if x is not None:
+            if u.kind == "conv2d":
+                xs = conv_patches(u.input, u.options, reduce=True)[:, 0] * per
+            else:
+                xs = x.reshape(size, per, -1).sum(1)
+            _add(state, "x", xs)
+            state["positions"] += per
+
+    def _per_sample(self, key: str, u: Use, rows: int, size: int) -> int:
+        """The positions per sample of a use whose rows are sample-major (reduce and EKFAC)."""
+        if size == 0 or rows % size:
+            what = "kfac_approx='reduce'" if not self._eigen_corrected else "EKFACOperator"
+            raise ValueError(
+                f"`{self._api}`: {what} needs the {u.kind} layer of params[{key!r}] to keep the batch axis "
+                f"first ({size} samples), got {rows} rows of inputs."
+            )
+        return rows // size
+
+    def _input_outer(self, key: str, u: Use, x: torch.Tensor) -> torch.Tensor:
+        if u.kind == "embedding":
+            counts = torch.bincount(x, minlength=u.options["num_embeddings"]).to(self.dtype)
+            if u.options["padding_idx"] is not None:
+                counts[u.options["padding_idx"]] = 0.0  # no gradient reaches the padding row
+            return counts
+        if self._joint_for(key):
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        return x.T @ x
+
+    def _finish_batch(self, stats: dict[str, torch.Tensor], batch: dict[str, dict[str, Any]], size: int) -> None:
+        N = self._num_data
+        for key, state in batch.items():
+            if "A" in state:
+                _add(stats, f"A:{key}", state["A"] / (N * state["positions"]))
+            if "g" in state:
+                gbar = state["g"].reshape(-1, state["g"].shape[-1])
+                _add(stats, f"G:{key}", (gbar.T @ gbar) * state["scale"])
+            if "x" in state:
+                xbar = state["x"] / state["positions"]
+                if self._joint_for(key):
+                    xbar = torch.cat([xbar, xbar.new_ones(xbar.shape[0], 1)], dim=1)
+                _add(stats, f"A:{key}", (xbar.T @ xbar) / N)
+
+    def _accumulate_diagonal(
+        self,
+        stats: dict[str, torch.Tensor],
+        leaves: list[tuple[str, torch.Tensor]],
+        out: torch.Tensor,
+        vectors: torch.Tensor,
+        scale: float,
+    ) -> None:
+        """The exact diagonal: per-row vectors (each vector restricted to one row of the
+        prediction), backpropagated to the parameters, squared and summed."""
+        per_row = _per_row(vectors, self._loss.row_dims(out))
+        names = [n for n, _ in leaves]
+        grads: tuple[torch.Tensor | None, ...]
+        if out.requires_grad:
+            grads = torch.autograd.grad(out, [t for _, t in leaves], per_row, allow_unused=True, is_grads_batched=True)
+        else:
+            grads = (None,) * len(leaves)
+        for n, g, (_, t) in zip(names, grads, leaves):
+            value = torch.zeros_like(t).reshape(-1) if g is None else g.reshape(g.shape[0], -1).square().sum(0)
+            _add(stats, f"D:{n}", value * scale)
+
+    # -- reduction and assembly ------------------------------------------------------------------
+
+    def _reduce(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One all-reduce of every factor (after a digest check that the ranks found the same layers)."""
+        keys = sorted(stats)
+        if self._group is None:
+            return stats
+        signature = [(k, tuple(stats[k].shape), stats[k].dtype) for k in keys]
+        check_same_across_ranks(signature, self._group, self._api)
+        flat = torch.cat([stats[k].reshape(-1) for k in keys])
+        flat = all_reduce_sum(flat, self._group)
+        pieces = flat.split([stats[k].numel() for k in keys])
+        return {k: p.reshape(stats[k].shape) for k, p in zip(keys, pieces)}
+
+    def _structure_names(self) -> set[str]:
+        names: set[str] = set()
+        for info in self._structure.values():
+            names.update(n for n in (info["weight"], info["bias"]) if n is not None)
+        return names
+
+    def _size_of(self, name: str) -> int:
+        return self._layout.sizes[self._names.index(name)]
+
+    def _assemble(self, stats: dict[str, torch.Tensor]) -> dict[str, KronBlock]:
+        blocks: dict[str, KronBlock] = {}
+        for key, info in self._structure.items():
+            G = _symmetric(stats[f"G:{key}"])
+            w, b = info["weight"], info["bias"]
+            if w is None:
+                blocks[b] = KronBlock((b,), G, None)
+                continue
+            A = stats[f"A:{key}"]
+            A = A if A.ndim == 1 else _symmetric(A)
+            if self._joint_for(key):
+                if self._names.index(b) != self._names.index(w) + 1:
+                    raise ValueError(
+                        f"`{self._api}`: joint_bias=True puts params[{w!r}] and params[{b!r}] in one block, so the "
+                        f"bias must come right after the weight in params; reorder params or pass joint_bias=False."
+                    )
+                blocks[w] = KronBlock((w, b), G, A)
+                continue
+            blocks[w] = KronBlock((w,), G, A, transposed=info["kind"] == "embedding")
+            if b is not None:
+                blocks[b] = KronBlock((b,), G, None)
+        for n in self._names:
+            if f"D:{n}" in stats:
+                blocks[n] = KronBlock((n,), stats[f"D:{n}"], None)
+        order = {n: i for i, n in enumerate(self._names)}
+        return dict(sorted(blocks.items(), key=lambda item: order[item[1].params[0]]))
+
+    def _correct(self, blocks: dict[str, KronBlock]) -> tuple[dict[str, KronBlock], dict[str, tuple[Any, ...]]]:
+        raise NotImplementedError
+
+
+class KFACOperator(_KroneckerFromData):
+    """Kronecker-factored approximate curvature (KFAC) of the GGN, Fisher or empirical Fisher.
+
+    A block-diagonal ``(P, P)`` operator: one block ``G ⊗ A`` per layer of ``params``
+    (``F.linear`` with any leading axes, ``F.conv2d`` with any stride, padding, dilation and
+    groups, ``F.embedding`` under ``"expand"``), recognised by parameter identity during a
+    functional forward of the model (no hooks on the module, nothing traced per batch size).
+    A block acts on the row-major flattening of its ``(out, in...)`` weight: ``V -> G V A``
+    (``G`` over the output features, ``A`` over the inputs). The factors are computed once, at
+    construction, in one pass over ``data``; products, traces and inverses need no data.
+
+    Args:
+        model: an ``nn.Module`` (through :func:`functx.nn.make_functional`, never written)
+            or a callable ``model(params, X) -> prediction``.
+        loss: ``nn.CrossEntropyLoss``, ``nn.MSELoss``, ``nn.BCEWithLogitsLoss`` or (for
+            ``"type-2"``/``"empirical"``) another loss module or callable.
+        params: a dict name -> tensor (a subset of ``named_parameters()`` for a module).
+        data: a re-iterable of ``(X, y)`` batches (under ``torch.distributed``, this
+            process's shard).
+        fisher: ``"type-2"`` (the columns of the output Hessian's square root: KFAC of the
+            GGN), ``"mc"`` (``mc_samples`` labels drawn from the predictive) or
+            ``"empirical"`` (the true labels: KFAC of :class:`EFOperator`). (default: ``"mc"``)
+        mc_samples: labels drawn per sample for ``"mc"``. (default: 1)
+        seed: seeds a private ``torch.Generator`` for ``"mc"`` (the global RNG is not used;
+            rank ``r`` of a process group uses ``seed + r * 2**32``). (default: 0)
+        kfac_approx: ``"expand"`` or ``"reduce"`` for layers over extra axes (Eschenhagen et
+            al., 2023). (default: ``"expand"``)
+        joint_bias: one block for a layer's weight and bias (a ones column appended to the
+            inputs: the row-major vec of ``[W | b]``); ``False`` gives a bias its own block
+            ``G``. (default: ``False``)
+        unsupported: what to do with a parameter reaching the loss through another
+            operation: ``"error"`` (a ``ValueError`` naming it and the operation) or
+            ``"diagonal"`` (its exact diagonal, of the GGN for ``"type-2"``, of the Fisher's
+            MC estimate for ``"mc"``, of the empirical Fisher, as its block).
+            (default: ``"error"``)
+        reduction: ``"mean"`` or ``"sum"``: required for a callable ``loss``. (default: the
+            loss module's ``reduction``)
+        num_data: the number of samples ``N`` over all processes. (default: counted in one
+            pass over ``data``)
+        batch_size_fn: ``X -> int`` for a batch whose ``X`` is not a tensor. (default:
+            ``X.shape[0]``)
+        check_deterministic: evaluate the loss and gradient twice at construction and raise
+            ``ValueError`` when they differ. (default: ``True``)
+        progress: a tqdm progress bar over the batches of each pass. (default: ``False``)
+        group: the ``torch.distributed`` process group the factors are reduced over.
+            (default: the world group when ``torch.distributed`` is initialised, else none)
+
+    Example:
+        >>> import torch, functx.curvature as fc
+        >>> model = torch.nn.Linear(3, 2)
+        >>> X, y = torch.randn(8, 3), torch.randn(8, 2)
+        >>> params = dict(model.named_parameters())
+        >>> K = fc.KFACOperator(model, torch.nn.MSELoss(), params, [(X, y)],
+        ...                     fisher="type-2", joint_bias=True)
+        >>> list(K.blocks)
+        ['weight']
+        >>> G = fc.GGNOperator(model, torch.nn.MSELoss(), params, [(X, y)])
+        >>> torch.allclose(K.to_dense(), G.to_dense(), atol=1e-6)  # exact for one layer
+        True
+    """
+
+    _eigen_corrected = False
+
+
+class EKFACOperator(_KroneckerFromData):
+    """Eigenvalue-corrected KFAC (George et al., 2018).
+
+    The eigenbasis ``Q_G ⊗ Q_A`` of :class:`KFACOperator`'s blocks, with the eigenvalues
+    replaced by the exact second moments of the per-example gradients (per output column for
+    ``"type-2"``) in that basis: the eigenvalues of a block equal ``diag(Qᵀ B Q)`` for the
+    block ``B`` of the matrix KFAC approximates, so the trace is exact. A second pass over
+    the data. The model's prediction must be 2-D (one row per example). Arguments as for
+    :class:`KFACOperator`.
+
+    Example:
+        >>> import torch, functx.curvature as fc
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> params = dict(model.named_parameters())
+        >>> E = fc.EKFACOperator(model, torch.nn.CrossEntropyLoss(), params, [(X, y)], fisher="type-2")
+        >>> G = fc.GGNOperator(model, torch.nn.CrossEntropyLoss(), params, [(X, y)]).to_dense()
+        >>> blocks = torch.block_diag(*[G[a:b, a:b] for a, b in [(0, 12), (12, 16), (16, 24), (24, 26)]])
+        >>> torch.isclose(torch.trace(E.to_dense()), torch.trace(blocks), rtol=1e-4).item()
+        True
+    """
+
+    _eigen_corrected = True
+
+    def _correct(self, blocks: dict[str, KronBlock]) -> tuple[dict[str, KronBlock], dict[str, tuple[Any, ...]]]:
+        bases: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._blocks_shapes: dict[str, tuple[int, int]] = {}
+        eigen: dict[str, tuple[Any, ...]] = {}  # handed to the base: the basis the eigenvalues were measured in
+        dtype = self._eigh_dtype or (torch.float64 if torch.finfo(self.dtype).bits <= 32 else self.dtype)
+        for key, info in self._structure.items():
+            block = blocks[key if info["weight"] is not None else info["bias"]]
+            g_vals, g_vecs = factor_eigh(block.G, dtype)
+            a_vals, a_vecs = factor_eigh(block.A, dtype) if block.A is not None else (None, None)
+            assert g_vecs is not None
+            bases[key] = (g_vecs.to(self.dtype), None if a_vecs is None else a_vecs.to(self.dtype))
+            A = blocks[info["weight"]].A if info["weight"] is not None else None
+            self._blocks_shapes[key] = (block.G.shape[0], 1 if A is None else A.shape[0])
+            for name in (info["weight"], info["bias"]):
+                if name is not None and name in blocks:
+                    b = blocks[name]
+                    eigen[name] = (g_vals, g_vecs, a_vals, a_vecs) if b.A is not None else (g_vals, g_vecs, None, None)
+        eig = on_every_rank(lambda: self._local_moments(bases), self._group, self._api, "EKFAC's second pass")
+        keys = sorted(eig)
+        if self._group is not None:
+            flat = all_reduce_sum(torch.cat([eig[k].reshape(-1) for k in keys]), self._group)
+            eig = {k: p.reshape(eig[k].shape) for k, p in zip(keys, flat.split([eig[k].numel() for k in keys]))}
+        corrected = dict(blocks)
+        for key, info in self._structure.items():
+            w, b = info["weight"], info["bias"]
+            if w is not None:
+                corrected[w] = blocks[w]._replace(eigenvalues=eig[f"W:{key}"])
+            if b is not None and b in blocks:
+                corrected[b] = blocks[b]._replace(eigenvalues=eig[f"B:{key}"])
+        return corrected, eigen
+
+    def _local_moments(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+        """This rank's second moments in the eigenbases (every key present, zero without data)."""
+        eig: dict[str, torch.Tensor] = {}
+        for key, info in self._structure.items():
+            block_w = self._blocks_shapes[key]
+            if info["weight"] is not None:
+                eig[f"W:{key}"] = torch.zeros(block_w, dtype=self.dtype, device=self.device)
+            if info["bias"] is not None and (info["weight"] is None or not self._joint_for(key)):
+                eig[f"B:{key}"] = torch.zeros(block_w[0], dtype=self.dtype, device=self.device)
+        gen = self._generator()
+        for uses, out, y, size, _ in self._batches():
+            if out.ndim != 2:
+                raise ValueError(
+                    f"`{self._api}`: EKFAC needs the model's prediction to be 2-D (one row per example), got the "
+                    f"output of shape {tuple(out.shape)}; use KFACOperator for sequence or image outputs."
+                )
+            vectors, scale = self._output_vectors(out, y, size, gen)
+            grads = self._backward(uses, out, vectors)
+            grouped: dict[str, list[tuple[torch.Tensor, torch.Tensor | None, Use]]] = {}
+            for u, g in zip(uses, grads):
+                key = self._key(u)
+                x, gr = self._rows(u, g, size)
+                per = self._per_sample(key, u, gr.shape[1], size)
+                K, m = gr.shape[0], gr.shape[2]
+                gt = (gr @ bases[key][0]).reshape(K, size, per, m)
+                grouped.setdefault(key, []).append((gt, x, u))
+            for key, items in grouped.items():
+                self._moments(eig, key, items, bases[key], size, scale)
+        return eig
+
+    def _moments(
+        self,
+        eig: dict[str, torch.Tensor],
+        key: str,
+        items: list[tuple[torch.Tensor, torch.Tensor | None, Use]],
+        basis: tuple[torch.Tensor, torch.Tensor | None],
+        size: int,
+        scale: float,
+    ) -> None:
+        """Add ``scale * sum_{k,n} (Q_G^T grad_{k,n} Q_A)^2`` of this batch (per-example gradients
+        summed over positions and uses)."""
+        info = self._structure[key]
+        joint = self._joint_for(key)
+        gt = torch.cat([g for g, _, _ in items], dim=2)  # (K, B, S, m)
+        K, B, S, m = gt.shape
+        separate_bias = info["bias"] is not None and (info["weight"] is None or not joint)
+        if separate_bias:
+            _add(eig, f"B:{key}", gt.sum(2).square().sum((0, 1)) * scale)
+        if info["weight"] is None:
+            return
+        QA = basis[1]
+        if info["kind"] == "embedding":
+            V = items[0][2].options["num_embeddings"]
+            idx = torch.cat([x.reshape(B, -1) for _, x, _ in items], dim=1)  # type: ignore[union-attr]
+            padding = items[0][2].options["padding_idx"]
+            weights = torch.ones_like(idx, dtype=gt.dtype) if padding is None else (idx != padding).to(gt.dtype)
+            per_ex = gt.new_zeros(K, B, m, V)
+            src = (gt * weights[None, :, :, None]).transpose(2, 3)  # (K, B, m, S)
+            per_ex.scatter_add_(3, idx[None, :, None, :].expand(K, B, m, S), src)
+            _add(eig, f"W:{key}", per_ex.square().sum((0, 1)) * scale)
+            return
+        xs = []
+        for _, x, u in items:
+            assert x is not None
+            if u.kind == "conv2d":
+                x = conv_patches(u.input, u.options, reduce=False).reshape(-1, x.shape[-1])
+            if joint:
+                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+            xs.append(x.reshape(B, -1, x.shape[-1]))
+        xt = torch.cat(xs, dim=1)
+        if QA is not None:
+            xt = xt @ QA
+        n = xt.shape[-1]
+        if S == 1:  # (g x^T)^2 = g^2 (x^2)^T: no per-example matrices
+            total = gt[:, :, 0].square().sum(0).T @ xt[:, 0].square()
+        else:
+            total = gt.new_zeros(m, n)
+            step = max(1, _EKFAC_CHUNK // max(1, K * m * n))
+            for i in range(0, B, step):
+                per_ex = torch.einsum("kbsm,bsn->kbmn", gt[:, i : i + step], xt[i : i + step])
+                total += per_ex.square().sum((0, 1))
+        _add(eig, f"W:{key}", total * scale)
+
+
+def _per_row(vectors: torch.Tensor, row_dims: tuple[int, ...]) -> torch.Tensor:
+    """``(K * R, *out)``: each of the ``K`` vectors restricted to each of the ``R`` rows."""
+    shape = vectors.shape[1:]
+    other = [d for d in range(len(shape)) if d not in row_dims]
+    R = 1
+    for d in other:
+        R *= shape[d]
+    ids = torch.arange(R, device=vectors.device).reshape([shape[d] for d in other])
+    for d in sorted(row_dims):
+        ids = ids.unsqueeze(d)
+    masks = ids.unsqueeze(0) == torch.arange(R, device=vectors.device).reshape((R,) + (1,) * len(shape))
+    return (vectors.unsqueeze(1) * masks.unsqueeze(0).to(vectors.dtype)).reshape((-1,) + tuple(shape))
+
+
+def _add(store: dict[str, Any], key: str, value: torch.Tensor) -> None:
+    """``store[key] += value`` (in place: every ``value`` passed here is a fresh tensor)."""
+    if key in store:
+        store[key].add_(value)
+    else:
+        store[key] = value
+
+
+def _symmetric(M: torch.Tensor) -> torch.Tensor:
+    return (M + M.T) / 2
