@@ -18,7 +18,9 @@ from torch import nn
 import functx.curvature as fc
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--plot", metavar="PATH", help="save a figure of the spectra (needs matplotlib)")
+parser.add_argument(
+    "--plot", metavar="PATH", help="save a figure of the spectra (needs matplotlib)"
+)
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -49,24 +51,35 @@ Kd, Ed = K.to_dense(), E.to_dense()
 
 sizes = {name: p.numel() for name, p in params.items()}
 start, rows, spectra = 0, [], {}
-print(f"{'block':10s} {'size':>5s} {'KFAC err':>9s} {'EKFAC err':>9s} {'trace GGN':>10s} {'KFAC':>9s} {'EKFAC':>9s}")
+print(
+    f"{'block':10s} {'size':>5s} {'KFAC err':>9s} {'EKFAC err':>9s} {'trace GGN':>10s} {'KFAC':>9s} {'EKFAC':>9s}"
+)
 for name, block in K.blocks.items():
     size = sum(sizes[p] for p in block.params)
     s = slice(start, start + size)
     start += size
     B, Kb, Eb = G[s, s], Kd[s, s], Ed[s, s]
-    k_err, e_err = ((Kb - B).norm() / B.norm()).item(), ((Eb - B).norm() / B.norm()).item()
+    k_err, e_err = (
+        ((Kb - B).norm() / B.norm()).item(),
+        ((Eb - B).norm() / B.norm()).item(),
+    )
     print(
         f"{name:10s} {size:5d} {k_err:9.3f} {e_err:9.3f} {torch.trace(B).item():10.4f} "
         f"{torch.trace(Kb).item():9.4f} {torch.trace(Eb).item():9.4f}"
     )
-    torch.testing.assert_close(torch.trace(Eb), torch.trace(B), rtol=1e-8, atol=1e-12)  # EKFAC: exact trace
-    assert e_err <= k_err + 1e-12  # EKFAC is the Frobenius projection onto KFAC's eigenbasis
-    pythagoras = (Kb - B).square().sum() - (Kb - Eb).square().sum() - (Eb - B).square().sum()
+    # EKFAC: the exact trace, and the Frobenius projection onto KFAC's eigenbasis
+    torch.testing.assert_close(torch.trace(Eb), torch.trace(B), rtol=1e-8, atol=1e-12)
+    assert e_err <= k_err + 1e-12
+    pythagoras = (
+        (Kb - B).square().sum() - (Kb - Eb).square().sum() - (Eb - B).square().sum()
+    )
     assert abs(pythagoras.item()) <= 1e-8 * (Kb - B).square().sum().item()
     spectra[name] = [torch.linalg.eigvalsh(M).flip(0)[:20] for M in (B, Kb, Eb)]
 
-top = {label: torch.linalg.eigvalsh(M)[-3:].flip(0) for label, M in (("GGN", G), ("KFAC", Kd), ("EKFAC", Ed))}
+top = {
+    label: torch.linalg.eigvalsh(M)[-3:].flip(0)
+    for label, M in (("GGN", G), ("KFAC", Kd), ("EKFAC", Ed))
+}
 for label, values in top.items():
     print(f"top eigenvalues {label:6s}", [round(v, 4) for v in values.tolist()])
 for M in (Kd, Ed):
