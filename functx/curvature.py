@@ -30,6 +30,11 @@ rank::
     trace(H, num_matvecs=100, method="hutch++")               # "hutchinson", "xtrace"
     diagonal(H, num_matvecs=100, method="xdiag", as_tree=True)  # "hutchinson"; (P,) or a dict
     grid, density = spectral_density(H, num_probes=10, num_steps=50)  # stochastic Lanczos quadrature
+
+Applications (any operator above, an inverse of one, or a dense tensor as ``S``/``inverse``)::
+
+    cov = output_covariance(model, params, X, S)     # J(x) S J(x)^T per row: (B, C, C)
+    scores = influence(model, loss, params, train, queries, inverse)  # (num_queries, num_train)
 """
 
 from ._curvature._estimators import EigshInfo as EigshInfo
@@ -37,25 +42,29 @@ from ._curvature._estimators import diagonal as diagonal
 from ._curvature._estimators import eigsh as eigsh
 from ._curvature._estimators import spectral_density as spectral_density
 from ._curvature._estimators import trace as trace
+from ._curvature._influence import influence as influence
 from ._curvature._inverse import InverseOperator as InverseOperator
+from ._curvature._kfac import EKFACOperator as EKFACOperator
+from ._curvature._kfac import KFACOperator as KFACOperator
 from ._curvature._kron import KronBlock as KronBlock
 from ._curvature._operators import EFOperator as EFOperator
 from ._curvature._operators import GGNOperator as GGNOperator
 from ._curvature._operators import HessianOperator as HessianOperator
+from ._curvature._predictive import output_covariance as output_covariance
 
 __all__ = [
     "EFOperator",
+    "EKFACOperator",
     "EigshInfo",
     "GGNOperator",
     "HessianOperator",
     "InverseOperator",
+    "KFACOperator",
     "KronBlock",
     "diagonal",
     "eigsh",
+    "influence",
+    "output_covariance",
     "spectral_density",
     "trace",
 ]
-from ._curvature._kfac import EKFACOperator as EKFACOperator
-from ._curvature._kfac import KFACOperator as KFACOperator
-
-__all__ += ["EKFACOperator", "KFACOperator"]

@@ -457,6 +457,27 @@ def group_argument_selects_the_ranks(rank: int, world: int) -> None:
         fc.HessianOperator(mlp(), torch.nn.CrossEntropyLoss(), dict(mlp().named_parameters()), batches, group=0)
 
 
+@check
+def influence_matches_one_process(rank: int, world: int) -> None:
+    """fc.influence: each rank scores its uneven shard; the gathered scores equal one process's."""
+    batches = all_batches("ce")
+    shard = uneven_shard(batches, rank, world)
+    model = mlp()
+    params = dict(model.named_parameters())
+    loss = torch.nn.CrossEntropyLoss()
+    G = fc.GGNOperator(model, loss, params, shard)  # products all-reduce: used as the "inverse" operator
+    reference_G = fc.GGNOperator(model, loss, params, batches, group=single_group())
+    queries = batches[:2]  # the same on every rank
+    scores = fc.influence(model, loss, params, shard, queries, G)
+    reference = fc.influence(model, loss, params, batches, queries, reference_G, group=single_group())
+    assert scores.shape == (sum(SIZES[:2]), sum(SIZES))
+    close(scores, reference)
+    assert all_equal_across_ranks(scores)
+    inverse = torch.linalg.inv(reference_G.to_dense() + 0.1 * torch.eye(G.shape[0], dtype=torch.float64))
+    own = fc.influence(model, loss, params, shard, None, inverse, self_influence=True)
+    close(own, fc.influence(model, loss, params, batches, None, inverse, self_influence=True, group=single_group()))
+
+
 def main() -> None:
     port, rank, world, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     warnings.simplefilter("error")
