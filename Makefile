@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.functx-installed
-EXTRAS ?= test,docs,plot
+EXTRAS ?= test,docs,plot,examples
 TORCH_INDEX ?=
 PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 # curvlinops (the reference of the KFAC comparison tests) declares backpack-for-pytorch, which pulls
@@ -20,7 +20,7 @@ PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 # (einops, einconv, linear_operator, tqdm, scipy, numpy) comes with the `test` extra.
 CURVLINOPS := curvlinops-for-pytorch
 
-.PHONY: demo test test-suite lint docs docs-serve bench bench-docs cookbook min-venv test-min latest-venv test-latest clean
+.PHONY: demo test test-suite lint docs docs-serve bench bench-docs bench-compare cookbook min-venv test-min latest-venv test-latest clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,16 @@ bench: $(STAMP)
 # Run every benchmark and regenerate docs/benchmarks.md (the one place where numbers live).
 bench-docs: $(STAMP)
 	$(PY) benchmarks/run.py --write-docs
+
+# functx against laplace-torch 0.3 and kronfluence 1.0.1 (examples/laplace.py, influence.py) in
+# their own venv: laplace-torch imports torchvision, whose index wheel needs the index's torch
+# (a CUDA build that runs on CPU, ~5 GB). Never installed in the test venv or needed at runtime.
+COMPARE_VENV ?= .venv-compare
+bench-compare:
+	$(PYTHON) -m venv $(COMPARE_VENV)
+	$(COMPARE_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1 laplace-torch==0.3 kronfluence==1.0.1 scikit-learn
+	$(COMPARE_VENV)/bin/pip install -q -e .
+	OMP_NUM_THREADS=1 $(COMPARE_VENV)/bin/python benchmarks/compare_laplace_influence.py
 
 # Rerun the cookbook examples and store their printed output and figures for the site.
 cookbook: $(STAMP)

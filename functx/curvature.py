@@ -22,6 +22,12 @@ Operators (matrix-free, ``P x P`` with ``P`` the number of entries of ``params``
 * ``torch.distributed``: each process passes its shard of the data; products are
   all-reduced once each, ``N`` is global, and every rank raises the same errors.
 
+Kronecker-factored operators (closed-form inverses, powers and log-determinants)::
+
+    K = KFACOperator(model, loss, params, data, fisher="type-2")  # or EKFACOperator
+    K.inverse(damping=1e-3) @ v      # (K + damping I)^-1 v, exact; K.power(-0.5), K.logdet(1e-3)
+    InverseOperator(G + 0.1 * H, damping=1e-3, preconditioner=K.inverse(1e-3))  # any operator
+
 Estimators, working on any object with ``shape``, ``dtype``, ``device``, ``@``,
 ``flatten`` and ``unflatten`` (or a symmetric tensor), reproducible from ``seed`` on every
 rank::
