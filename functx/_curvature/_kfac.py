@@ -26,14 +26,12 @@ from typing import Any
 
 import torch
 
-from .._validate import check_bool, check_choice, check_int, check_seed, fail
+from .._validate import check_bool, check_choice, check_int, check_seed
 from ._capture import Capture, Use, conv_patches
-from ._data import Data
-from ._distributed import all_reduce_sum, check_same_across_ranks, global_count, on_every_rank, resolve_group
+from ._distributed import all_reduce_sum, check_same_across_ranks, on_every_rank
 from ._kron import KronBlock, KroneckerOperatorBase, factor_eigh
-from ._losses import LossSpec, draw_labels, output_hessian_sqrt
-from ._operators import _check_num_data, _CurvatureOperator
-from ._params import Layout, model_function
+from ._losses import draw_labels, output_hessian_sqrt
+from ._operators import EmpiricalRisk
 
 _FISHERS = ("type-2", "mc", "empirical")
 _APPROX = ("expand", "reduce")
@@ -45,7 +43,7 @@ class _Restart(Exception):
     """A parameter turned out to need a diagonal block after the pass began."""
 
 
-class _KroneckerFromData(KroneckerOperatorBase):
+class _KroneckerFromData(KroneckerOperatorBase, EmpiricalRisk):
     """The shared construction of :class:`KFACOperator` and :class:`EKFACOperator`."""
 
     _eigen_corrected = False
@@ -72,10 +70,6 @@ class _KroneckerFromData(KroneckerOperatorBase):
     ) -> None:
         api = self._api = f"functx.curvature.{type(self).__name__}"
         short = api.removeprefix("functx.")
-        if torch.is_inference_mode_enabled():
-            raise fail(
-                api, "the operator must be built outside torch.inference_mode(), got a call inside it.", RuntimeError
-            )
         self._fisher = check_choice(fisher, "fisher", _FISHERS, short)
         self._mc_samples = check_int(mc_samples, "mc_samples", short, minimum=1)
         if fisher != "mc" and mc_samples != 1:
@@ -84,36 +78,21 @@ class _KroneckerFromData(KroneckerOperatorBase):
         self._approx = check_choice(kfac_approx, "kfac_approx", _APPROX, short)
         self._joint = check_bool(joint_bias, "joint_bias", short)
         self._unsupported = check_choice(unsupported, "unsupported", _UNSUPPORTED, short)
-        check_bool(check_deterministic, "check_deterministic", short)
-        self._loss = LossSpec(loss, reduction, api)
-        self._layout = Layout(params, api)
-        self._names = list(self._layout.keys) if self._layout.keys is not None else list(self._layout.paths)
-        self._model = model
-        self._forward, self._stateful = model_function(model, self._layout, api)
-        self._data = Data(data, batch_size_fn, self._layout.device, progress, api)
-        _check_num_data(num_data, api)
-        self._group = resolve_group(group, api)
-        check_same_across_ranks(self._layout.signature(), self._group, api)
-        on_every_rank(
-            lambda: _CurvatureOperator._check_first_batch(self),  # type: ignore[arg-type]
-            self._group,
-            api,
-            "checking the first batch of `data`",
+        self._init_data(
+            model,
+            loss,
+            params,
+            data,
+            reduction=reduction,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+            check_deterministic=check_deterministic,
+            progress=progress,
+            group=group,
         )
-        if num_data is None:
-            num_data = global_count(
-                on_every_rank(self._data.count, self._group, api, "counting the samples of `data`"), self._group
-            )
-        self._num_data = num_data
-        if num_data == 0:
-            raise fail(api, "`data` must hold at least one sample (the curvature is undefined), got none.")
-        if check_deterministic:
-            _CurvatureOperator._check_deterministic(self)  # type: ignore[arg-type]
+        self._names = list(self._layout.keys) if self._layout.keys is not None else list(self._layout.paths)
         blocks, eigen = self._build()
         self._set_blocks(blocks, eigen=eigen)
-
-    _loss_and_gradient = _CurvatureOperator._loss_and_gradient
-    _check_prediction = _CurvatureOperator._check_prediction
 
     # -- the pass over the data ----------------------------------------------------------------
 

@@ -36,24 +36,30 @@ from ._params import Layout, model_function
 _TRAINING_SENSITIVE = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase, nn.RReLU)
 
 
-class _CurvatureOperator(CurvatureOperatorBase):
-    """The shared machinery; subclasses define ``_batch_product``."""
+class EmpiricalRisk:
+    """The data side every operator over a dataset shares: the model as a function of
+    ``params``, the batches, ``N``, the process group and the construction-time checks (first
+    batch, determinism). An operator calls :meth:`_init_data` from its ``__init__``."""
 
-    def __init__(
+    _api: str
+    _layout: Layout
+    _num_data: int
+
+    def _init_data(
         self,
         model: Any,
         loss: Any,
         params: Any,
         data: Any,
         *,
-        reduction: str | None = None,
-        num_data: int | None = None,
-        batch_size_fn: Callable[[Any], int] | None = None,
-        check_deterministic: bool = True,
-        progress: bool = False,
-        group: Any = None,
+        reduction: str | None,
+        num_data: int | None,
+        batch_size_fn: Callable[[Any], int] | None,
+        check_deterministic: bool,
+        progress: bool,
+        group: Any,
     ) -> None:
-        api = self._api = f"functx.curvature.{type(self).__name__}"
+        api = self._api
         if torch.is_inference_mode_enabled():
             raise fail(
                 api,
@@ -82,6 +88,95 @@ class _CurvatureOperator(CurvatureOperatorBase):
             raise fail(api, "`data` must hold at least one sample (the curvature is undefined), got none.")
         if check_deterministic:
             self._check_deterministic()
+
+    # -- construction-time checks -----------------------------------------------------------
+
+    def _check_prediction(self, out: Any) -> None:
+        """Checks on the model's prediction for the first batch (none here)."""
+
+    def _check_first_batch(self) -> None:
+        """Evaluate the model and the loss on the first non-empty batch (no backward pass), so
+        that a loss of the wrong kind is named before any pass over the data."""
+        for k, X, y, _ in self._data.indexed_batches("first batch", check_finite=True):
+            leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
+            with torch.enable_grad():
+                tree = self._layout.to_tree(leaves)
+                out = self._forward(tree, X) if self._stateful is None else self._stateful(tree, X)[0]
+                self._check_prediction(out)
+                self._loss.value(out, y, k)
+            return
+
+    def _check_deterministic(self) -> None:
+        what = "the determinism check (a pass over `data`)"
+        first, second = (on_every_rank(self._loss_and_gradient, self._group, self._api, what) for _ in range(2))
+        changed = sorted(set(first[2]) | set(second[2]))
+        local = bool(changed) or not _close(first[0], second[0]) or not _close(first[1], second[1])
+        ranks = flagged_ranks(local, self._group)
+        if local:
+            raise fail(self._api, _nondeterminism_message(getattr(self, "_model", None), changed))
+        if ranks:
+            raise fail(
+                self._api,
+                f"two passes over `data` must give the same loss and gradient (check_deterministic=True), got "
+                f"different ones on rank(s) {ranks} of the process group (see their error).",
+            )
+
+    def _loss_and_gradient(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """``(sum_b a_b l_b, sum_b a_b grad l_b, updated buffers)`` with ``a_b = B_b`` ("mean") or 1;
+        a non-finite loss or gradient raises, naming the batch."""
+        total = torch.zeros((), dtype=self._layout.dtype, device=self._layout.device)
+        grad = torch.zeros(self._layout.size, dtype=self._layout.dtype, device=self._layout.device)
+        changed: set[str] = set()
+        for k, X, y, size in self._data.indexed_batches("determinism check", check_finite=True):
+            leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
+            with torch.enable_grad():
+                tree = self._layout.to_tree(leaves)
+                if self._stateful is not None:
+                    out, updated = self._stateful(tree, X)
+                    changed.update(updated)
+                else:
+                    out = self._forward(tree, X)
+                value = self._loss.value(out, y, k)
+                grads = autograd_grad([value], leaves)
+            _check_finite(value, "the loss", k, self._api)
+            flat = self._layout.ravel(grads)
+            _check_finite(flat, "the gradient of the loss", k, self._api)
+            a = size if self._loss.reduction == "mean" else 1
+            total += a * value.detach()
+            grad += a * flat
+        return total, grad, sorted(changed)
+
+
+class _CurvatureOperator(CurvatureOperatorBase, EmpiricalRisk):
+    """The shared machinery; subclasses define ``_batch_product``."""
+
+    def __init__(
+        self,
+        model: Any,
+        loss: Any,
+        params: Any,
+        data: Any,
+        *,
+        reduction: str | None = None,
+        num_data: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        check_deterministic: bool = True,
+        progress: bool = False,
+        group: Any = None,
+    ) -> None:
+        self._api = f"functx.curvature.{type(self).__name__}"
+        self._init_data(
+            model,
+            loss,
+            params,
+            data,
+            reduction=reduction,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+            check_deterministic=check_deterministic,
+            progress=progress,
+            group=group,
+        )
 
     # -- products ----------------------------------------------------------------------------
 
@@ -142,63 +237,6 @@ class _CurvatureOperator(CurvatureOperatorBase):
         self, leaves: list[torch.Tensor], X: Any, y: Any, size: int, vectors: list[torch.Tensor], batched: bool
     ) -> tuple[tuple[torch.Tensor, ...], float]:
         raise NotImplementedError
-
-    # -- construction-time checks -----------------------------------------------------------
-
-    def _check_prediction(self, out: Any) -> None:
-        """Checks on the model's prediction for the first batch (none here)."""
-
-    def _check_first_batch(self) -> None:
-        """Evaluate the model and the loss on the first non-empty batch (no backward pass), so
-        that a loss of the wrong kind is named before any pass over the data."""
-        for k, X, y, _ in self._data.indexed_batches("first batch", check_finite=True):
-            leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
-            with torch.enable_grad():
-                tree = self._layout.to_tree(leaves)
-                out = self._forward(tree, X) if self._stateful is None else self._stateful(tree, X)[0]
-                self._check_prediction(out)
-                self._loss.value(out, y, k)
-            return
-
-    def _check_deterministic(self) -> None:
-        what = "the determinism check (a pass over `data`)"
-        first, second = (on_every_rank(self._loss_and_gradient, self._group, self._api, what) for _ in range(2))
-        changed = sorted(set(first[2]) | set(second[2]))
-        local = bool(changed) or not _close(first[0], second[0]) or not _close(first[1], second[1])
-        ranks = flagged_ranks(local, self._group)
-        if local:
-            raise fail(self._api, _nondeterminism_message(getattr(self, "_model", None), changed))
-        if ranks:
-            raise fail(
-                self._api,
-                f"two passes over `data` must give the same loss and gradient (check_deterministic=True), got "
-                f"different ones on rank(s) {ranks} of the process group (see their error).",
-            )
-
-    def _loss_and_gradient(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """``(sum_b a_b l_b, sum_b a_b grad l_b, updated buffers)`` with ``a_b = B_b`` ("mean") or 1;
-        a non-finite loss or gradient raises, naming the batch."""
-        total = torch.zeros((), dtype=self.dtype, device=self.device)
-        grad = torch.zeros(self._layout.size, dtype=self.dtype, device=self.device)
-        changed: set[str] = set()
-        for k, X, y, size in self._data.indexed_batches("determinism check", check_finite=True):
-            leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
-            with torch.enable_grad():
-                tree = self._layout.to_tree(leaves)
-                if self._stateful is not None:
-                    out, updated = self._stateful(tree, X)
-                    changed.update(updated)
-                else:
-                    out = self._forward(tree, X)
-                value = self._loss.value(out, y, k)
-                grads = autograd_grad([value], leaves)
-            _check_finite(value, "the loss", k, self._api)
-            flat = self._layout.ravel(grads)
-            _check_finite(flat, "the gradient of the loss", k, self._api)
-            a = size if self._loss.reduction == "mean" else 1
-            total += a * value.detach()
-            grad += a * flat
-        return total, grad, sorted(changed)
 
 
 class _Product(torch.autograd.Function):
