@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._validate import api_name, describe
+from .._validate import api_name, describe, fail
 from ._params import Layout
 
 _DENSE_CHUNK = 64  # columns per product in to_dense()
@@ -191,3 +191,32 @@ class CurvatureOperatorBase:
                 f"{api_name(self._api)}: the leaves of `v` mix vectors and matrices (trailing K axes {kinds})."
             )
         return kinds != {None}
+
+
+def square_operator(op: Any, name: str, P: int, api: str) -> Any:
+    """``V -> op @ V`` for a ``(P, P)`` operator given as a real floating-point tensor or as any
+    object with ``shape`` and ``@`` (``K.inverse(damping)``, ``fc.InverseOperator(...)``);
+    ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    if isinstance(op, torch.Tensor):
+        if not op.is_floating_point():
+            raise fail(
+                api, f"`{name}` must be a real floating-point tensor or an operator, got {describe(op)}.", TypeError
+            )
+        if tuple(op.shape) != (P, P):
+            raise fail(
+                api, f"`{name}` must have shape ({P}, {P}) (P = the number of entries of params), got {describe(op)}."
+            )
+        return lambda V: op @ V.to(op.dtype)
+    shape = getattr(op, "shape", None)
+    if shape is None or not hasattr(op, "__matmul__"):
+        raise fail(
+            api,
+            f"`{name}` must be a (P, P) tensor or an operator with `shape` and `@` (K.inverse(damping), "
+            f"fc.InverseOperator(...)), got {describe(op)}.",
+            TypeError,
+        )
+    if tuple(shape) != (P, P):
+        raise fail(
+            api, f"`{name}` must have shape ({P}, {P}) (P = the number of entries of params), got shape {tuple(shape)}."
+        )
+    return lambda V: op @ V

@@ -18,6 +18,7 @@ from torch import nn
 
 from .._tree import tree_flatten, tree_unflatten
 from .._validate import check_bool, describe, fail
+from ._base import square_operator
 from ._data import Data
 from ._distributed import all_reduce_sum, on_every_rank, resolve_group
 from ._params import Layout, model_function
@@ -107,7 +108,7 @@ def influence(
     forward, _ = model_function(model, layout, api)
     check_bool(self_influence, "self_influence", _API)
     per_example = _per_example_loss(loss, forward, layout)
-    apply_inverse = _inverse_operator(inverse, layout.size)
+    apply_inverse = square_operator(inverse, "inverse", layout.size, _API)
     group = resolve_group(group, api)
     train_data = Data(train, batch_size_fn, layout.device, progress, api)
     if self_influence:
@@ -182,36 +183,6 @@ def _per_example_loss(loss: Any, forward: Any, layout: Layout) -> Any:
         return loss(forward(layout.to_tree(leaves), one(x)), one(y))
 
     return per_example
-
-
-def _inverse_operator(inverse: Any, P: int) -> Any:
-    if isinstance(inverse, torch.Tensor):
-        if not inverse.is_floating_point():
-            raise fail(
-                _API,
-                f"`inverse` must be a real floating-point tensor or an operator, got {describe(inverse)}.",
-                TypeError,
-            )
-        if tuple(inverse.shape) != (P, P):
-            raise fail(
-                _API,
-                f"`inverse` must have shape ({P}, {P}) (P = the number of entries of params), got {describe(inverse)}.",
-            )
-        return lambda V: inverse @ V.to(inverse.dtype)
-    shape = getattr(inverse, "shape", None)
-    if shape is None or not hasattr(inverse, "__matmul__"):
-        raise fail(
-            _API,
-            f"`inverse` must be a (P, P) tensor or an operator with `shape` and `@` (K.inverse(damping), "
-            f"fc.InverseOperator(...)), got {describe(inverse)}.",
-            TypeError,
-        )
-    if tuple(shape) != (P, P):
-        raise fail(
-            _API,
-            f"`inverse` must have shape ({P}, {P}) (P = the number of entries of params), got shape {tuple(shape)}.",
-        )
-    return lambda V: inverse @ V
 
 
 def _signature(data: Data, what: str) -> Any:

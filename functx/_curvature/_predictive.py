@@ -17,6 +17,7 @@ import torch
 
 from .._tree import tree_flatten, tree_unflatten
 from .._validate import check_bool, check_chunk_size, describe, fail
+from ._base import square_operator
 from ._params import Layout, model_function
 
 _API = "curvature.output_covariance"
@@ -94,7 +95,7 @@ def output_covariance(
     forward, _ = model_function(model, layout, api)
     check_bool(diagonal, "diagonal", _API)
     chunk_size = check_chunk_size(chunk_size, _API)
-    apply_S = _covariance_operator(S, layout.size)
+    apply_S = square_operator(S, "S", layout.size, _API)
     leaves, spec, rows = _rows(X)
     C = _output_size(forward, layout, spec, leaves)
     if rows == 0:
@@ -116,30 +117,6 @@ def _contract(J: torch.Tensor, apply_S: Any, diagonal: bool) -> torch.Tensor:
         return (J.to(M.dtype) * M).sum(-1)
     cov = J.to(M.dtype) @ M.transpose(1, 2)
     return 0.5 * (cov + cov.transpose(1, 2))  # symmetric up to rounding: make it exactly so
-
-
-def _covariance_operator(S: Any, P: int) -> Any:
-    if isinstance(S, torch.Tensor):
-        if not S.is_floating_point():
-            raise fail(_API, f"`S` must be a real floating-point tensor or an operator, got {describe(S)}.", TypeError)
-        if tuple(S.shape) != (P, P):
-            raise fail(
-                _API, f"`S` must have shape ({P}, {P}) (P = the number of entries of params), got {describe(S)}."
-            )
-        return lambda V: S @ V.to(S.dtype)
-    shape = getattr(S, "shape", None)
-    if shape is None or not hasattr(S, "__matmul__"):
-        raise fail(
-            _API,
-            f"`S` must be a (P, P) tensor or an operator with `shape` and `@` (K.inverse(damping), "
-            f"fc.InverseOperator(...)), got {describe(S)}.",
-            TypeError,
-        )
-    if tuple(shape) != (P, P):
-        raise fail(
-            _API, f"`S` must have shape ({P}, {P}) (P = the number of entries of params), got shape {tuple(shape)}."
-        )
-    return lambda V: S @ V
 
 
 def _rows(X: Any) -> tuple[list[torch.Tensor], Any, int]:
