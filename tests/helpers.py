@@ -155,3 +155,23 @@ def tree_catalogue(seed: int = 0) -> dict[str, Any]:
         "dataclass": Params(w=_t(2, 3, gen=g), b=_t(3, gen=g)),
         "global_class": GlobalPoint(_t(2, gen=g), _t(2, gen=g)),
     }
+
+
+def small_problem() -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    """``(params, x, v)`` of a one-layer tanh net in float64: params/v ``{"w": (3, 2), "b": (2,)}``, x ``(4, 3)``."""
+    g = torch.Generator().manual_seed(0)
+    d = torch.float64
+    p = {"w": torch.randn(3, 2, dtype=d, generator=g), "b": torch.randn(2, dtype=d, generator=g)}
+    x = torch.randn(4, 3, dtype=d, generator=g)
+    v = {"w": torch.randn(3, 2, dtype=d, generator=g), "b": torch.randn(2, dtype=d, generator=g)}
+    return p, x, v
+
+
+def small_net(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The net of :func:`small_problem`."""
+    return torch.tanh(x @ p["w"] + p["b"])
+
+
+def small_loss(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A scalar loss of :func:`small_net`."""
+    return (small_net(p, x) ** 2).sum()

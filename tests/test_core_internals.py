@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_tree_allclose
+from helpers import assert_tree_allclose, small_loss, small_net, small_problem
 
 import functx
 from functx import _torch_internals
@@ -16,41 +16,25 @@ from functx import _torch_internals
 D = torch.float64
 
 
-def _problem():
-    g = torch.Generator().manual_seed(0)
-    p = {"w": torch.randn(3, 2, dtype=D, generator=g), "b": torch.randn(2, dtype=D, generator=g)}
-    x = torch.randn(4, 3, dtype=D, generator=g)
-    v = {"w": torch.randn(3, 2, dtype=D, generator=g), "b": torch.randn(2, dtype=D, generator=g)}
-    return p, x, v
-
-
-def _loss(p, x):
-    return (torch.tanh(x @ p["w"] + p["b"]) ** 2).sum()
-
-
-def _net(p, x):
-    return torch.tanh(x @ p["w"] + p["b"])
-
-
 def _catalogue():
-    p, x, v = _problem()
+    p, x, v = small_problem()
     xs = x[:, None]
     return {
-        "grad": lambda: functx.grad(_loss)(p, x),
-        "value_and_grad": lambda: functx.value_and_grad(_loss, argnums=(0, 1))(p, x),
-        "grad(grad)": lambda: functx.grad(lambda x: functx.grad(_loss, argnums=1)(p, x).sum())(x),
-        "vjp": lambda: functx.vjp(_net, p, x)[1](torch.ones(4, 2, dtype=D)),
-        "jvp": lambda: functx.jvp(_net, (p, x), (v, x)),
-        "linearize": lambda: functx.linearize(_net, p, x)[1](v, x),
-        "jacrev": lambda: functx.jacrev(_net)(p, x),
-        "jacfwd": lambda: functx.jacfwd(_net)(p, x),
-        "hessian-rev-rev": lambda: functx.hessian(_loss, mode="rev-rev")(p, x),
-        "hessian-fwd-rev": lambda: functx.hessian(_loss, mode="fwd-rev")(p, x),
-        "hvp-rev-rev": lambda: functx.hvp(_loss, (p, x), (v, x)),
-        "hvp-fwd-rev": lambda: functx.hvp(_loss, (p, x), (v, x), mode="fwd-rev"),
-        "hvp-rev-fwd": lambda: functx.hvp(_loss, (p, x), (v, x), mode="rev-fwd"),
-        "vmap(grad)": lambda: functx.vmap(functx.grad(_loss), in_dims=(None, 0))(p, xs),
-        "vmap(hessian)": lambda: functx.vmap(functx.hessian(_loss), in_dims=(None, 0))(p, xs),
+        "grad": lambda: functx.grad(small_loss)(p, x),
+        "value_and_grad": lambda: functx.value_and_grad(small_loss, argnums=(0, 1))(p, x),
+        "grad(grad)": lambda: functx.grad(lambda x: functx.grad(small_loss, argnums=1)(p, x).sum())(x),
+        "vjp": lambda: functx.vjp(small_net, p, x)[1](torch.ones(4, 2, dtype=D)),
+        "jvp": lambda: functx.jvp(small_net, (p, x), (v, x)),
+        "linearize": lambda: functx.linearize(small_net, p, x)[1](v, x),
+        "jacrev": lambda: functx.jacrev(small_net)(p, x),
+        "jacfwd": lambda: functx.jacfwd(small_net)(p, x),
+        "hessian-rev-rev": lambda: functx.hessian(small_loss, mode="rev-rev")(p, x),
+        "hessian-fwd-rev": lambda: functx.hessian(small_loss, mode="fwd-rev")(p, x),
+        "hvp-rev-rev": lambda: functx.hvp(small_loss, (p, x), (v, x)),
+        "hvp-fwd-rev": lambda: functx.hvp(small_loss, (p, x), (v, x), mode="fwd-rev"),
+        "hvp-rev-fwd": lambda: functx.hvp(small_loss, (p, x), (v, x), mode="rev-fwd"),
+        "vmap(grad)": lambda: functx.vmap(functx.grad(small_loss), in_dims=(None, 0))(p, xs),
+        "vmap(hessian)": lambda: functx.vmap(functx.hessian(small_loss), in_dims=(None, 0))(p, xs),
         "jacrev-holomorphic": lambda: functx.jacrev(torch.exp, holomorphic=True)(x[0].to(torch.complex128)),
         "jacfwd-complex-input": lambda: functx.jacfwd(lambda z: z.abs() ** 2)(x[0].to(torch.complex128) * 1j),
     }

@@ -6,27 +6,11 @@ import contextlib
 
 import pytest
 import torch
-from helpers import assert_tree_allclose
+from helpers import assert_tree_allclose, small_loss, small_net, small_problem
 
 import functx
 
 D = torch.float64
-
-
-def _problem():
-    g = torch.Generator().manual_seed(0)
-    p = {"w": torch.randn(3, 2, dtype=D, generator=g), "b": torch.randn(2, dtype=D, generator=g)}
-    x = torch.randn(4, 3, dtype=D, generator=g)
-    v = {"w": torch.randn(3, 2, dtype=D, generator=g), "b": torch.randn(2, dtype=D, generator=g)}
-    return p, x, v
-
-
-def _loss(p, x):
-    return (torch.tanh(x @ p["w"] + p["b"]) ** 2).sum()
-
-
-def _net(p, x):
-    return torch.tanh(x @ p["w"] + p["b"])
 
 
 def _pairs(p, x, v):
@@ -35,46 +19,52 @@ def _pairs(p, x, v):
     xs = x[:, None]
     ct = torch.ones(4, 2, dtype=D)
     return {
-        "grad": (lambda: functx.grad(_loss)(p, x), lambda: tf.grad(_loss)(p, x)),
+        "grad": (lambda: functx.grad(small_loss)(p, x), lambda: tf.grad(small_loss)(p, x)),
         "value_and_grad": (
-            lambda: functx.value_and_grad(_loss, argnums=(0, 1))(p, x),
-            lambda: tf.grad_and_value(_loss, argnums=(0, 1))(p, x)[::-1],
+            lambda: functx.value_and_grad(small_loss, argnums=(0, 1))(p, x),
+            lambda: tf.grad_and_value(small_loss, argnums=(0, 1))(p, x)[::-1],
         ),
-        "vjp": (lambda: functx.vjp(_net, p, x)[1](ct), lambda: tf.vjp(_net, p, x)[1](ct)),
-        "jvp": (lambda: functx.jvp(_net, (p, x), (v, x)), lambda: tf.jvp(_net, (p, x), (v, x))),
-        "linearize": (lambda: functx.linearize(_net, p, x)[1](v, x), lambda: tf.jvp(_net, (p, x), (v, x))[1]),
-        "jacrev": (lambda: functx.jacrev(_net)(p, x), lambda: tf.jacrev(_net)(p, x)),
-        "jacfwd": (lambda: functx.jacfwd(_net)(p, x), lambda: tf.jacfwd(_net)(p, x)),
-        "hessian-rev-rev": (lambda: functx.hessian(_loss, mode="rev-rev")(p, x), lambda: tf.hessian(_loss)(p, x)),
-        "hessian-fwd-rev": (lambda: functx.hessian(_loss, mode="fwd-rev")(p, x), lambda: tf.hessian(_loss)(p, x)),
+        "vjp": (lambda: functx.vjp(small_net, p, x)[1](ct), lambda: tf.vjp(small_net, p, x)[1](ct)),
+        "jvp": (lambda: functx.jvp(small_net, (p, x), (v, x)), lambda: tf.jvp(small_net, (p, x), (v, x))),
+        "linearize": (lambda: functx.linearize(small_net, p, x)[1](v, x), lambda: tf.jvp(small_net, (p, x), (v, x))[1]),
+        "jacrev": (lambda: functx.jacrev(small_net)(p, x), lambda: tf.jacrev(small_net)(p, x)),
+        "jacfwd": (lambda: functx.jacfwd(small_net)(p, x), lambda: tf.jacfwd(small_net)(p, x)),
+        "hessian-rev-rev": (
+            lambda: functx.hessian(small_loss, mode="rev-rev")(p, x),
+            lambda: tf.hessian(small_loss)(p, x),
+        ),
+        "hessian-fwd-rev": (
+            lambda: functx.hessian(small_loss, mode="fwd-rev")(p, x),
+            lambda: tf.hessian(small_loss)(p, x),
+        ),
         "hvp-rev-rev": (
-            lambda: functx.hvp(lambda p: _loss(p, x), (p,), (v,), mode="rev-rev")[1][0],
-            lambda: tf.jvp(tf.grad(lambda p: _loss(p, x)), (p,), (v,))[1],
+            lambda: functx.hvp(lambda p: small_loss(p, x), (p,), (v,), mode="rev-rev")[1][0],
+            lambda: tf.jvp(tf.grad(lambda p: small_loss(p, x)), (p,), (v,))[1],
         ),
         "hvp-fwd-rev": (
-            lambda: functx.hvp(lambda p: _loss(p, x), (p,), (v,), mode="fwd-rev")[1][0],
-            lambda: tf.jvp(tf.grad(lambda p: _loss(p, x)), (p,), (v,))[1],
+            lambda: functx.hvp(lambda p: small_loss(p, x), (p,), (v,), mode="fwd-rev")[1][0],
+            lambda: tf.jvp(tf.grad(lambda p: small_loss(p, x)), (p,), (v,))[1],
         ),
         "hvp-rev-fwd": (
-            lambda: functx.hvp(lambda p: _loss(p, x), (p,), (v,), mode="rev-fwd")[1][0],
-            lambda: tf.jvp(tf.grad(lambda p: _loss(p, x)), (p,), (v,))[1],
+            lambda: functx.hvp(lambda p: small_loss(p, x), (p,), (v,), mode="rev-fwd")[1][0],
+            lambda: tf.jvp(tf.grad(lambda p: small_loss(p, x)), (p,), (v,))[1],
         ),
         "vmap(grad)": (
-            lambda: functx.vmap(functx.grad(_loss), in_dims=(None, 0))(p, xs),
-            lambda: tf.vmap(tf.grad(_loss), in_dims=(None, 0))(p, xs),
+            lambda: functx.vmap(functx.grad(small_loss), in_dims=(None, 0))(p, xs),
+            lambda: tf.vmap(tf.grad(small_loss), in_dims=(None, 0))(p, xs),
         ),
         "vmap(hessian)": (
-            lambda: functx.vmap(functx.hessian(_loss), in_dims=(None, 0))(p, xs),
-            lambda: tf.vmap(tf.hessian(_loss), in_dims=(None, 0))(p, xs),
+            lambda: functx.vmap(functx.hessian(small_loss), in_dims=(None, 0))(p, xs),
+            lambda: tf.vmap(tf.hessian(small_loss), in_dims=(None, 0))(p, xs),
         ),
         "vmap(jvp)": (
-            lambda: functx.vmap(lambda x: functx.jvp(lambda x: _net(p, x), (x,), (x,))[1])(xs),
-            lambda: tf.vmap(lambda x: tf.jvp(lambda x: _net(p, x), (x,), (x,))[1])(xs),
+            lambda: functx.vmap(lambda x: functx.jvp(lambda x: small_net(p, x), (x,), (x,))[1])(xs),
+            lambda: tf.vmap(lambda x: tf.jvp(lambda x: small_net(p, x), (x,), (x,))[1])(xs),
         ),
     }
 
 
-NAMES = sorted(_pairs(*_problem()))
+NAMES = sorted(_pairs(*small_problem()))
 CONTEXTS = {
     "inference_mode": torch.inference_mode,
     "no_grad": torch.no_grad,
@@ -93,21 +83,21 @@ def _both(*contexts):
 
 def _reference(name):
     """torch.func's result for plain tensors, outside any mode."""
-    return _pairs(*_problem())[name][1]()
+    return _pairs(*small_problem())[name][1]()
 
 
 @pytest.mark.parametrize("context", sorted(CONTEXTS))
 @pytest.mark.parametrize("name", NAMES)
 def test_transforms_match_torch_func_under_modes(name, context):
     with CONTEXTS[context]():
-        ours = _pairs(*_problem())[name][0]()
+        ours = _pairs(*small_problem())[name][0]()
     assert_tree_allclose(ours, _reference(name))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_inference_tensors_used_outside_inference_mode(name):
     with torch.inference_mode():
-        p, x, v = _problem()
+        p, x, v = small_problem()
     assert x.is_inference()
     ours = _pairs(p, x, v)[name][0]()
     assert_tree_allclose(ours, _reference(name))
@@ -117,7 +107,7 @@ def test_inference_tensors_used_outside_inference_mode(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_inference_tensors_inside_inference_mode(name):
     with torch.inference_mode():
-        ours = _pairs(*_problem())[name][0]()
+        ours = _pairs(*small_problem())[name][0]()
     assert_tree_allclose(ours, _reference(name))
 
 
