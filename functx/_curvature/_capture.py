@@ -107,12 +107,16 @@ class Capture(TorchFunctionMode):
             return None
         call = dict(bound)
         call["weight"] = weight.detach()
+        if torch.is_grad_enabled() and not x.requires_grad:
+            # no graph below this layer: a private leaf weight gives the output a node to
+            # differentiate at (its own backward never runs), without copying the output
+            call["weight"].requires_grad_()
         if bias is not None:
             call["bias"] = bias.detach()
         x_in = call.pop("input")
         out = _FUNCS[kind](x_in, **call)
         returned = out
-        if not out.requires_grad:  # no graph below this layer: differentiate at a fresh leaf
+        if not out.requires_grad:  # grad disabled inside the model: differentiate at a fresh leaf
             out = out.detach().requires_grad_()
             returned = out.clone()
         elif self.clone_outputs:
@@ -186,26 +190,38 @@ def _op_name(func: Any) -> str:
     return name.replace("_TensorBase", "Tensor").replace("TensorBase", "Tensor")
 
 
-def conv_patches(x: torch.Tensor, options: dict[str, Any], reduce: bool) -> torch.Tensor:
-    """``(B, S, C_in/groups * kh * kw)`` patches of a conv2d input (channel groups averaged, as
-    curvlinops 3.0.1 does); with ``reduce`` ``(B, 1, ...)``, the mean over the ``S`` locations."""
+def conv_patches(x: torch.Tensor, options: dict[str, Any]) -> torch.Tensor:
+    """``(B, C_in/groups * kh * kw, S)`` patches of a conv2d input, one column per output
+    location (``F.unfold``'s layout; channel groups averaged, as curvlinops 3.0.1 does).
+
+    Built as one copy of a strided view of the padded input (several times faster than
+    ``F.unfold`` on CPU)."""
     groups = options["groups"]
-    kernel = options["kernel_size"]
-    stride, dilation = _pair(options["stride"]), _pair(options["dilation"])
-    padding = options["padding"]
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        else:  # "same": total d (k - 1) per axis, left = total // 2 (torch's rule), stride 1
-            totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
-            x = F.pad(x, (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2))
-            padding = (0, 0)
+    kh, kw = options["kernel_size"]
+    (sh, sw), (dh, dw) = _pair(options["stride"]), _pair(options["dilation"])
     if groups > 1:
         B, C, H, W = x.shape
         x = x.reshape(B, groups, C // groups, H, W).mean(1)
-    cols = F.unfold(x, kernel, dilation=dilation, padding=_pair(padding), stride=stride)  # (B, n, S)
-    patches = cols.transpose(1, 2)
-    return patches.mean(1, keepdim=True) if reduce else patches
+    top, bottom, left, right = _paddings(options["padding"], (kh, kw), (dh, dw))
+    if top or bottom or left or right:
+        x = F.pad(x, (left, right, top, bottom))
+    B, C, H, W = x.shape
+    OH, OW = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    b, c, h, w = x.stride()
+    view = x.as_strided((B, C, kh, kw, OH, OW), (b, c, dh * h, dw * w, sh * h, sw * w), x.storage_offset())
+    return view.reshape(B, C * kh * kw, OH * OW)
+
+
+def _paddings(padding: Any, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` of a conv2d ``padding`` (``"same"``: total ``d (k - 1)``
+    per axis, the smaller half first, torch's rule; it requires stride 1)."""
+    if padding == "valid":
+        return 0, 0, 0, 0
+    if padding == "same":
+        th, tw = (d * (k - 1) for d, k in zip(dilation, kernel))
+        return th // 2, th - th // 2, tw // 2, tw - tw // 2
+    ph, pw = _pair(padding)
+    return ph, ph, pw, pw
 
 
 def _pair(value: Any) -> tuple[int, int]:

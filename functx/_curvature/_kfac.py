@@ -141,6 +141,7 @@ class _KroneckerFromData(KroneckerOperatorBase, EmpiricalRisk):
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"`{self._api}`: the model's prediction must be a tensor, got {type(out).__name__}.")
             yield capture.uses, out, y, size, leaves
+            del capture, out, leaves  # nothing of this batch stays alive during the next forward
 
     def _unsupported_use(self, found: dict[str, str]) -> None:
         new = {n: op for n, op in found.items() if n not in self._diagonal}
@@ -201,12 +202,14 @@ class _KroneckerFromData(KroneckerOperatorBase, EmpiricalRisk):
             vectors, scale = self._output_vectors(out, y, size, gen)
             diag_leaves = [(n, t) for n, t in zip(self._names, leaves) if n in self._diagonal]
             grads = self._backward(uses, out, vectors, retain=bool(diag_leaves))
-            batch: dict[str, dict[str, Any]] = {}
-            for u, g in zip(uses, grads):
-                self._accumulate_use(stats, batch, u, g, scale, size)
-            self._finish_batch(stats, batch, size)
+            keys = [self._key(u) for u in uses]
+            if self._approx == "expand":
+                self._expand(stats, keys, uses, grads, scale, size)
+            else:
+                self._reduce_batch(stats, keys, uses, grads, scale, size)
             if diag_leaves:
                 self._accumulate_diagonal(stats, diag_leaves, out, vectors, scale)
+            del uses, out, vectors, grads, leaves, diag_leaves  # this batch's tensors go before the next forward
         return stats
 
     def _key(self, u: Use) -> str:
@@ -230,54 +233,48 @@ class _KroneckerFromData(KroneckerOperatorBase, EmpiricalRisk):
         info = self._structure[key]
         return self._joint and info["kind"] != "embedding" and info["weight"] is not None and info["bias"] is not None
 
-    def _rows(self, u: Use, g: torch.Tensor, size: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The layer input as ``(rows, n)`` (``None`` without a selected weight; an index vector
-        for an embedding) and the output gradients as ``(K, rows, m)``; rows are ``(sample,
-        position)`` pairs, sample-major."""
-        K = g.shape[0]
-        if u.kind == "conv2d":
-            gr = g.flatten(3).transpose(2, 3).reshape(K, -1, g.shape[2])  # (K, B*S, C_out)
-            x = None
-            if u.weight is not None:
-                x = conv_patches(u.input, u.options, reduce=False)
-                x = x.reshape(-1, x.shape[-1])
-            return x, gr
-        gr = g.reshape(K, -1, g.shape[-1])
-        if u.weight is None:
-            return None, gr
-        if u.kind == "embedding":
-            return u.input.reshape(-1), gr
-        return u.input.reshape(-1, u.input.shape[-1]), gr
-
-    def _accumulate_use(
-        self,
-        stats: dict[str, torch.Tensor],
-        batch: dict[str, dict[str, Any]],
-        u: Use,
-        g: torch.Tensor,
-        scale: float,
+    def _expand(
+        self, stats: dict[str, torch.Tensor], keys: list[str], uses: list[Use], grads: list[torch.Tensor], scale: float,
         size: int,
-    ) -> None:
-        key = self._key(u)
-        x, gr = self._rows(u, g, size)
-        K, rows, m = gr.shape
-        state = batch.setdefault(key, {"positions": 0.0, "scale": scale})
-        if self._approx == "expand":
-            flat = gr.reshape(-1, m)
-            _add(stats, f"G:{key}", (flat.T @ flat) * scale)
-            if x is not None:
-                state["positions"] += x.shape[0] / size
-                _add(state, "A", self._input_outer(key, u, x))
-            return
-        per = self._per_sample(key, u, rows, size)
-        _add(state, "g", gr.reshape(K, size, per, m).sum(2))
-        if x is not None:
-            if u.kind == "conv2d":
-                xs = conv_patches(u.input, u.options, reduce=True)[:, 0] * per
+    ) -> None:  # fmt: skip
+        """expand: ``G += s_b sum g g^T`` over rows and vectors; ``A += sum a a^T / (N S)`` with
+        ``S`` the rows per sample of all uses of the weight in this batch."""
+        rows: dict[str, int] = {}
+        for key, u in zip(keys, uses):
+            if u.weight is not None:
+                rows[key] = rows.get(key, 0) + _num_rows(u)
+        for key, u, g in zip(keys, uses, grads):
+            _add_gram(stats, f"G:{key}", _grad_vectors(u, g), scale)
+            if u.weight is None:
+                continue
+            alpha = size / (self._num_data * rows[key])
+            if u.kind == "embedding":
+                counts = torch.bincount(u.input.reshape(-1), minlength=u.options["num_embeddings"]).to(self.dtype)
+                if u.options["padding_idx"] is not None:
+                    counts[u.options["padding_idx"]] = 0.0  # no gradient reaches the padding row
+                _add(stats, f"A:{key}", counts.mul_(alpha))
             else:
-                xs = x.reshape(size, per, -1).sum(1)
-            _add(state, "x", xs)
-            state["positions"] += per
+                _add_gram(stats, f"A:{key}", _input_vectors(u), alpha, joint=self._joint_for(key))
+
+    def _reduce_batch(
+        self, stats: dict[str, torch.Tensor], keys: list[str], uses: list[Use], grads: list[torch.Tensor], scale: float,
+        size: int,
+    ) -> None:  # fmt: skip
+        """reduce: ``G += s_b sum_n gbar gbar^T`` (``gbar``: the sum over positions and uses of a
+        sample's output gradients); ``A += sum_n abar abar^T / N`` (``abar``: the mean input)."""
+        g_sums: dict[str, torch.Tensor] = {}
+        x_sums: dict[str, torch.Tensor] = {}
+        positions: dict[str, int] = {}
+        for key, u, g in zip(keys, uses, grads):
+            per = self._per_sample(key, u, _num_rows(u), size)
+            _add(g_sums, key, _sample_sums(_grad_vectors(u, g), per))
+            if u.weight is not None:
+                _add(x_sums, key, _sample_sums(_input_vectors(u), per))
+                positions[key] = positions.get(key, 0) + per
+        for key, gbar in g_sums.items():
+            _add_gram(stats, f"G:{key}", gbar, scale)
+        for key, xsum in x_sums.items():
+            _add_gram(stats, f"A:{key}", xsum.div_(positions[key]), 1 / self._num_data, joint=self._joint_for(key))
 
     def _per_sample(self, key: str, u: Use, rows: int, size: int) -> int:
         """The positions per sample of a use whose rows are sample-major (reduce and EKFAC)."""
@@ -288,30 +285,6 @@ class _KroneckerFromData(KroneckerOperatorBase, EmpiricalRisk):
                 f"first ({size} samples), got {rows} rows of inputs."
             )
         return rows // size
-
-    def _input_outer(self, key: str, u: Use, x: torch.Tensor) -> torch.Tensor:
-        if u.kind == "embedding":
-            counts = torch.bincount(x, minlength=u.options["num_embeddings"]).to(self.dtype)
-            if u.options["padding_idx"] is not None:
-                counts[u.options["padding_idx"]] = 0.0  # no gradient reaches the padding row
-            return counts
-        if self._joint_for(key):
-            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        return x.T @ x
-
-    def _finish_batch(self, stats: dict[str, torch.Tensor], batch: dict[str, dict[str, Any]], size: int) -> None:
-        N = self._num_data
-        for key, state in batch.items():
-            if "A" in state:
-                _add(stats, f"A:{key}", state["A"] / (N * state["positions"]))
-            if "g" in state:
-                gbar = state["g"].reshape(-1, state["g"].shape[-1])
-                _add(stats, f"G:{key}", (gbar.T @ gbar) * state["scale"])
-            if "x" in state:
-                xbar = state["x"] / state["positions"]
-                if self._joint_for(key):
-                    xbar = torch.cat([xbar, xbar.new_ones(xbar.shape[0], 1)], dim=1)
-                _add(stats, f"A:{key}", (xbar.T @ xbar) / N)
 
     def _accumulate_diagonal(
         self,
@@ -525,23 +498,19 @@ class EKFACOperator(_KroneckerFromData):
                 )
             vectors, scale = self._output_vectors(out, y, size, gen)
             grads = self._backward(uses, out, vectors)
-            grouped: dict[str, list[tuple[torch.Tensor, torch.Tensor | None, Use]]] = {}
+            grouped: dict[str, list[tuple[Use, torch.Tensor]]] = {}
             for u, g in zip(uses, grads):
-                key = self._key(u)
-                x, gr = self._rows(u, g, size)
-                per = self._per_sample(key, u, gr.shape[1], size)
-                K, m = gr.shape[0], gr.shape[2]
-                gt = (gr @ bases[key][0]).reshape(K, size, per, m)
-                grouped.setdefault(key, []).append((gt, x, u))
+                grouped.setdefault(self._key(u), []).append((u, g))
             for key, items in grouped.items():
                 self._moments(eig, key, items, bases[key], size, scale)
+            del uses, out, vectors, grads, grouped  # this batch's tensors go before the next forward
         return eig
 
     def _moments(
         self,
         eig: dict[str, torch.Tensor],
         key: str,
-        items: list[tuple[torch.Tensor, torch.Tensor | None, Use]],
+        items: list[tuple[Use, torch.Tensor]],
         basis: tuple[torch.Tensor, torch.Tensor | None],
         size: int,
         scale: float,
@@ -549,46 +518,152 @@ class EKFACOperator(_KroneckerFromData):
         """Add ``scale * sum_{k,n} (Q_G^T grad_{k,n} Q_A)^2`` of this batch (per-example gradients
         summed over positions and uses)."""
         info = self._structure[key]
-        joint = self._joint_for(key)
-        gt = torch.cat([g for g, _, _ in items], dim=2)  # (K, B, S, m)
-        K, B, S, m = gt.shape
-        separate_bias = info["bias"] is not None and (info["weight"] is None or not joint)
-        if separate_bias:
-            _add(eig, f"B:{key}", gt.sum(2).square().sum((0, 1)) * scale)
+        QG, QA = basis
+        per = [self._per_sample(key, u, _num_rows(u), size) for u, _ in items]
+        gs = [_columns(_grad_vectors(u, g), g.shape[0], size, p) for (u, g), p in zip(items, per)]  # (K, B, m, S)
+        if info["bias"] is not None and (info["weight"] is None or not self._joint_for(key)):
+            gsum = sum(g.sum(3) for g in gs)
+            assert isinstance(gsum, torch.Tensor)
+            _add(eig, f"B:{key}", (gsum @ QG).square().sum((0, 1)).mul_(scale))
         if info["weight"] is None:
             return
-        QA = basis[1]
         if info["kind"] == "embedding":
-            V = items[0][2].options["num_embeddings"]
-            idx = torch.cat([x.reshape(B, -1) for _, x, _ in items], dim=1)  # type: ignore[union-attr]
-            padding = items[0][2].options["padding_idx"]
-            weights = torch.ones_like(idx, dtype=gt.dtype) if padding is None else (idx != padding).to(gt.dtype)
-            per_ex = gt.new_zeros(K, B, m, V)
-            src = (gt * weights[None, :, :, None]).transpose(2, 3)  # (K, B, m, S)
-            per_ex.scatter_add_(3, idx[None, :, None, :].expand(K, B, m, S), src)
-            _add(eig, f"W:{key}", per_ex.square().sum((0, 1)) * scale)
+            _add(eig, f"W:{key}", _embedding_moments(items, gs, QG, size).mul_(scale))
             return
-        xs = []
-        for _, x, u in items:
-            assert x is not None
-            if u.kind == "conv2d":
-                x = conv_patches(u.input, u.options, reduce=False).reshape(-1, x.shape[-1])
-            if joint:
-                x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-            xs.append(x.reshape(B, -1, x.shape[-1]))
-        xt = torch.cat(xs, dim=1)
-        if QA is not None:
-            xt = xt @ QA
-        n = xt.shape[-1]
-        if S == 1:  # (g x^T)^2 = g^2 (x^2)^T: no per-example matrices
-            total = gt[:, :, 0].square().sum(0).T @ xt[:, 0].square()
-        else:
-            total = gt.new_zeros(m, n)
-            step = max(1, _EKFAC_CHUNK // max(1, K * m * n))
-            for i in range(0, B, step):
-                per_ex = torch.einsum("kbsm,bsn->kbmn", gt[:, i : i + step], xt[i : i + step])
-                total += per_ex.square().sum((0, 1))
-        _add(eig, f"W:{key}", total * scale)
+        xs = [_columns(_input_vectors(u), 1, size, p)[0] for (u, _), p in zip(items, per)]  # (B, n, S)
+        _add(eig, f"W:{key}", _eigen_moments(gs, xs, QG, QA, self._joint_for(key)).mul_(scale))
+
+
+def _num_rows(u: Use) -> int:
+    """The rows (samples times positions) of one use: the vectors its factors sum over."""
+    if u.kind == "conv2d":
+        return u.output.shape[0] * u.output.shape[2] * u.output.shape[3]
+    if u.kind == "embedding":
+        return u.input.numel()
+    return u.input.numel() // max(1, u.input.shape[-1])
+
+
+def _grad_vectors(u: Use, g: torch.Tensor) -> torch.Tensor:
+    """The output gradients ``(K, *output)`` of a use as ``(K R, m)`` rows, or for a conv2d as
+    ``(K B, m, S)``: one column per output location of each sample (the layout of the output,
+    no copy)."""
+    if u.kind == "conv2d":
+        return g.reshape(g.shape[0] * g.shape[1], g.shape[2], -1)
+    return g.reshape(-1, g.shape[-1])
+
+
+def _input_vectors(u: Use) -> torch.Tensor:
+    """The inputs of a linear use as ``(R, n)`` rows; a conv2d's patches as ``(B, n, S)``."""
+    if u.kind == "conv2d":
+        return conv_patches(u.input, u.options)
+    return u.input.reshape(-1, u.input.shape[-1])
+
+
+def _sample_sums(t: torch.Tensor, per: int) -> torch.Tensor:
+    """Per-sample sums over positions: of ``(R, d)`` sample-major rows (``per`` rows each), or
+    of ``(B, d, S)`` columns; ``(samples, d)``."""
+    return t.sum(2) if t.ndim == 3 else t.reshape(-1, per, t.shape[1]).sum(1)
+
+
+def _add_gram(store: dict[str, torch.Tensor], key: str, t: torch.Tensor, alpha: float, joint: bool = False) -> None:
+    """``store[key] += alpha * sum v v^T`` over the vectors ``v`` of ``t``: the rows of a 2-D
+    ``(R, n)``, or the columns of every sample of a 3-D ``(B, n, S)``; ``joint`` appends a 1 to
+    each ``v`` (the bias column, last). In place, into a buffer allocated at the first call."""
+    n = t.shape[1]
+    buf = store.get(key)
+    if buf is None:
+        buf = store[key] = t.new_zeros(n + joint, n + joint)
+    inner = buf[:n, :n]
+    if t.ndim == 2:
+        inner.addmm_(t.mT, t, alpha=alpha)
+    else:  # per-sample products, in chunks whose (c, n, n) products are no larger than t
+        step = max(1, t.numel() // (n * n))
+        for i in range(0, t.shape[0], step):
+            inner.add_(torch.bmm(t[i : i + step], t[i : i + step].mT).sum(0), alpha=alpha)
+    if joint:
+        sums = t.sum(0) if t.ndim == 2 else t.sum((0, 2))
+        buf[:n, n].add_(sums, alpha=alpha)
+        buf[n, :n].add_(sums, alpha=alpha)
+        buf[n, n] += alpha * (t.shape[0] if t.ndim == 2 else t.shape[0] * t.shape[2])
+
+
+def _columns(t: torch.Tensor, K: int, size: int, per: int) -> torch.Tensor:
+    """``(K, B, d, S)``: the vectors of each sample as columns, from ``(K R, d)`` sample-major
+    rows (a transposed view) or ``(K B, d, S)`` columns (a view)."""
+    if t.ndim == 3:
+        return t.reshape(K, size, t.shape[1], t.shape[2])
+    return t.reshape(K, size, per, t.shape[1]).mT
+
+
+def _eigen_moments(
+    gs: list[torch.Tensor], xs: list[torch.Tensor], QG: torch.Tensor, QA: torch.Tensor | None, joint: bool
+) -> torch.Tensor:
+    """``sum_{k,b} (Q_G^T W_{k,b} Q_A)^2`` for the per-example gradients ``W_{k,b} = sum_u
+    g_u x_u^T`` (``x`` with a trailing 1 with ``joint``), from the uses' output gradients
+    ``(K, B, m, S_u)`` and inputs ``(B, n, S_u)``, by the cheaper of two exact routes: the
+    per-example gradients, rotated (cost ``m n (S + m + n)`` per example and vector), or, for
+    few positions, the Gram matrices of the rotated vectors over positions (curvlinops'
+    "gramian"; for one position, ``(Q_G^T g)^2 ⊗ (Q_A^T x)^2``, no ``m x n`` matrix per example)."""
+    assert QA is not None
+    K, B, m = gs[0].shape[:3]
+    n = QA.shape[0]
+    S = sum(g.shape[3] for g in gs)
+    per_example = K * m * n * (S + m + n)
+    gramian = S * (K * m * m + n * n) + S * S * (K * m + n + m * n)
+    if gramian < per_example:
+        return _gramian_moments(gs, xs, QG, QA, joint)
+    total = gs[0].new_zeros(m, n)
+    step = max(1, _EKFAC_CHUNK // (K * m * n))
+    for i in range(0, B, step):
+        W = _per_example(gs[0][:, i : i + step], xs[0][i : i + step], joint)
+        for g, x in zip(gs[1:], xs[1:]):
+            W += _per_example(g[:, i : i + step], x[i : i + step], joint)
+        total += (QG.mT @ W @ QA).square().sum((0, 1))
+    return total
+
+
+def _per_example(g: torch.Tensor, x: torch.Tensor, joint: bool) -> torch.Tensor:
+    """``(K, c, m, n)``: ``sum_s g x^T`` per example and vector (a ones column last with ``joint``)."""
+    K, c, m, S = g.shape
+    rows = g.transpose(0, 1).reshape(c, K * m, S)  # a view for K = 1
+    W = torch.bmm(rows, x.mT).reshape(c, K, m, -1).transpose(0, 1)
+    return torch.cat([W, g.sum(3, keepdim=True)], dim=3) if joint else W
+
+
+def _gramian_moments(
+    gs: list[torch.Tensor], xs: list[torch.Tensor], QG: torch.Tensor, QA: torch.Tensor, joint: bool
+) -> torch.Tensor:
+    """``sum_{b,s,t} (sum_k gt_bs gt_bt) ⊗ (xt_bs xt_bt)`` for the rotated vectors ``gt``, ``xt``."""
+    gt = (torch.cat([g.mT for g in gs], dim=2) if len(gs) > 1 else gs[0].mT) @ QG  # (K, B, S, m)
+    xt = torch.cat([x.mT for x in xs], dim=1) if len(xs) > 1 else xs[0].mT  # (B, S, n)
+    xt = xt @ QA[:-1] + QA[-1] if joint else xt @ QA  # [x, 1] @ QA without the ones column
+    K, B, S, m = gt.shape
+    n = xt.shape[2]
+    total = gt.new_zeros(m, n)
+    step = max(1, _EKFAC_CHUNK // (S * S * (K * m + n)))
+    for i in range(0, B, step):
+        g, x = gt[:, i : i + step], xt[i : i + step]
+        Yg = (g.unsqueeze(3) * g.unsqueeze(2)).sum(0)  # (c, S, S, m)
+        Xg = x.unsqueeze(2) * x.unsqueeze(1)  # (c, S, S, n)
+        total.addmm_(Yg.reshape(-1, m).mT, Xg.reshape(-1, n))
+    return total
+
+
+def _embedding_moments(
+    items: list[tuple[Use, torch.Tensor]], gs: list[torch.Tensor], QG: torch.Tensor, size: int
+) -> torch.Tensor:
+    """``sum_{k,b} (Q_G^T W_{k,b})^2`` for an embedding: ``W`` scatters the gradients into the rows
+    of the looked-up tokens (``A`` is diagonal, its basis the identity)."""
+    u0 = items[0][0]
+    V, padding = u0.options["num_embeddings"], u0.options["padding_idx"]
+    gt = torch.cat([g.mT for g in gs], dim=2) @ QG  # (K, B, S, m)
+    K, B, S, m = gt.shape
+    idx = torch.cat([u.input.reshape(size, -1) for u, _ in items], dim=1)  # (B, S)
+    weights = torch.ones_like(idx, dtype=gt.dtype) if padding is None else (idx != padding).to(gt.dtype)
+    per_ex = gt.new_zeros(K, B, m, V)
+    src = (gt * weights[None, :, :, None]).transpose(2, 3)  # (K, B, m, S)
+    per_ex.scatter_add_(3, idx[None, :, None, :].expand(K, B, m, S), src)
+    return per_ex.square().sum((0, 1))
 
 
 def _per_row(vectors: torch.Tensor, row_dims: tuple[int, ...]) -> torch.Tensor:
