@@ -178,3 +178,15 @@ def check_instance(value: Any, types: type | tuple[type, ...], name: str, api: s
     if not isinstance(value, types):
         raise fail(api, f"`{name}` must be {kind}, got {describe(value)}.", TypeError)
     return value
+
+
+def check_optional_float_dtype(value: Any, name: str, api: str) -> torch.dtype | None:
+    """``None`` or a floating-point ``torch.dtype`` (``TypeError`` for another kind,
+    ``ValueError`` for a dtype that is not floating point)."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.dtype):
+        raise fail(api, f"`{name}` must be None or a floating-point torch.dtype, got {describe(value)}.", TypeError)
+    if not value.is_floating_point:
+        raise fail(api, f"`{name}` must be None or a floating-point torch.dtype, got {value}.")
+    return value
