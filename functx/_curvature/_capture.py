@@ -38,15 +38,17 @@ _SIGNATURES: dict[Any, tuple[str, tuple[str, ...], tuple[Any, ...]]] = {
 @dataclass
 class Use:
     """One call of a recognised layer: ``kind``, the names of its weight/bias among ``params``
-    (``None`` when not selected), its (detached) input, its output (differentiated against),
-    and the options (conv2d: stride, padding, dilation, groups, kernel size; embedding:
-    padding_idx and the number of embeddings)."""
+    (``None`` when not selected), its (detached) input, its output (differentiated against;
+    ``None`` once released after the backward) and that output's ``shape``, and the options
+    (conv2d: stride, padding, dilation, groups, kernel size; embedding: padding_idx and the
+    number of embeddings)."""
 
     kind: str
     weight: str | None
     bias: str | None
     input: torch.Tensor
-    output: torch.Tensor
+    output: torch.Tensor | None
+    shape: tuple[int, ...]
     version: int
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -130,7 +132,7 @@ class Capture(TorchFunctionMode):
         for n, role in ((w, "weight"), (b, "bias")):
             if n is not None:
                 self.roles.setdefault(n, (kind, role))
-        self.uses.append(Use(kind, w, b, x.detach(), out, out._version, options))
+        self.uses.append(Use(kind, w, b, x.detach(), out, tuple(out.shape), out._version, options))
         return returned
 
     def _unsupported_reason(self, kind: str, bound: dict[str, Any], x: Any, w: str | None, b: str | None) -> str | None:
@@ -159,7 +161,7 @@ class Capture(TorchFunctionMode):
 
     def modified(self) -> bool:
         """Whether a recorded layer output was modified in place after the layer."""
-        return any(u.output._version != u.version for u in self.uses)
+        return any(u.output is not None and u.output._version != u.version for u in self.uses)
 
 
 _FUNCS: dict[str, Any] = {"linear": F.linear, "conv2d": F.conv2d, "embedding": F.embedding}

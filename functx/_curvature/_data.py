@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -132,4 +133,4 @@ def _all_finite(t: torch.Tensor) -> bool:
     """Whether every entry is finite: a nan or inf makes the sum non-finite, so a finite sum
     settles it (50 times faster than ``isfinite(t).all()`` on CPU); an overflowing sum of finite
     entries falls back to the elementwise check."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())

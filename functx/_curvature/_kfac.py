@@ -37,7 +37,7 @@ from ._operators import EmpiricalRisk
 _FISHERS = ("type-2", "mc", "empirical")
 _APPROX = ("expand", "reduce")
 _UNSUPPORTED = ("error", "diagonal")
-_EKFAC_CHUNK = 2**20  # entries of per-example gradients held at once by EKFAC's second pass (4 MiB in float32)
+_EKFAC_CHUNK = 2**18  # entries of per-example gradients held at once by EKFAC's second pass (1 MiB in float32)
 
 
 class _Restart(Exception):
@@ -103,8 +103,8 @@ class _KroneckerFromData(KroneckerOperatorBase, EmpiricalRisk):
         """Local passes under :func:`on_every_rank` (a failure on one rank raises on all), the
         collectives outside them, in the same order on every rank."""
         stats = on_every_rank(self._local_factors, self._group, self._api, "computing the Kronecker factors")
-        stats = self._reduce(stats)
-        blocks = self._assemble(stats)
+        blocks = self._assemble(self._reduce(stats))
+        del stats
         if self._eigen_corrected:
             return self._correct(blocks)
         return blocks, None
@@ -185,25 +185,30 @@ class _KroneckerFromData(KroneckerOperatorBase, EmpiricalRisk):
     def _backward(
         self, uses: list[Use], out: torch.Tensor, vectors: torch.Tensor, retain: bool = False
     ) -> list[torch.Tensor]:
-        """The gradients ``(K, *layer output)`` of the vectors at every recorded layer output."""
+        """The gradients ``(K, *layer output)`` of the vectors at every recorded layer output
+        (the outputs are released: their gradients are all the passes need of them)."""
         if not uses:
             return []
         K = vectors.shape[0]
+        outputs = [u.output for u in uses]
+        for u in uses:
+            u.output = None
         if not out.requires_grad:
             grads: tuple[torch.Tensor | None, ...] = (None,) * len(uses)
         else:
             grads = torch.autograd.grad(
                 out,
-                [u.output for u in uses],
+                outputs,
                 vectors if K > 1 else vectors[0],
                 retain_graph=retain,
                 allow_unused=True,
                 is_grads_batched=K > 1,
             )
         result = []
-        for g, u in zip(grads, uses):
+        for g, o in zip(grads, outputs):
             if g is None:
-                g = torch.zeros((K,) + tuple(u.output.shape), dtype=u.output.dtype, device=u.output.device)
+                assert o is not None
+                g = torch.zeros((K,) + tuple(o.shape), dtype=o.dtype, device=o.device)
             result.append(g if K > 1 else g.unsqueeze(0))
         return result
 
@@ -251,13 +256,16 @@ class _KroneckerFromData(KroneckerOperatorBase, EmpiricalRisk):
         size: int,
     ) -> None:  # fmt: skip
         """expand: ``G += s_b sum g g^T`` over rows and vectors; ``A += sum a a^T / (N S)`` with
-        ``S`` the rows per sample of all uses of the weight in this batch."""
+        ``S`` the rows per sample of all uses of the weight in this batch (``grads`` is emptied
+        before the inputs' patches are made)."""
+        for key, u, g in zip(keys, uses, grads):
+            _add_gram(stats, f"G:{key}", _grad_vectors(u, g), scale)
+        grads.clear()
         rows: dict[str, int] = {}
         for key, u in zip(keys, uses):
             if u.weight is not None:
                 rows[key] = rows.get(key, 0) + _num_rows(u)
-        for key, u, g in zip(keys, uses, grads):
-            _add_gram(stats, f"G:{key}", _grad_vectors(u, g), scale)
+        for key, u in zip(keys, uses):
             if u.weight is None:
                 continue
             alpha = size / (self._num_data * rows[key])
@@ -274,13 +282,16 @@ class _KroneckerFromData(KroneckerOperatorBase, EmpiricalRisk):
         size: int,
     ) -> None:  # fmt: skip
         """reduce: ``G += s_b sum_n gbar gbar^T`` (``gbar``: the sum over positions and uses of a
-        sample's output gradients); ``A += sum_n abar abar^T / N`` (``abar``: the mean input)."""
+        sample's output gradients); ``A += sum_n abar abar^T / N`` (``abar``: the mean input)
+        (``grads`` is emptied before the inputs' patches are made)."""
         g_sums: dict[str, torch.Tensor] = {}
         x_sums: dict[str, torch.Tensor] = {}
         positions: dict[str, int] = {}
-        for key, u, g in zip(keys, uses, grads):
-            per = self._per_sample(key, u, _num_rows(u), size)
+        pers = [self._per_sample(key, u, _num_rows(u), size) for key, u in zip(keys, uses)]
+        for key, u, g, per in zip(keys, uses, grads, pers):
             _add(g_sums, key, _sample_sums(_grad_vectors(u, g), per))
+        grads.clear()
+        for key, u, per in zip(keys, uses, pers):
             if u.weight is not None:
                 _add(x_sums, key, _sample_sums(_input_vectors(u), per))
                 positions[key] = positions.get(key, 0) + per
@@ -346,13 +357,13 @@ class _KroneckerFromData(KroneckerOperatorBase, EmpiricalRisk):
     def _assemble(self, stats: dict[str, torch.Tensor]) -> dict[str, KronBlock]:
         blocks: dict[str, KronBlock] = {}
         for key, info in self._structure.items():
-            G = _symmetric(stats[f"G:{key}"])
+            G = _symmetric_(stats[f"G:{key}"])
             w, b = info["weight"], info["bias"]
             if w is None:
                 blocks[b] = KronBlock((b,), G, None)
                 continue
             A = stats[f"A:{key}"]
-            A = A if A.ndim == 1 else _symmetric(A)
+            A = A if A.ndim == 1 else _symmetric_(A)
             if self._joint_for(key):
                 if self._names.index(b) != self._names.index(w) + 1:
                     raise ValueError(
@@ -478,8 +489,8 @@ class EKFACOperator(_KroneckerFromData):
         spectral = _spectral_dtype(self.dtype)
         for key, info in self._structure.items():
             block = blocks[key if info["weight"] is not None else info["bias"]]
-            g_vals, g_vecs = factor_eigh(block.G, dtype)
-            a_vals, a_vecs = factor_eigh(block.A, dtype) if block.A is not None else (None, None)
+            g_vals, g_vecs = factor_eigh(block.G, dtype, symmetric=True)  # made so by _assemble
+            a_vals, a_vecs = factor_eigh(block.A, dtype, symmetric=True) if block.A is not None else (None, None)
             assert g_vecs is not None
             g_vals, a_vals = g_vals.to(spectral), None if a_vals is None else a_vals.to(spectral)
             bases[key] = (g_vecs.to(self.dtype), None if a_vecs is None else a_vecs.to(self.dtype))
@@ -560,7 +571,7 @@ class EKFACOperator(_KroneckerFromData):
 def _num_rows(u: Use) -> int:
     """The rows (samples times positions) of one use: the vectors its factors sum over."""
     if u.kind == "conv2d":
-        return u.output.shape[0] * u.output.shape[2] * u.output.shape[3]
+        return u.shape[0] * u.shape[2] * u.shape[3]
     if u.kind == "embedding":
         return u.input.numel()
     return u.input.numel() // max(1, u.input.shape[-1])
@@ -599,8 +610,8 @@ def _add_gram(store: dict[str, torch.Tensor], key: str, t: torch.Tensor, alpha: 
     inner = buf[:n, :n]
     if t.ndim == 2:
         inner.addmm_(t.mT, t, alpha=alpha)
-    else:  # per-sample products, in chunks whose (c, n, n) products are no larger than t
-        step = max(1, t.numel() // (n * n))
+    else:  # per-sample products, in chunks whose (c, n, n) products are a quarter of t at most
+        step = max(1, t.numel() // (4 * n * n))
         for i in range(0, t.shape[0], step):
             inner.add_(torch.bmm(t[i : i + step], t[i : i + step].mT).sum(0), alpha=alpha)
     if joint:
@@ -648,7 +659,8 @@ def _per_example_moments(
         W = _per_example(gs[0][:, i : i + step], xs[0][i : i + step], joint)
         for g, x in zip(gs[1:], xs[1:]):
             W += _per_example(g[:, i : i + step], x[i : i + step], joint)
-        total += (QG.mT @ W @ QA).square().sum((0, 1))
+        W = QG.mT @ W
+        total += (W @ QA).square_().sum((0, 1))
     return total
 
 
@@ -718,5 +730,14 @@ def _add(store: dict[str, Any], key: str, value: torch.Tensor) -> None:
         store[key] = value
 
 
-def _symmetric(M: torch.Tensor) -> torch.Tensor:
-    return (M + M.mT).mul_(0.5)
+def _symmetric_(M: torch.Tensor) -> torch.Tensor:
+    """``M <- (M + M^T) / 2``, exactly symmetric, in place: a band of rows (and the matching
+    columns) at a time, so that no second ``n x n`` matrix is made."""
+    n = M.shape[0]
+    step = max(1, 2**16 // max(1, n))
+    for i in range(0, n, step):
+        rows, cols = M[i : i + step, i:], M[i:, i : i + step]
+        mean = (rows + cols.mT).mul_(0.5)
+        rows.copy_(mean)
+        cols.copy_(mean.mT)
+    return M

@@ -77,8 +77,11 @@ class KronBlock(NamedTuple):
     transposed: bool = False
 
 
-def factor_eigh(M: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(eigenvalues ascending, eigenvectors)`` of a symmetric factor (symmetrised first).
+def factor_eigh(
+    M: torch.Tensor, dtype: torch.dtype | None = None, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(eigenvalues ascending, eigenvectors)`` of a symmetric factor (symmetrised first unless
+    ``symmetric`` says it is exactly).
 
     Computed in ``dtype`` (default: float64 when ``M`` is float32 or narrower, else ``M``'s
     dtype) and returned in it; a 1-D (diagonal) ``M`` gives ``(M, None)``, the identity basis.
@@ -87,7 +90,7 @@ def factor_eigh(M: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torc
     M = M.detach().to(dtype)
     if M.ndim == 1:
         return M, None
-    values, vectors = torch.linalg.eigh((M + M.mT) / 2)
+    values, vectors = torch.linalg.eigh(M if symmetric else (M + M.mT) / 2)
     return values, vectors
 
 
