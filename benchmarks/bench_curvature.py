@@ -250,9 +250,17 @@ def _kfac_builders(net: str) -> dict[str, object]:
     return builders
 
 
-def _peak_memory(net: str, which: str) -> float | None:
+def _peak_memory(net: str, which: str, runs: int = 3) -> float | None:
     """Peak resident memory added by one construction (incl. its first product), in MiB, in a fresh
-    process (resident set size polled every millisecond; Linux only)."""
+    process (resident set size polled every millisecond; Linux only): the median of ``runs``
+    processes (one varies by about 1 MiB, the allocator's and the first-touched library pages')."""
+    import statistics
+
+    peaks = [_peak_memory_once(net, which) for _ in range(runs)]
+    return None if peaks[0] is None else statistics.median(p for p in peaks if p is not None)
+
+
+def _peak_memory_once(net: str, which: str) -> float | None:
     import subprocess
 
     code = (

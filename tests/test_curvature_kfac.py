@@ -446,6 +446,10 @@ def test_bad_input():
             fc.KFACOperator(model, loss, params, data, **kw)
     with pytest.raises(ValueError, match=r"^`functx.curvature.EKFACOperator`: `fisher` must be one of"):
         fc.EKFACOperator(model, loss, params, data, fisher="exact")
+    with pytest.raises(TypeError, match=api + r"`eigh_dtype` must be None or a floating-point torch.dtype"):
+        fc.KFACOperator(model, loss, params, data, eigh_dtype="float64")
+    with pytest.raises(ValueError, match=r"`eigh_dtype` must be None or a floating-point torch.dtype, got torch.int64"):
+        fc.EKFACOperator(model, loss, params, data, eigh_dtype=torch.int64)
     K = fc.KFACOperator(model, loss, params, data, fisher="type-2")
     with pytest.raises(ValueError, match=r"`v` must have shape \(8,\)"):
         K @ torch.randn(7, dtype=DT)
@@ -456,3 +460,119 @@ def test_bad_input():
     reordered = {"0.bias": model[0].bias, "0.weight": model[0].weight}
     with pytest.raises(ValueError, match=r"bias must come right after the weight"):
         fc.KFACOperator(model, loss, reordered, data, fisher="type-2", joint_bias=True)
+
+
+# ---------------------------------------------------------------------------------- construction internals
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(kernel_size=(3, 2), stride=1, padding=0, dilation=1, groups=1),
+        dict(kernel_size=(3, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=1),
+        dict(kernel_size=(2, 3), stride=1, padding="same", dilation=2, groups=1),
+        dict(kernel_size=(3, 3), stride=2, padding="valid", dilation=1, groups=1),
+        dict(kernel_size=(1, 1), stride=1, padding=0, dilation=1, groups=1),
+        dict(kernel_size=(3, 3), stride=1, padding=1, dilation=1, groups=2),
+    ],
+)
+def test_conv_patches_are_unfold(options):
+    # the strided copy equals F.unfold of the channel-group-averaged (and, for "same", padded) input,
+    # also for a channels-last input
+    from functx._curvature._capture import _paddings, conv_patches
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 7, 8, dtype=DT)
+    groups, kernel = options["groups"], options["kernel_size"]
+    dilation = options["dilation"] if isinstance(options["dilation"], tuple) else (options["dilation"],) * 2
+    top, bottom, left, right = _paddings(options["padding"], kernel, dilation)
+    averaged = x.reshape(3, groups, 4 // groups, 7, 8).mean(1)
+    padded = torch.nn.functional.pad(averaged, (left, right, top, bottom))
+    expected = torch.nn.functional.unfold(padded, kernel, dilation=options["dilation"], stride=options["stride"])
+    for inp in (x, x.to(memory_format=torch.channels_last)):
+        assert torch.equal(conv_patches(inp, options), expected)
+    weight = torch.randn(6, 4 // groups, *kernel, dtype=DT)
+    out = torch.nn.functional.conv2d(x, weight, None, options["stride"], options["padding"], dilation, groups)
+    assert expected.shape[2] == out.shape[2] * out.shape[3]
+
+
+@pytest.mark.parametrize("K, joint", [(1, False), (1, True), (3, True)])
+def test_ekfac_moment_routes_agree(K, joint):
+    # both exact routes (per-example gradients, and the gramian over positions) against the explicit
+    # per-example gradients of two uses (tying) with different numbers of positions
+    from functx._curvature._kfac import _gramian_moments, _per_example_moments
+
+    torch.manual_seed(0)
+    B, m, n = 5, 3, 4
+    gs = [torch.randn(K, B, m, S, dtype=DT) for S in (1, 3)]
+    xs = [torch.randn(B, S, n, dtype=DT).mT for S in (1, 3)]  # transposed views, as for a Linear
+    QG = torch.linalg.qr(torch.randn(m, m, dtype=DT))[0]
+    QA = torch.linalg.qr(torch.randn(n + joint, n + joint, dtype=DT))[0]
+    ones = [torch.ones(B, 1, x.shape[2], dtype=DT) for x in xs]
+    W = sum(g @ (torch.cat([x, o], 1) if joint else x).mT for g, x, o in zip(gs, xs, ones))
+    expected = (QG.mT @ W @ QA).square().sum((0, 1))
+    close(_per_example_moments(gs, xs, QG, QA, joint), expected)
+    close(_gramian_moments(gs, xs, QG, QA, joint), expected)
+
+
+def test_symmetrised_in_place():
+    from functx._curvature._kfac import _symmetric_
+
+    torch.manual_seed(0)
+    M = torch.randn(300, 300, dtype=DT)  # several bands of rows
+    expected = (M + M.T) / 2
+    out = _symmetric_(M)
+    assert out is M and torch.equal(M, M.T)
+    close(M, expected, rtol=0, atol=0)
+
+
+def test_ekfac_basis_dtype():
+    # float32 factors: the default basis is float32 (as curvlinops), eigh_dtype=float64 gives the
+    # float64 one; both measure their eigenvalues exactly, so the operators agree to float32 rounding
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    X, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    params, loss = dict(model.named_parameters()), nn.CrossEntropyLoss()
+    E32 = fc.EKFACOperator(model, loss, params, [(X, y)], fisher="type-2", joint_bias=True)
+    E64 = fc.EKFACOperator(model, loss, params, [(X, y)], fisher="type-2", joint_bias=True, eigh_dtype=torch.float64)
+    assert E32._eigen("0.weight").a_vecs.dtype == torch.float32
+    assert E64._eigen("0.weight").a_vecs.dtype == torch.float64
+    torch.testing.assert_close(E32.to_dense(), E64.to_dense(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(E32.trace(), E64.trace(), rtol=1e-5, atol=0)
+    v = torch.randn(E32.shape[0])
+    torch.testing.assert_close(E32.inverse(0.1) @ v, E64.inverse(0.1) @ v, rtol=1e-4, atol=1e-5)
+    K = fc.KFACOperator(model, loss, params, [(X, y)], fisher="type-2", eigh_dtype=torch.float32)
+    assert K._eigen("0.weight").a_vecs.dtype == torch.float32
+    K64 = fc.KFACOperator(model, loss, params, [(X, y)], fisher="type-2")
+    assert K64._eigen("0.weight").a_vecs.dtype == torch.float64
+    torch.testing.assert_close(K.inverse(0.1) @ v, K64.inverse(0.1) @ v, rtol=1e-4, atol=1e-5)
+
+
+def test_first_batch_checked_on_the_factor_pass():
+    # the first-batch checks (loss kind, finite data) run on the factor pass's first forward: a
+    # wrong loss is named after one forward, and a nan in the first batch is named without num_data
+    torch.manual_seed(0)
+    model = deep_linear(3, 2)
+    X, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT)
+    params, calls = dict(model.named_parameters()), []
+
+    def counting(p, X):
+        calls.append(1)
+        return torch.func.functional_call(model, p, (X,))
+
+    with pytest.raises(ValueError, match=r"`loss` must return a 0-d tensor \(a scalar\), got .* for batch 0"):
+        fc.KFACOperator(
+            counting, lambda o, t: ((o - t) ** 2).mean(1), params, split(X, y, [3]), reduction="mean",
+            fisher="empirical", check_deterministic=False,
+        )  # fmt: skip
+    assert len(calls) == 1
+    bad = X.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"batch 0 of `data` must hold finite values, got a nan or inf in X"):
+        fc.KFACOperator(model, nn.MSELoss(), params, [(bad, y)], fisher="type-2", num_data=6)
+    from functx._curvature._data import _all_finite
+
+    huge = torch.full((4, 3), 3e38)  # float32: the sum overflows, the entries are finite
+    assert _all_finite(huge) and _all_finite(torch.zeros(0))
+    for value in (float("nan"), float("inf"), -float("inf")):
+        assert not _all_finite(torch.cat([huge.reshape(-1), torch.tensor([value])]))

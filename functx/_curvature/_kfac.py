@@ -190,8 +190,10 @@ class _KroneckerFromData(KroneckerOperatorBase, EmpiricalRisk):
         if not uses:
             return []
         K = vectors.shape[0]
-        outputs = [u.output for u in uses]
+        outputs: list[torch.Tensor] = []
         for u in uses:
+            assert u.output is not None
+            outputs.append(u.output)
             u.output = None
         if not out.requires_grad:
             grads: tuple[torch.Tensor | None, ...] = (None,) * len(uses)
@@ -207,7 +209,6 @@ class _KroneckerFromData(KroneckerOperatorBase, EmpiricalRisk):
         result = []
         for g, o in zip(grads, outputs):
             if g is None:
-                assert o is not None
                 g = torch.zeros((K,) + tuple(o.shape), dtype=o.dtype, device=o.device)
             result.append(g if K > 1 else g.unsqueeze(0))
         return result

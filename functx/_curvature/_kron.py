@@ -151,6 +151,21 @@ def _right(Y: torch.Tensor, M: torch.Tensor | None, transpose: bool = False) -> 
     return Y @ (M.mT if transpose else M)
 
 
+def _kron_product(X: torch.Tensor, slot: _Slot, G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``G V A`` on the rows of ``X``; for ``V = [W | b]`` (a joint bias) as
+    ``[G W A_ww + G b a_bw | G W a_wb + G b a_bb]``, without copying ``X`` into ``V`` and the
+    result out of it."""
+    if slot.transposed or A.ndim != 2 or len(slot.widths) != 2 or slot.widths[1] != 1:
+        return _from_matrix(_right(G @ _to_matrix(X, slot), A), slot)
+    K, m, n = X.shape[0], slot.m, slot.n
+    W, b = X.split([m * (n - 1), m], dim=1)
+    GW = G @ W.reshape(K, m, n - 1)
+    Gb = (b @ G.mT).unsqueeze(2)  # (K, m, 1)
+    out_w = (GW @ A[:-1, :-1]).addcmul_(Gb, A[-1, :-1])
+    out_b = (GW @ A[:-1, -1:]).addcmul_(Gb, A[-1, -1:])
+    return torch.cat([out_w.reshape(K, -1), out_b.reshape(K, -1)], dim=1)
+
+
 def _spectral_block(X: torch.Tensor, slot: _Slot, Qg: torch.Tensor | None, Qa: torch.Tensor | None, D: torch.Tensor):
     """``Q diag(D) Q^T`` applied to the rows of ``X`` (``Q = Q_G ⊗ Q_A``, identity where None)."""
     if slot.kind == "diagonal":
@@ -309,8 +324,8 @@ class KroneckerOperatorBase(_BlockDiagonal):
             return X * block.G
         if slot.kind == "g_only":
             return X @ block.G
-        Y = block.G @ _to_matrix(X, slot)
-        return _from_matrix(_right(Y, block.A), slot)
+        assert block.A is not None
+        return _kron_product(X, slot, block.G, block.A)
 
     # -- eigendecompositions (lazy, once, thread-safe) -----------------------------------------
 
