@@ -128,14 +128,22 @@ def plain_eager(*tensors: torch.Tensor | None) -> bool:
         return False
     if transforms_active():
         return False
-    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+    for t in tensors:  # a loop, not all(genexpr): this runs on every eager call
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return False
+    return True
 
 
 def plain_autograd(*tensors: torch.Tensor) -> bool:
     """Whether plain ``torch.autograd.grad`` computes what ``torch.func`` would: plain eager
     mode, outside inference mode, and no tensor is part of an outer autograd graph (then
     ``torch.func``'s results would be differentiable with respect to it)."""
-    return plain_eager(*tensors) and not torch.is_inference_mode_enabled() and not any(t.requires_grad for t in tensors)
+    if not plain_eager(*tensors) or torch.is_inference_mode_enabled():
+        return False
+    for t in tensors:
+        if t.requires_grad:
+            return False
+    return True
 
 
 def reaches_other_leaves(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
@@ -199,6 +207,11 @@ def autograd_grad(
         allow_unused=True,
         is_grads_batched=is_grads_batched,
     )
+    for g in grads:
+        if g is None:
+            break
+    else:
+        return grads  # the common case: every input reached (`None in grads` would compare tensors)
     return tuple(_zeros(x, batch) if g is None else g for g, x in zip(grads, inputs))
 
 
@@ -585,7 +598,7 @@ def torch_result(outs: Sequence[torch.Tensor], aux: Any, has_aux: bool) -> Any:
 def resolved(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """``tensors`` with their lazy conjugate/negative bits materialized, so that every result
     of a transform can be used anywhere (``.numpy()`` refuses a tensor with the conj bit)."""
-    return tuple(t.resolve_conj().resolve_neg() if isinstance(t, torch.Tensor) else t for t in tensors)
+    return tuple([t.resolve_conj().resolve_neg() if isinstance(t, torch.Tensor) else t for t in tensors])
 
 
 def as_leaves(out: Any) -> tuple[torch.Tensor, ...]:
