@@ -40,9 +40,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.func import functional_call
 
-import functx
 import functx.curvature as fc
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
