@@ -173,8 +173,8 @@ for relative in (1e-3, 1e-2, 0.1, 0.2, DEFAULT, 0.5, 1.0):
         flush=True,
     )
 # At small damping EK-FAC barely agrees with exact influence: the exact inverse is then
-# dominated by the GGN's near-null directions, which a Kronecker factorisation (and even
-# a block-diagonal one) gets wrong. At 0.3 x lambda_max the damping suppresses them:
+# dominated by the GGN's near-null directions, which a Kronecker factorisation gets
+# wrong. At 0.3 x lambda_max the damping suppresses them:
 # EK-FAC agrees with exact influence while the identity (no curvature) still differs.
 ekfac, ident = sweep[DEFAULT][0], sweep[DEFAULT][3]
 assert ekfac >= 0.9 and ekfac - ident >= 0.1, sweep[DEFAULT]

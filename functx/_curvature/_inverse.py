@@ -1,4 +1,4 @@
-"""``(op + δI)^{-1}`` for any symmetric operator, by a Krylov solve per product."""
+"""``(op + δI)^{-1}`` for any symmetric operator, by a Krylov solve per product (CG batched over columns)."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ class InverseOperator(CurvatureOperatorBase):
             self._op._check_v(v)
         if not plain_eager(v) or torch.compiler.is_compiling():
             raise TypeError(
-                f"{api_name(_API)}: products run one Krylov solve per column with data-dependent stopping; they "
+                f"{api_name(_API)}: products run Krylov solves with data-dependent stopping; they "
                 f"cannot run inside a functx/torch.func transform or torch.compile (got a transformed `v`)."
             )
 
