@@ -144,24 +144,34 @@ def reaches_other_leaves(outputs: Sequence[torch.Tensor], inputs: Sequence[torch
 
     ``torch.func`` keeps its results differentiable with respect to such tensors; the plain
     autograd paths then keep their graph too (``create_graph=True``) instead of detaching.
+    On the hot path of every plain-autograd call: one pass over the graph's nodes.
     """
     ours = {id(x) for x in inputs}
-    stack = [out.grad_fn for out in outputs if out.grad_fn is not None]
-    if any(out.requires_grad and out.grad_fn is None and id(out) not in ours for out in outputs):
-        return True
+    stack = []
+    for out in outputs:
+        node = out.grad_fn
+        if node is not None:
+            stack.append(node)
+        elif out.requires_grad and id(out) not in ours:
+            return True
     seen = set()
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor requiring grad
-        if leaf is not None:
-            if id(leaf) not in ours:
+        if type(node) is _ACCUMULATE_GRAD:  # a leaf tensor requiring grad
+            if id(node.variable) not in ours:  # type: ignore[attr-defined]
                 return True
             continue
-        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+        for fn, _ in node.next_functions:
+            if fn is not None:
+                stack.append(fn)
     return False
+
+
+# The type of the graph node that ends in a leaf requiring grad (``AccumulateGrad``).
+_ACCUMULATE_GRAD = type(torch.empty(0, requires_grad=True).view(0).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
 
 
 def autograd_grad(
