@@ -15,18 +15,19 @@ loss over all 1000 digits; no minus sign, no 1/N, as kronfluence) come from
 * the identity (scores = gradient inner products: no curvature).
 
 The default damping is ``delta = 0.3 * lambda_max(E)``, E's largest eigenvalue (closed
-form from its blocks). The GGN is nearly singular, and at small damping the exact inverse
-is dominated by near-null directions that a Kronecker factorisation gets wrong; at 0.3 x
-lambda_max EK-FAC ranks the training set like exact influence, while exact influence
-still differs clearly from the identity.
+form from its blocks). The GGN is nearly singular, and at small damping the exact
+inverse is dominated by near-null directions that a Kronecker factorisation gets wrong;
+at 0.3 x lambda_max EK-FAC ranks the training set like exact influence, while exact
+influence still differs clearly from the identity.
 
 1. Self-influence ``score(t, t)`` ranks the training set; mislabelled examples rank
    high. We report the fraction of flipped labels found in the top 10% (a demo: it
    mostly tracks the gradient norm, so the identity does about as well).
 2. The proof: agreement of EK-FAC with exact influence for 20 test queries against the
-   1000 training digits, the median per-query Spearman correlation across a damping sweep
-   relative to lambda_max(E), beside the identity's agreement with exact influence. The
-   script asserts EK-FAC (type-2) >= 0.9 at the default and >= 0.1 above the identity.
+   1000 training digits, the median per-query Spearman correlation across a damping
+   sweep relative to lambda_max(E), beside the identity's agreement with exact
+   influence. The script asserts EK-FAC (type-2) >= 0.9 at the default and >= 0.1
+   above the identity.
 3. On a tiny convex problem (softmax regression, 100 digits), scores against
    leave-one-out retraining: Pearson and Spearman >= 0.9.
 

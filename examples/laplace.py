@@ -206,7 +206,8 @@ def probit(
     name: str, var: dict, T: float = 1.0, s: float = 1.0, f: dict = logits
 ) -> torch.Tensor:
     """softmax(f / (T sqrt(1 + pi/8 s diag(J S J^T)))): the GLM probit predictive, with
-    a temperature T on the mean and a scale s on the posterior covariance (1, 1: plain)."""
+    a temperature T on the mean and a scale s on the posterior covariance (1, 1:
+    plain)."""
     return (f[name] / (T * torch.sqrt(1 + math.pi / 8 * s * var[name]))).softmax(1)
 
 
@@ -272,7 +273,7 @@ tuned, temp = results["KFAC, tuned probit"], results["temperature"]
 assert tuned[1] > max(map_auroc, temp[1]), "tuned probit: OOD AUROC not above MAP's"
 assert tuned[0]["nll"] < temp[0]["nll"] + 0.01, "tuned probit: NLL above temperature's"
 
-# -- the MAP's OOD baseline -------------------------------------------------------------
+# -- the MAP's OOD baseline ------------------------------------------------------------
 # The MAP is about as confident on rotated digits as on held-out ones, whatever the
 # initialisation (AUROC near 0.5). Rotating per-pixel *standardised* features instead of
 # the image (each pixel keeps another position's mean and scale) is a different, much
