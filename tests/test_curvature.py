@@ -216,6 +216,14 @@ def test_a_list_of_the_modules_parameters_as_curvlinops_takes_it():
     K_named = fc.KFACOperator(model, loss, named, data, fisher="type-2")
     torch.testing.assert_close(K.to_dense(), K_named.to_dense())
     assert list(K.blocks) == list(K_named.blocks)  # blocks named by the parameters' names either way
+    as_dict = {"2.weight": named["2.weight"], "0.bias": named["0.bias"]}
+    S = torch.eye(H.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(
+        fc.output_covariance(model, subset, X, S), fc.output_covariance(model, as_dict, X, S)
+    )  # the applications take the list too
+    torch.testing.assert_close(
+        fc.influence(model, loss, subset, data, data[:1], S), fc.influence(model, loss, as_dict, data, data[:1], S)
+    )
     with pytest.raises(TypeError, match=r"params\[0\] must be one of the model's own parameters"):
         fc.GGNOperator(model, loss, [named["0.bias"].detach().clone()], data)
     with pytest.raises(ValueError, match=r"params\[1\] must appear once"):

@@ -70,7 +70,7 @@ class EmpiricalRisk:
                 RuntimeError,
             )
         self._loss = LossSpec(loss, reduction, api)
-        self._layout = Layout(params, api, module=model if isinstance(model, nn.Module) else None)
+        self._layout = Layout(params, api, model=model)
         self._model = model
         self._forward, self._stateful = model_function(model, self._layout, api)
         self._data = Data(data, batch_size_fn, self._layout.device, progress, api)

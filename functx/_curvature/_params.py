@@ -36,17 +36,17 @@ class Layout:
         params: a dict name -> tensor, or any pytree of tensors.
         api: the public name used in error messages.
         keys: the key order of a dict ``params`` (default: ``None``, its insertion order).
-        module: the model, when it is an ``nn.Module`` (names a list of its parameters).
+        model: the model (an ``nn.Module`` names a list of its own parameters).
     """
 
     def __init__(
-        self, params: Any, api: str, keys: Sequence[str] | None = None, module: nn.Module | None = None
+        self, params: Any, api: str, keys: Sequence[str] | None = None, model: Any = None
     ) -> None:
         self.api = api
         self.sequence: type | None = None  # list/tuple: the form of the user's trees
-        if module is not None and isinstance(params, (list, tuple)) and params:
+        if isinstance(model, nn.Module) and isinstance(params, (list, tuple)) and params:
             self.sequence = type(params)
-            params = _named(module, params, api)
+            params = _named(model, params, api)
         if isinstance(params, dict) and all(isinstance(t, torch.Tensor) for t in params.values()):
             self.keys: list[str] | None = list(params) if keys is None else list(keys)
             if set(self.keys) != set(params) or len(self.keys) != len(params):
