@@ -128,14 +128,22 @@ def plain_eager(*tensors: torch.Tensor | None) -> bool:
         return False
     if transforms_active():
         return False
-    return all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+    for t in tensors:  # a loop, not all(genexpr): this runs on every eager call
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return False
+    return True
 
 
 def plain_autograd(*tensors: torch.Tensor) -> bool:
     """Whether plain ``torch.autograd.grad`` computes what ``torch.func`` would: plain eager
     mode, outside inference mode, and no tensor is part of an outer autograd graph (then
     ``torch.func``'s results would be differentiable with respect to it)."""
-    return plain_eager(*tensors) and not torch.is_inference_mode_enabled() and not any(t.requires_grad for t in tensors)
+    if not plain_eager(*tensors) or torch.is_inference_mode_enabled():
+        return False
+    for t in tensors:
+        if t.requires_grad:
+            return False
+    return True
 
 
 def reaches_other_leaves(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> bool:
@@ -144,24 +152,34 @@ def reaches_other_leaves(outputs: Sequence[torch.Tensor], inputs: Sequence[torch
 
     ``torch.func`` keeps its results differentiable with respect to such tensors; the plain
     autograd paths then keep their graph too (``create_graph=True``) instead of detaching.
+    On the hot path of every plain-autograd call: one pass over the graph's nodes.
     """
     ours = {id(x) for x in inputs}
-    stack = [out.grad_fn for out in outputs if out.grad_fn is not None]
-    if any(out.requires_grad and out.grad_fn is None and id(out) not in ours for out in outputs):
-        return True
+    stack = []
+    for out in outputs:
+        node = out.grad_fn
+        if node is not None:
+            stack.append(node)
+        elif out.requires_grad and id(out) not in ours:
+            return True
     seen = set()
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor requiring grad
-        if leaf is not None:
-            if id(leaf) not in ours:
+        if type(node) is _ACCUMULATE_GRAD:  # a leaf tensor requiring grad
+            if id(node.variable) not in ours:  # type: ignore[attr-defined]
                 return True
             continue
-        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+        for fn, _ in node.next_functions:
+            if fn is not None:
+                stack.append(fn)
     return False
+
+
+# The type of the graph node that ends in a leaf requiring grad (``AccumulateGrad``).
+_ACCUMULATE_GRAD = type(torch.empty(0, requires_grad=True).view(0).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
 
 
 def autograd_grad(
@@ -189,6 +207,11 @@ def autograd_grad(
         allow_unused=True,
         is_grads_batched=is_grads_batched,
     )
+    for g in grads:
+        if g is None:
+            break
+    else:
+        return grads  # the common case: every input reached (`None in grads` would compare tensors)
     return tuple(_zeros(x, batch) if g is None else g for g, x in zip(grads, inputs))
 
 
@@ -575,7 +598,7 @@ def torch_result(outs: Sequence[torch.Tensor], aux: Any, has_aux: bool) -> Any:
 def resolved(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """``tensors`` with their lazy conjugate/negative bits materialized, so that every result
     of a transform can be used anywhere (``.numpy()`` refuses a tensor with the conj bit)."""
-    return tuple(t.resolve_conj().resolve_neg() if isinstance(t, torch.Tensor) else t for t in tensors)
+    return tuple([t.resolve_conj().resolve_neg() if isinstance(t, torch.Tensor) else t for t in tensors])
 
 
 def as_leaves(out: Any) -> tuple[torch.Tensor, ...]:

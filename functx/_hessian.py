@@ -59,7 +59,7 @@ def hessian(
     has_aux: Literal[False] = ...,
     *,
     chunk_size: int | None = ...,
-    mode: str = ...,
+    mode: HessianMode = ...,
     holomorphic: bool = ...,
 ) -> Callable[..., TensorTree]: ...
 @overload
@@ -69,7 +69,7 @@ def hessian(
     has_aux: Literal[True],
     *,
     chunk_size: int | None = ...,
-    mode: str = ...,
+    mode: HessianMode = ...,
     holomorphic: bool = ...,
 ) -> Callable[..., tuple[TensorTree, PyTree]]: ...
 @overload
@@ -79,7 +79,7 @@ def hessian(
     *,
     has_aux: Literal[True],
     chunk_size: int | None = ...,
-    mode: str = ...,
+    mode: HessianMode = ...,
     holomorphic: bool = ...,
 ) -> Callable[..., tuple[TensorTree, PyTree]]: ...
 
@@ -90,7 +90,7 @@ def hessian(
     has_aux: bool = False,
     *,
     chunk_size: int | None = None,
-    mode: str = "auto",
+    mode: HessianMode = "auto",
     holomorphic: bool = False,
 ) -> Callable[..., Any]:
     """Hessian of ``func``: the Jacobian of its Jacobian, dense.
@@ -234,7 +234,7 @@ def hvp(
 
 
 def _with_mode(
-    mode: str, leaves: Sequence[torch.Tensor], *, rev_rev: Callable[[], Any], fwd_rev: Callable[[], Any]
+    mode: HessianMode, leaves: Sequence[torch.Tensor], *, rev_rev: Callable[[], Any], fwd_rev: Callable[[], Any]
 ) -> Any:
     """Run the ``mode`` composition; ``"auto"`` chooses by device (see the module notes)."""
     if mode == "rev-rev" or (mode == "auto" and _prefers_rev_rev(leaves)):

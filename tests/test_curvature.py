@@ -198,6 +198,40 @@ def test_parameter_subset_is_the_block_of_the_full_matrix():
     torch.testing.assert_close(G.to_dense(), dense_ggn(model, loss, ALL, data, "mean")[idx][:, idx])
 
 
+def test_a_list_of_the_modules_parameters_as_curvlinops_takes_it():
+    model, loss, _, X, y = setup("ce-mean")
+    data = split(X, y)
+    full = dense_hessian(model, loss, ALL, data, "mean")
+    named = dict(model.named_parameters())
+    subset = [named["2.weight"], named["0.bias"]]  # the list's order is the flattening order
+    idx = torch.cat([torch.arange(16, 28), torch.arange(12, 16)])
+    H = fc.HessianOperator(model, loss, subset, data)
+    torch.testing.assert_close(H.to_dense(), full[idx][:, idx], rtol=1e-10, atol=1e-12)
+    v = [torch.randn_like(t) for t in subset]
+    Hv = H @ v  # trees are lists, as given
+    assert isinstance(Hv, list) and [t.shape for t in Hv] == [t.shape for t in subset]
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in Hv]), H @ H.flatten(v))
+    assert isinstance(H.unflatten(torch.zeros(H.shape[0])), list)
+    K = fc.KFACOperator(model, loss, list(model.parameters()), data, fisher="type-2")
+    K_named = fc.KFACOperator(model, loss, named, data, fisher="type-2")
+    torch.testing.assert_close(K.to_dense(), K_named.to_dense())
+    assert list(K.blocks) == list(K_named.blocks)  # blocks named by the parameters' names either way
+    as_dict = {"2.weight": named["2.weight"], "0.bias": named["0.bias"]}
+    S = torch.eye(H.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(
+        fc.output_covariance(model, subset, X, S), fc.output_covariance(model, as_dict, X, S)
+    )  # the applications take the list too
+    torch.testing.assert_close(
+        fc.influence(model, loss, subset, data, data[:1], S), fc.influence(model, loss, as_dict, data, data[:1], S)
+    )
+    with pytest.raises(TypeError, match=r"params\[0\] must be one of the model's own parameters"):
+        fc.GGNOperator(model, loss, [named["0.bias"].detach().clone()], data)
+    with pytest.raises(ValueError, match=r"params\[1\] must appear once"):
+        fc.GGNOperator(model, loss, [named["0.bias"], named["0.bias"]], data)
+    with pytest.raises(ValueError, match=r"`v` must be a list with one tensor per parameter"):
+        H @ v[:1]
+
+
 def test_curvature_at_given_values_with_fixed_rest():
     model, loss, _, X, y = setup("mse-mean")
     data = split(X, y)

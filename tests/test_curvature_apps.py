@@ -310,6 +310,96 @@ def test_influence_with_inverse_operator():
         fc.InverseOperator(G, -1.0)
 
 
+# -- InverseOperator: batched CG over the columns of a (P, K) right-hand side ------------------
+
+
+def _counting(op):
+    """Record the number of columns of every product the operator makes (a data pass each)."""
+    calls = []
+    apply = op._apply
+
+    def counted(V):
+        calls.append(V.shape[0])
+        return apply(V)
+
+    op._apply = counted
+    return calls
+
+
+def test_inverse_operator_batched_cg_matches_dense_solves():
+    model = mlp()
+    X, y = data()
+    params = dict(model.named_parameters())
+    G = fc.GGNOperator(model, nn.CrossEntropyLoss(), params, batches(X, y))
+    D = G.to_dense() + 0.05 * torch.eye(31, dtype=F64)
+    evals, evecs = torch.linalg.eigh(D)
+    gen = torch.Generator().manual_seed(3)
+    V = torch.randn(31, 4, generator=gen, dtype=F64)
+    V[:, 1] = evecs[:, -1]  # an eigenvector: converges in one iteration
+    V[:, 2] = 0.0  # a zero column: no iteration, x = 0
+    calls = _counting(G)
+    Gi = fc.InverseOperator(G, 0.05, method="cg", rtol=1e-12)
+    X_cg = Gi @ V
+    torch.testing.assert_close(X_cg, torch.linalg.solve(D, V), rtol=1e-9, atol=1e-12)
+    assert X_cg[:, 2].abs().max() == 0
+    assert Gi.converged is True and Gi.residual_norm <= 1e-12 * float(V.norm(dim=0).max())
+    # one data pass per iteration over the columns still running, plus one for the true residuals
+    assert len(calls) == Gi.num_steps + 1 and calls[-1] == 4
+    assert calls[0] == 3 and calls[1] == 2  # the zero column never runs, the eigenvector stops
+    assert Gi.num_matvecs == sum(calls)
+    # the same answer, column by column, as a vector product
+    for k in range(4):
+        torch.testing.assert_close(Gi @ V[:, k], X_cg[:, k], rtol=1e-9, atol=1e-12)
+
+
+def test_inverse_operator_batched_cg_preconditioner_and_gradients():
+    M = spd(12)
+    gen = torch.Generator().manual_seed(4)
+    V = torch.randn(12, 3, generator=gen, dtype=F64)
+    ref = torch.linalg.solve(M + 0.1 * torch.eye(12, dtype=F64), V)
+    plain = fc.InverseOperator(M, 0.1)
+    # a good preconditioner (the inverse of a nearby matrix): the same answer in fewer steps
+    near = torch.linalg.inv(M + 0.1 * torch.eye(12, dtype=F64) + 1e-3 * spd(12, seed=7))
+    pre = fc.InverseOperator(M, 0.1, preconditioner=near)
+    torch.testing.assert_close(plain @ V, ref)
+    torch.testing.assert_close(pre @ V, ref)
+    assert pre.converged and pre.num_steps < plain.num_steps
+    # gradients through the iterations, w.r.t. the right-hand sides and a tensor damping
+    delta = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    W = V.clone().requires_grad_()
+    U = torch.randn(12, 3, generator=gen, dtype=F64)
+    gW, gd = torch.autograd.grad((U * (fc.InverseOperator(M, delta) @ W)).sum(), (W, delta))
+    A = M + 0.1 * torch.eye(12, dtype=F64)
+    torch.testing.assert_close(gW, torch.linalg.solve(A, U))
+    torch.testing.assert_close(gd, -(U * torch.linalg.solve(A, torch.linalg.solve(A, V))).sum())
+
+
+def test_inverse_operator_batched_cg_nonconvergence_and_foreign_op():
+    M = spd(12)
+    V = torch.randn(12, 3, generator=torch.Generator().manual_seed(5), dtype=F64)
+    with pytest.raises(functx.NonConvergenceError, match="InverseOperator") as info:
+        fc.InverseOperator(M, 1e-3, max_iter=2) @ V
+    assert info.value.stats["converged"] is False and info.value.stats["num_steps"] == 2
+    quiet = fc.InverseOperator(M, 1e-3, max_iter=2, throw=False)
+    with pytest.warns(functx.NonConvergenceWarning):
+        last = quiet @ V
+    assert quiet.converged is False and quiet.num_steps == 2 and quiet.num_matvecs == 3 * 2 + 3
+    residual = (V - (M + 1e-3 * torch.eye(12, dtype=F64)) @ last).norm(dim=0).max()
+    assert math.isclose(quiet.residual_norm, float(residual), rel_tol=1e-9)
+
+    class Foreign:  # `@` on (P,) only: applied column by column
+        shape = (12, 12)
+        dtype = F64
+
+        def __matmul__(self, x):
+            assert x.ndim == 1
+            return M @ x
+
+    ref = torch.linalg.solve(M + 0.1 * torch.eye(12, dtype=F64), V)
+    torch.testing.assert_close(fc.InverseOperator(Foreign(), 0.1) @ V, ref)
+    torch.testing.assert_close(fc.InverseOperator(M, 0.1, method="minres", rtol=1e-12) @ V, ref)
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from .._core import all_argnums
+from .._hessian import HessianMode
 from .._hessian import hessian as core_hessian
 from .._jacobian import jacfwd, jacrev
 from .._vjp_jvp import jvp as core_jvp
@@ -32,5 +33,5 @@ def jacobian(fn: Callable[..., Any], xs: Tensors, vs: None, strategy: str) -> An
 
 def hessian(fn: Callable[..., Any], xs: Tensors, vs: None, strategy: str) -> Any:
     """The Hessian blocks, a tuple over inputs of tuples over inputs."""
-    mode = "fwd-rev" if strategy == FORWARD_MODE else "rev-rev"
+    mode: HessianMode = "fwd-rev" if strategy == FORWARD_MODE else "rev-rev"
     return core_hessian(fn, argnums=all_argnums(len(xs)), mode=mode)(*xs)

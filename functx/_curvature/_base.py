@@ -75,7 +75,7 @@ class CurvatureOperatorBase:
         result = self._matmul_flat(flat if columns else flat[:, 0])
         pieces = result.split(self._layout.sizes, dim=0)
         shapes = [s + ((flat.shape[1],) if columns else ()) for s in self._layout.shapes]
-        return self._layout.to_tree([p.reshape(s) for p, s in zip(pieces, shapes)])
+        return self._layout.to_user([p.reshape(s) for p, s in zip(pieces, shapes)])
 
     def flatten(self, tree: Any) -> torch.Tensor:
         """The ``(P,)`` vector of a pytree shaped like ``params`` (flattening order of the operator)."""
@@ -92,7 +92,7 @@ class CurvatureOperatorBase:
         """The pytree shaped like ``params`` of a ``(P,)`` vector (or ``(P, K)``: trailing ``K`` axes)."""
         flat = self._check_flat(flat)
         pieces = flat.split(self._layout.sizes, dim=0)
-        return self._layout.to_tree([p.reshape(s + flat.shape[1:]) for p, s in zip(pieces, self._layout.shapes)])
+        return self._layout.to_user([p.reshape(s + flat.shape[1:]) for p, s in zip(pieces, self._layout.shapes)])
 
     def to_dense(self) -> torch.Tensor:
         """The ``(P, P)`` matrix, built from products with blocks of the identity (small ``P`` only)."""

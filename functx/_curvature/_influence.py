@@ -104,7 +104,7 @@ def influence(
         True
     """
     api = f"functx.{_API}"
-    layout = Layout(params, api)
+    layout = Layout(params, api, model=model)
     forward, _ = model_function(model, layout, api)
     check_bool(self_influence, "self_influence", _API)
     per_example = _per_example_loss(loss, forward, layout)

@@ -1,4 +1,4 @@
-"""``(op + δI)^{-1}`` for any symmetric operator, by a Krylov solve per product."""
+"""``(op + δI)^{-1}`` for any symmetric operator, by a Krylov solve per product (CG batched over columns)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from .._core import plain_eager
 from .._errors import report_nonconvergence
+from .._solvers._common import default_max_iter, default_rtol
 from .._validate import (
     api_name,
     check_bool,
@@ -27,12 +28,16 @@ _METHODS = ("cg", "minres")
 class InverseOperator(CurvatureOperatorBase):
     """The damped inverse ``(op + δI)^{-1}`` of any symmetric operator, matrix-free.
 
-    Each product ``Hi @ v`` solves ``(op + δI) x = v`` with :func:`functx.solvers.cg`
-    (``op + δI`` positive definite) or :func:`functx.solvers.minres` (symmetric, possibly
-    indefinite), one solve per column of a matrix ``v``; it never returns an unconverged
-    answer silently. Works for ``H``, ``G``, ``F``, the Kronecker operators, their lazy
-    combinations (``G + 0.1 * H``), a dense symmetric tensor, or any object with ``@`` and
-    ``shape``.
+    Each product ``Hi @ v`` solves ``(op + δI) x = v`` by conjugate gradients (``op + δI``
+    positive definite) or :func:`functx.solvers.minres` (symmetric, possibly indefinite);
+    it never returns an unconverged answer silently. For a matrix ``v`` of shape
+    ``(P, K)``, CG runs on the ``K`` columns together: one product ``op @ D`` with the
+    ``(P, K')`` matrix of the ``K'`` columns still running per iteration (a data operator
+    makes one data pass for all of them), each column with its own step sizes and stopping
+    test (a converged column is frozen); MINRES solves one column at a time. Works for
+    ``H``, ``G``, ``F``, the Kronecker operators, their lazy combinations (``G + 0.1 * H``),
+    a dense symmetric tensor, or any object with ``@`` and ``shape`` (applied column by
+    column).
 
     Args:
         op: the operator: a functx.curvature operator, a square symmetric tensor, or an
@@ -52,8 +57,10 @@ class InverseOperator(CurvatureOperatorBase):
 
     Attributes:
         converged, num_steps, num_matvecs, residual_norm: the statistics of the last product
-            (all columns converged; the most iterations of a column; products with ``op``
-            over all columns; the largest final residual norm); ``None`` before any product.
+            (all columns converged; the most iterations of a column; column products with
+            ``op``, summed over the columns and including the final true-residual check; the
+            largest final residual norm ``||v_k - (op + δI) x_k||``); ``None`` before any
+            product.
 
     Example:
         >>> import torch
@@ -136,14 +143,91 @@ class InverseOperator(CurvatureOperatorBase):
             self._op._check_v(v)
         if not plain_eager(v) or torch.compiler.is_compiling():
             raise TypeError(
-                f"{api_name(_API)}: products run one Krylov solve per column with data-dependent stopping; they "
+                f"{api_name(_API)}: products run Krylov solves with data-dependent stopping; they "
                 f"cannot run inside a functx/torch.func transform or torch.compile (got a transformed `v`)."
             )
 
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
+        if self._method == "cg":
+            X, stats = self._batched_cg(V.T)
+        else:
+            X, stats = self._minres_columns(V)
+        self._stats = stats
+        if not stats["converged"]:
+            report_nonconvergence(
+                _API,
+                f"{self._method} did not reach the tolerance within {stats['num_steps']} iterations (largest "
+                f"residual norm {stats['residual_norm']:.3g}); raise `max_iter`, add a `preconditioner` or "
+                f"increase `damping`.",
+                stats,
+                self._throw,
+                stacklevel=5,
+            )
+        return X.T
+
+    def _product(self, A: Any, X: torch.Tensor) -> torch.Tensor:
+        """``A @ X`` for ``X`` of shape ``(P, K)``: one matrix product for a functx operator or a
+        tensor (a data operator makes one data pass), column by column for a foreign operator
+        (which promises ``@`` on ``(P,)`` only)."""
+        if isinstance(A, (torch.Tensor, CurvatureOperatorBase)):
+            return A @ X
+        return torch.stack([A @ x for x in X.T], dim=1)
+
+    def _batched_cg(self, B: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Preconditioned CG on the ``K`` columns of ``B`` (``(P, K)``) at once: one product
+        ``op @ P_active`` per iteration over the columns still running, each column with its
+        own step sizes and stopping test ``||r_k|| <= rtol ||b_k||`` (a converged column is
+        frozen), then the true residuals ``B - (op + δI) X`` in one more product."""
+        P, K = B.shape
+        rtol = default_rtol(B.dtype) if self._rtol is None else self._rtol
+        max_iter = default_max_iter(P) if self._max_iter is None else self._max_iter
+        tol = torch.linalg.vector_norm(B.detach(), dim=0) * rtol
+        damping = self._damping.to(B.dtype) if isinstance(self._damping, torch.Tensor) else self._damping
+
+        def shifted(X: torch.Tensor) -> torch.Tensor:
+            return self._product(self._op, X) + damping * X
+
+        def precondition(R: torch.Tensor) -> torch.Tensor:
+            return R if self._preconditioner is None else self._product(self._preconditioner, R)
+
+        X, R = torch.zeros_like(B), B
+        Z = precondition(R)
+        D, rz = Z, (R * Z).sum(0)
+        active = torch.linalg.vector_norm(R.detach(), dim=0) > tol
+        steps = torch.zeros(K, dtype=torch.int64, device=B.device)
+        products = 0
+        for _ in range(max_iter):
+            idx = active.nonzero().flatten()
+            if len(idx) == 0:
+                break
+            AD = torch.zeros_like(B).index_copy(1, idx, shifted(D[:, idx]))
+            products += len(idx)
+            dAd = (D * AD).sum(0)
+            ok = active & (dAd != 0)
+            alpha = torch.where(ok, rz / torch.where(ok, dAd, 1.0), 0.0)
+            X, R = X + alpha * D, R - alpha * AD
+            Z = precondition(R)
+            rz_new = (R * Z).sum(0)
+            ok = active & (rz != 0)
+            beta = torch.where(ok, rz_new / torch.where(ok, rz, 1.0), 0.0)
+            D = torch.where(active, Z + beta * D, D)
+            rz = torch.where(active, rz_new, rz)
+            steps += active.to(torch.int64)
+            active = active & (torch.linalg.vector_norm(R.detach(), dim=0) > tol)
+        residual = torch.linalg.vector_norm((B - shifted(X)).detach(), dim=0)
+        products += K
+        stats = {
+            "converged": bool((residual <= tol).all()),
+            "num_steps": int(steps.max()),
+            "num_matvecs": products,
+            "residual_norm": float(residual.max()),
+        }
+        return X, stats
+
+    def _minres_columns(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One :func:`functx.solvers.minres` solve per row of ``V`` (``(K, P)``)."""
         from .. import solvers
 
-        solver = solvers.cg if self._method == "cg" else solvers.minres
         count = [0]
 
         def matvec(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +237,7 @@ class InverseOperator(CurvatureOperatorBase):
         precondition = None if self._preconditioner is None else (lambda r: self._preconditioner @ r)
         rows, steps, residuals, converged = [], 0, [], True
         for v in V:
-            sol = solver(
+            sol = solvers.minres(
                 matvec, v, rtol=self._rtol, max_iter=self._max_iter, preconditioner=precondition, ridge=self._damping
             )
             rows.append(sol.value)
@@ -161,17 +245,7 @@ class InverseOperator(CurvatureOperatorBase):
             residuals.append(float(sol.residual_norm.detach()))
             converged = converged and bool(sol.converged.detach())
         stats = {"converged": converged, "num_steps": steps, "num_matvecs": count[0], "residual_norm": max(residuals)}
-        self._stats = stats
-        if not converged:
-            report_nonconvergence(
-                _API,
-                f"{self._method} did not reach the tolerance within {steps} iterations (largest residual norm "
-                f"{stats['residual_norm']:.3g}); raise `max_iter`, add a `preconditioner` or increase `damping`.",
-                stats,
-                self._throw,
-                stacklevel=5,
-            )
-        return torch.stack(rows)
+        return torch.stack(rows, dim=1), stats
 
     def __repr__(self) -> str:
         return f"InverseOperator({self._op!r}, damping={self._damping!r}, method={self._method!r})"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from .._core import autograd_grad, plain_eager
@@ -69,7 +70,7 @@ class EmpiricalRisk:
                 RuntimeError,
             )
         self._loss = LossSpec(loss, reduction, api)
-        self._layout = Layout(params, api)
+        self._layout = Layout(params, api, model=model)
         self._model = model
         self._forward, self._stateful = model_function(model, self._layout, api)
         self._data = Data(data, batch_size_fn, self._layout.device, progress, api)
@@ -186,6 +187,8 @@ class _CurvatureOperator(CurvatureOperatorBase, EmpiricalRisk):
         functx/torch.func transforms; the data pass itself always runs eager autograd."""
         v = self._check_flat(v)
         self._refuse_compilation()
+        if not v.requires_grad and plain_eager(v) and fwAD.unpack_dual(v).tangent is None:
+            return self._plain_product(v)  # nothing to differentiate: skip the Function's dispatch
         return _Product.apply(self, v)  # type: ignore[no-any-return]
 
     def _plain_product(self, v: torch.Tensor) -> torch.Tensor:
@@ -223,14 +226,14 @@ class _CurvatureOperator(CurvatureOperatorBase, EmpiricalRisk):
             K, batched = V.shape[0], V.shape[0] > 1
             pieces = self._layout.split(V)
             vectors = [p.contiguous() for p in pieces] if batched else [p[0] for p in pieces]  # dense: fast vmap
-            accs = [torch.zeros(K, *s, dtype=self.dtype, device=self.device) for s in self._layout.shapes]
+            acc = torch.zeros(K, self.shape[0], dtype=self.dtype, device=self.device)
+            accs = self._layout.split(acc)  # views into acc, one per parameter: no concatenation at the end
+            leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]  # ours, never the user's
             for X, y, size in self._data.batches("product"):
-                leaves = [leaf.detach().requires_grad_() for leaf in self._layout.leaves]
                 with torch.enable_grad():
                     products, alpha = self._batch_product(leaves, X, y, size, vectors, batched)
                 for a, p in zip(accs, products):
                     a.add_(p.reshape(a.shape), alpha=alpha)
-            acc = torch.cat([a.reshape(K, -1) for a in accs], dim=1)
             return all_reduce_sum(acc, self._group, same=V, api=self._api)  # also checks every rank used this V
 
     def _batch_product(

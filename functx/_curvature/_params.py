@@ -27,14 +27,26 @@ class Layout:
     flat layout is then built over the list of values, since optree would sort the keys); for
     any other pytree, the pytree's leaf order (``keys`` is ``None``).
 
+    A list or tuple of an ``nn.Module``'s own parameters (curvlinops' convention, e.g.
+    ``[p for p in model.parameters() if p.requires_grad]``) is accepted too: each is named by
+    identity, the order is the list's, and trees given to or returned by the operator are lists
+    (or tuples) in that order.
+
     Args:
         params: a dict name -> tensor, or any pytree of tensors.
         api: the public name used in error messages.
         keys: the key order of a dict ``params`` (default: ``None``, its insertion order).
+        model: the model (an ``nn.Module`` names a list of its own parameters).
     """
 
-    def __init__(self, params: Any, api: str, keys: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, params: Any, api: str, keys: Sequence[str] | None = None, model: Any = None
+    ) -> None:
         self.api = api
+        self.sequence: type | None = None  # list/tuple: the form of the user's trees
+        if isinstance(model, nn.Module) and isinstance(params, (list, tuple)) and params:
+            self.sequence = type(params)
+            params = _named(model, params, api)
         if isinstance(params, dict) and all(isinstance(t, torch.Tensor) for t in params.values()):
             self.keys: list[str] | None = list(params) if keys is None else list(keys)
             if set(self.keys) != set(params) or len(self.keys) != len(params):
@@ -83,13 +95,25 @@ class Layout:
         return self.flat.ravel_leaves(leaves)
 
     def to_tree(self, leaves: list[torch.Tensor]) -> Any:
-        """The pytree shaped like ``params`` holding ``leaves``."""
+        """The pytree the model takes (a dict name -> tensor for an ``nn.Module``) holding ``leaves``."""
         if self.keys is not None:
             return dict(zip(self.keys, leaves))
         return tree_unflatten(self.treespec, leaves)
 
+    def to_user(self, leaves: list[torch.Tensor]) -> Any:
+        """The pytree shaped like the ``params`` the user gave, holding ``leaves``."""
+        return self.sequence(leaves) if self.sequence is not None else self.to_tree(leaves)
+
     def tree_leaves(self, tree: Any, what: str) -> list[torch.Tensor]:
         """The leaves of ``tree``, which must have the structure of ``params``."""
+        if self.sequence is not None and isinstance(tree, (list, tuple)):
+            if len(tree) != len(self.shapes):
+                raise fail(
+                    self.api,
+                    f"`{what}` must be a list with one tensor per parameter of `params` ({len(self.shapes)}), "
+                    f"got a {type(tree).__name__} of length {len(tree)}.",
+                )
+            return list(tree)
         if self.keys is not None:
             if not isinstance(tree, Mapping) or set(tree) != set(self.keys):
                 got = sorted(map(str, tree)) if isinstance(tree, Mapping) else describe(tree)
@@ -102,6 +126,24 @@ class Layout:
         """Cut a ``(K, P)`` tensor into ``(K, *shape)`` pieces, one per leaf."""
         pieces = flat.split(self.sizes, dim=1)
         return [p.reshape(flat.shape[0], *s) for p, s in zip(pieces, self.shapes)]
+
+
+def _named(module: nn.Module, params: Sequence[Any], api: str) -> dict[str, Any]:
+    """A list of ``module``'s own parameters as a dict keyed by their names (by identity)."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    named: dict[str, Any] = {}
+    for k, p in enumerate(params):
+        if not isinstance(p, torch.Tensor) or id(p) not in names:
+            raise fail(
+                api,
+                f"params[{k}] must be one of the model's own parameters (a list of them is named by identity), got "
+                f"{describe(p)} that is not in model.parameters(); pass a dict name -> tensor instead.",
+                TypeError,
+            )
+        if names[id(p)] in named:
+            raise fail(api, f"params[{k}] must appear once, got the parameter {names[id(p)]!r} twice.")
+        named[names[id(p)]] = p
+    return named
 
 
 def model_function(model: Any, layout: Layout, api: str) -> tuple[Callable[..., Any], Callable[..., Any] | None]:
@@ -123,8 +165,8 @@ def _module_function(module: nn.Module, layout: Layout, api: str) -> tuple[Calla
     if layout.keys is None:
         raise fail(
             api,
-            "`params` must be a dict name -> tensor (a subset of dict(model.named_parameters())) for an nn.Module, "
-            "got another pytree.",
+            "`params` must be a dict name -> tensor (a subset of dict(model.named_parameters())) or a list of the "
+            "model's own parameters for an nn.Module, got another pytree.",
             TypeError,
         )
     for key, shape in zip(layout.keys, layout.shapes):

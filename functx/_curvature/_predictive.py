@@ -91,7 +91,7 @@ def output_covariance(
         torch.Size([5, 2])
     """
     api = f"functx.{_API}"
-    layout = Layout(params, api)
+    layout = Layout(params, api, model=model)
     forward, _ = model_function(model, layout, api)
     check_bool(diagonal, "diagonal", _API)
     chunk_size = check_chunk_size(chunk_size, _API)
