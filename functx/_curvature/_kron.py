@@ -152,18 +152,19 @@ def _right(Y: torch.Tensor, M: torch.Tensor | None, transpose: bool = False) -> 
 
 
 def _kron_product(X: torch.Tensor, slot: _Slot, G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """``G V A`` on the rows of ``X``; for ``V = [W | b]`` (a joint bias) as
-    ``[G W A_ww + G b a_bw | G W a_wb + G b a_bb]``, without copying ``X`` into ``V`` and the
-    result out of it."""
-    if slot.transposed or A.ndim != 2 or len(slot.widths) != 2 or slot.widths[1] != 1:
+    """``G V A`` on the rows of ``X``. A vector (one row) takes 2-D products only; one on a large
+    ``V = [W | b]`` (a joint bias) is not copied into ``V`` and the result out of it:
+    ``[G W A_ww + G b a_bw | G W a_wb + G b a_bb]``."""
+    if X.shape[0] > 1 or A.ndim != 2:
         return _from_matrix(_right(G @ _to_matrix(X, slot), A), slot)
-    K, m, n = X.shape[0], slot.m, slot.n
-    W, b = X.split([m * (n - 1), m], dim=1)
-    GW = G @ W.reshape(K, m, n - 1)
-    Gb = (b @ G.mT).unsqueeze(2)  # (K, m, 1)
-    out_w = (GW @ A[:-1, :-1]).addcmul_(Gb, A[-1, :-1])
-    out_b = (GW @ A[:-1, -1:]).addcmul_(Gb, A[-1, -1:])
-    return torch.cat([out_w.reshape(K, -1), out_b.reshape(K, -1)], dim=1)
+    m, n = slot.m, slot.n
+    if slot.transposed or slot.widths[1:] != (1,) or m * n < 2**16:
+        return _from_matrix((G @ _to_matrix(X, slot)[0] @ A)[None], slot)
+    W, b = X[0].split([m * (n - 1), m])
+    GW, Gb = G @ W.view(m, n - 1), G @ b.view(m, 1)
+    out_w = (GW @ A[:-1, :-1]).addmm_(Gb, A[-1:, :-1])
+    out_b = (GW @ A[:-1, -1:]).addmm_(Gb, A[-1:, -1:])
+    return torch.cat([out_w.reshape(-1), out_b.reshape(-1)])[None]
 
 
 def _spectral_block(X: torch.Tensor, slot: _Slot, Qg: torch.Tensor | None, Qa: torch.Tensor | None, D: torch.Tensor):
