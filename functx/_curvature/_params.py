@@ -39,9 +39,7 @@ class Layout:
         model: the model (an ``nn.Module`` names a list of its own parameters).
     """
 
-    def __init__(
-        self, params: Any, api: str, keys: Sequence[str] | None = None, model: Any = None
-    ) -> None:
+    def __init__(self, params: Any, api: str, keys: Sequence[str] | None = None, model: Any = None) -> None:
         self.api = api
         self.sequence: type | None = None  # list/tuple: the form of the user's trees
         if isinstance(model, nn.Module) and isinstance(params, (list, tuple)) and params:
