@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from . import _torch_internals
-from ._torch_internals import is_exporting, lift, transforms_active, version
+from ._torch_internals import engine_grad, is_exporting, lift, transforms_active, version
 from ._tree import (
     PyTree,
     TreeSpec,
@@ -198,20 +198,24 @@ def autograd_grad(
     batch = (grad_outputs[0].shape[0],) if is_grads_batched and grad_outputs else ()
     if not keep:
         return tuple(_zeros(x, batch) for x in inputs)
-    grads = torch.autograd.grad(
-        [outputs[k] for k in keep],
-        inputs,
-        None if grad_outputs is None else [grad_outputs[k] for k in keep],
-        create_graph=create_graph,
-        retain_graph=retain_graph,
-        allow_unused=True,
-        is_grads_batched=is_grads_batched,
-    )
+    kept_outputs = [outputs[k] for k in keep]
+    kept_grads = None if grad_outputs is None else [grad_outputs[k] for k in keep]
+    grads = None if is_grads_batched else engine_grad(kept_outputs, inputs, kept_grads, create_graph, retain_graph)
+    if grads is None:
+        grads = torch.autograd.grad(
+            kept_outputs,
+            inputs,
+            kept_grads,
+            create_graph=create_graph,
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=is_grads_batched,
+        )
     for g in grads:
         if g is None:
             break
     else:
-        return grads  # the common case: every input reached (`None in grads` would compare tensors)
+        return grads  # type: ignore[return-value]  # every input reached (`None in grads` would compare tensors)
     return tuple(_zeros(x, batch) if g is None else g for g, x in zip(grads, inputs))
 
 

@@ -76,3 +76,32 @@ def test_environment_variable_switches_them_off():
     env = {**os.environ, "FUNCTX_TORCH_INTERNALS": "off", "PYTHONPATH": os.getcwd()}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", "True"]
+
+
+def test_engine_grad_equals_torch_autograd_grad_and_declines_what_it_does_not_cover():
+    x = torch.randn(4, dtype=D, requires_grad=True)
+    unused = torch.randn(2, dtype=D, requires_grad=True)
+    v = torch.randn(4, dtype=D)
+    y = (x.sin() * x).sum()
+    (g,) = _torch_internals.engine_grad([y], [x], None, True, None)
+    (g_ref,) = torch.autograd.grad(y, x, create_graph=True)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+    (h_ref,) = torch.autograd.grad(g_ref, x, v, retain_graph=True)  # g and g_ref share saved tensors
+    h, none = _torch_internals.engine_grad([g], [x, unused], [v], False, None)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+    assert none is None  # allow_unused, as autograd_grad asks
+    z = x * 2
+    assert _torch_internals.engine_grad([z], [x], None, False, True) is None  # non-scalar needs grad_outputs
+    assert _torch_internals.engine_grad([z], [x], [v.float()], False, True) is None  # another dtype
+    assert _torch_internals.engine_grad([z], [x], [v[:2]], False, True) is None  # another shape
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert _torch_internals.engine_grad([z], [x], [v.as_subclass(Sub)], False, True) is None
+    seen = []
+    torch.func.grad(lambda t: seen.append(_torch_internals.engine_grad([z], [x], [v], False, True)) or t.sum())(v)
+    assert seen == [None]  # inside a transform: torch.autograd.grad runs
+    with _torch_internals.switched_off():
+        assert _torch_internals.engine_grad([z], [x], [v], False, True) is None
+    torch.testing.assert_close(_torch_internals.engine_grad([z], [x], [v], False, None)[0], 2 * v)
