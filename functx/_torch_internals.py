@@ -312,14 +312,17 @@ def engine_grad(
     stashes for device threads) costs about 18 us a call: a few percent of a small double
     backward (``hvp``, curvature products). It does nothing for plain CPU tensors (the CPU
     backward runs on the calling thread) whose ``grad_outputs`` match the outputs' shapes and
-    dtypes, outside every transform, which is all this entry accepts; anything else returns
-    ``None``.
+    dtypes, outside every transform and every ``TorchFunctionMode``, which is all this entry
+    accepts; anything else returns ``None``.
     """
     if _run_backward is None or not _eager() or transforms_active():
         return None
-    for t in (*outputs, *inputs):
+    tensors = (*outputs, *inputs)
+    for t in tensors:
         if type(t) not in _PLAIN or not t.is_cpu:
             return None
+    if torch.overrides.has_torch_function(tensors):  # a TorchFunctionMode would see torch.autograd.grad
+        return None
     if grad_outputs is None:
         for out in outputs:
             if out.numel() != 1 or not out.is_floating_point():

@@ -99,6 +99,13 @@ def test_engine_grad_equals_torch_autograd_grad_and_declines_what_it_does_not_co
         pass
 
     assert _torch_internals.engine_grad([z], [x], [v.as_subclass(Sub)], False, True) is None
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Watch():  # a mode sees torch.autograd.grad: the engine is not called behind its back
+        assert _torch_internals.engine_grad([z], [x], [v], False, True) is None
     seen = []
     torch.func.grad(lambda t: seen.append(_torch_internals.engine_grad([z], [x], [v], False, True)) or t.sum())(v)
     assert seen == [None]  # inside a transform: torch.autograd.grad runs
