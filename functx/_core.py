@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from . import _torch_internals
-from ._torch_internals import engine_grad, is_exporting, lift, transforms_active, version
+from ._torch_internals import PLAIN_TENSORS, engine_grad, is_exporting, lift, transforms_active, version
 from ._tree import (
     PyTree,
     TreeSpec,
@@ -113,9 +113,6 @@ def arg_root(func: Callable[..., Any], index: int, base: str = "args") -> str:
     return f"{base}[{index}]"
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
 def plain_eager(*tensors: torch.Tensor | None) -> bool:
     """Whether we run in plain eager mode: no ``torch.func``/functx transform active (the
     functorch interpreter stack is empty), not compiling, exporting or tracing, and the given
@@ -129,7 +126,7 @@ def plain_eager(*tensors: torch.Tensor | None) -> bool:
     if transforms_active():
         return False
     for t in tensors:  # a loop, not all(genexpr): this runs on every eager call
-        if t is not None and type(t) not in _PLAIN_TENSORS:
+        if t is not None and type(t) not in PLAIN_TENSORS:
             return False
     return True
 

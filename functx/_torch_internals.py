@@ -210,7 +210,7 @@ def _run_flat_probe() -> bool:
     )
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # exactly these types: no subclass, no wrapper
 _run_backward: Callable[..., Any] | None = None  # bound by _reset
 
 
@@ -319,7 +319,7 @@ def engine_grad(
         return None
     tensors = (*outputs, *inputs)
     for t in tensors:
-        if type(t) not in _PLAIN or not t.is_cpu:
+        if type(t) not in PLAIN_TENSORS or not t.is_cpu:
             return None
     if torch.overrides.has_torch_function(tensors):  # a TorchFunctionMode would see torch.autograd.grad
         return None
@@ -330,7 +330,7 @@ def engine_grad(
         grad_outputs = [torch.ones_like(out, memory_format=torch.preserve_format) for out in outputs]
     else:
         for out, g in zip(outputs, grad_outputs):
-            if type(g) not in _PLAIN or not g.is_cpu or g.shape != out.shape or g.dtype != out.dtype:
+            if type(g) not in PLAIN_TENSORS or not g.is_cpu or g.shape != out.shape or g.dtype != out.dtype:
                 return None
     keep = create_graph if retain_graph is None else retain_graph
     return _run_backward(tuple(outputs), tuple(grad_outputs), keep, create_graph, tuple(inputs), True, False)  # type: ignore[no-any-return]

@@ -29,8 +29,7 @@ import torch
 from .._validate import check_bool, check_choice, check_int, check_optional_float_dtype, check_seed
 from ._capture import Capture, Use, conv_patches
 from ._distributed import all_reduce_sum, check_same_across_ranks, on_every_rank
-from ._kron import KronBlock, KroneckerOperatorBase, factor_eigh
-from ._kron import _eigh_dtype as _spectral_dtype
+from ._kron import KronBlock, KroneckerOperatorBase, factor_eigh, spectral_dtype
 from ._losses import draw_labels, output_hessian_sqrt
 from ._operators import EmpiricalRisk
 
@@ -487,7 +486,7 @@ class EKFACOperator(_KroneckerFromData):
         self._blocks_shapes: dict[str, tuple[int, int]] = {}
         eigen: dict[str, tuple[Any, ...]] = {}  # handed to the base: the basis the eigenvalues were measured in
         dtype = self._eigh_dtype or self.dtype  # the basis; the spectral functions stay in `spectral`
-        spectral = _spectral_dtype(self.dtype)
+        spectral = spectral_dtype(self.dtype)
         for key, info in self._structure.items():
             block = blocks[key if info["weight"] is not None else info["bias"]]
             g_vals, g_vecs = factor_eigh(block.G, dtype, symmetric=True)  # made so by _assemble

@@ -86,7 +86,7 @@ def factor_eigh(
     Computed in ``dtype`` (default: float64 when ``M`` is float32 or narrower, else ``M``'s
     dtype) and returned in it; a 1-D (diagonal) ``M`` gives ``(M, None)``, the identity basis.
     """
-    dtype = dtype or _eigh_dtype(M.dtype)
+    dtype = dtype or spectral_dtype(M.dtype)
     M = M.detach().to(dtype)
     if M.ndim == 1:
         return M, None
@@ -94,7 +94,8 @@ def factor_eigh(
     return values, vectors
 
 
-def _eigh_dtype(dtype: torch.dtype) -> torch.dtype:
+def spectral_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the factors' eigendecompositions: float64 for float32 or narrower, else ``dtype``."""
     return torch.float64 if torch.finfo(dtype).bits <= 32 else dtype
 
 
@@ -339,7 +340,7 @@ class KroneckerOperatorBase(_BlockDiagonal):
             cached = self._eigen_cache.get(name)
             if cached is None:
                 block = self._blocks[name]
-                dtype = self._eigh_dtype or _eigh_dtype(self.dtype)
+                dtype = self._eigh_dtype or spectral_dtype(self.dtype)
                 g_vals, g_vecs = factor_eigh(block.G, dtype)
                 a_vals, a_vecs = (None, None) if block.A is None else factor_eigh(block.A, dtype)
                 cached = self._eigen_cache[name] = _Eigen(g_vals, g_vecs, a_vals, a_vecs)
